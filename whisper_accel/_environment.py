@@ -1,0 +1,128 @@
+"""What stack is installed, on which backend, and which kernels it really has.
+
+Versions come from ``importlib.metadata`` (MindNLP 0.5.1's ``__version__`` says ``0.5.0rc2``).
+Kernels are found by probing -- running a tiny input through them -- not by version numbers:
+MindSpore 2.7 ships ``Conv1DExt`` and ``FlashAttentionScore`` for Ascend only.
+Nothing here imports MindSpore until a function that needs it is called.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata as metadata
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+#: The stack whisper_accel is tested on (see constraints.txt). Outside it: warn, stay stock.
+SUPPORTED: Dict[str, SpecifierSet] = {
+    "mindspore": SpecifierSet(">=2.5,<2.8"),
+    "mindnlp": SpecifierSet(">=0.5,<0.6"),
+    "transformers": SpecifierSet(">=4.56,<4.58"),
+}
+
+#: Package name on PyPI -> distribution names to try (first found wins).
+_DISTRIBUTIONS = {"mindspore": ("mindspore",), "mindnlp": ("mindnlp",), "transformers": ("transformers",)}
+
+_MINDNLP_04 = (
+    "MindNLP {version} (0.4.x) is installed: it cannot import on any MindSpore that PyPI offers "
+    "(2.7+ removed mindspore.common._stub_tensor) and whisper_accel does not patch it. Install "
+    "the tested stack: pip install -c constraints.txt 'mindspore==2.7.0' 'mindnlp==0.5.1'."
+)
+_FIX = "Install the tested stack: pip install -c constraints.txt whisper_accel (see README)."
+
+
+def installed_version(package: str) -> Optional[str]:
+    """The installed version of ``package`` from its distribution metadata, or ``None``."""
+    for dist in _DISTRIBUTIONS.get(package, (package,)):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+@dataclass
+class Environment:
+    """A snapshot of the stack. ``problems`` lists why it cannot be patched (empty: supported)."""
+
+    versions: Dict[str, Optional[str]]
+    backend: Optional[str] = None
+    problems: List[str] = field(default_factory=list)
+
+    @property
+    def supported(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict:
+        return {"versions": dict(self.versions), "backend": self.backend,
+                "supported": self.supported, "problems": list(self.problems)}
+
+
+def check_versions(versions: Dict[str, Optional[str]]) -> List[str]:
+    """Reasons the given versions are outside :data:`SUPPORTED` (empty when all fit)."""
+    problems = []
+    for package, spec in SUPPORTED.items():
+        found = versions.get(package)
+        if found is None:
+            problems.append(f"{package} is not installed. {_FIX}")
+            continue
+        try:
+            version = Version(found)
+        except InvalidVersion:
+            problems.append(f"{package} has an unreadable version {found!r}. {_FIX}")
+            continue
+        if package == "mindnlp" and version.release[:2] == (0, 4):
+            problems.append(_MINDNLP_04.format(version=found))
+        elif not spec.contains(version, prereleases=True):
+            problems.append(f"{package} {found} is outside the tested range {spec}. {_FIX}")
+    return problems
+
+
+def detect(versions: Optional[Dict[str, Optional[str]]] = None) -> Environment:
+    """Read versions, check them, and (only when supported) ask MindSpore for the backend."""
+    if versions is None:
+        versions = {p: installed_version(p) for p in SUPPORTED}
+    env = Environment(versions=dict(versions), problems=check_versions(versions))
+    if env.supported:
+        try:
+            env.backend = device_target()
+        except Exception as exc:  # a broken MindSpore install must not break the caller
+            env.problems.append(f"MindSpore could not report its backend: {exc!r}")
+    return env
+
+
+def device_target() -> str:
+    """``CPU``, ``GPU`` or ``Ascend``: where MindSpore runs operators in this process."""
+    import mindspore
+
+    return str(mindspore.get_context("device_target"))
+
+
+@functools.lru_cache(maxsize=None)
+def has_native_conv1d() -> bool:
+    """Probe: does this backend run MindSpore's native conv1d (``mint.nn.functional.conv1d``,
+    the ``Conv1DExt`` kernel)? Cached per process."""
+    try:
+        import numpy as np
+        from mindspore import Tensor, mint
+
+        x = Tensor(np.ones((1, 1, 4), np.float32))
+        w = Tensor(np.ones((1, 1, 2), np.float32))
+        out = mint.nn.functional.conv1d(x, w)
+        return tuple(out.shape) == (1, 1, 3) and float(out.asnumpy()[0, 0, 0]) == 2.0
+    except Exception:
+        return False
+
+
+def has_fused_attention() -> bool:
+    """Probe: does this backend run the fused ``FlashAttentionScore`` kernel? Cached."""
+    from .kernels.attention import fused_available
+
+    return fused_available()
+
+
+def capabilities() -> Dict[str, bool]:
+    return {"native_conv1d": has_native_conv1d(), "fused_flash_attention": has_fused_attention()}
