@@ -1,0 +1,79 @@
+"""Activation from the environment, with no change to the user's script.
+
+``whisper_accel.pth`` (installed at the top of site-packages) runs one line at interpreter
+start: when ``WHISPER_ACCEL`` is set to something other than ``0``/``false``/``off``/empty it
+calls :func:`install`, which registers a wrapt post-import hook on transformers' Whisper module.
+The patch is applied the moment that module is imported -- whatever imported it, in whatever
+order -- or at once if it already is. Unset, nothing is imported at start-up.
+
+``WHISPER_ACCEL``: ``1``/``true``/``yes``/``on``/``all`` (every group) or a comma list of groups
+(``attention,conv1d``). ``WHISPER_ACCEL_STRICT=1`` raises instead of warning.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Dict, Optional
+
+ENV = "WHISPER_ACCEL"
+ENV_STRICT = "WHISPER_ACCEL_STRICT"
+WHISPER_MODULE = "transformers.models.whisper.modeling_whisper"
+_ON = {"1", "true", "yes", "on", "all"}
+_OFF = {"", "0", "false", "no", "off"}
+
+_installed = False
+
+
+def parse(value: Optional[str]) -> Optional[Dict[str, bool]]:
+    """``None`` when activation is off, else the ``patch()`` group arguments.
+
+    :raises ValueError: naming the valid values, for anything else.
+    """
+    from .targets import GROUPS
+
+    text = (value or "").strip().lower()
+    if text in _OFF:
+        return None
+    if text in _ON:
+        return {}
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in GROUPS]
+    if unknown or not names:
+        raise ValueError(
+            f"{ENV}={value!r} is not understood ({', '.join(unknown) or 'empty list'}); use "
+            f"1/true/all, 0/false/off, or a comma list of groups from: {', '.join(GROUPS)}")
+    return {g: g in names for g in GROUPS}
+
+
+def strict_from_env() -> bool:
+    return os.environ.get(ENV_STRICT, "").strip().lower() in _ON
+
+
+def install() -> bool:
+    """Register the post-import hook per ``WHISPER_ACCEL``. Returns whether one was registered.
+    Never raises unless ``WHISPER_ACCEL_STRICT`` is set: the user's program must start."""
+    global _installed
+    strict = strict_from_env()
+    try:
+        groups = parse(os.environ.get(ENV))
+    except ValueError as exc:
+        if strict:
+            raise
+        from ._errors import WhisperAccelWarning
+
+        warnings.warn(f"{exc}. whisper_accel stays off.", WhisperAccelWarning, stacklevel=2)
+        return False
+    if groups is None or _installed:
+        return False
+    import wrapt
+
+    def on_import(module):
+        from . import _api
+
+        if not _api.is_patched():
+            _api.patch(strict=strict, **groups)
+
+    wrapt.register_post_import_hook(on_import, WHISPER_MODULE)
+    _installed = True
+    return True

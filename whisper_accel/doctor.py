@@ -1,0 +1,70 @@
+"""``whisper-accel doctor``: the stack, the backend, the probes, and each group's verdict."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+
+from . import _environment
+from ._errors import Unsupported
+
+
+def diagnose() -> dict:
+    """Everything doctor prints, as a dict. Applies nothing."""
+    env = _environment.detect()
+    result = {"python": platform.python_version(), "environment": env.as_dict(),
+              "capabilities": {}, "groups": {}}
+    if not env.supported:
+        from .targets import GROUPS
+
+        result["groups"] = {g: {"would_apply": False, "reason": "; ".join(env.problems)}
+                            for g in GROUPS}
+        return result
+    result["capabilities"] = _environment.capabilities()
+    from .targets import GROUPS
+
+    for name, build in GROUPS.items():
+        try:
+            patches = build(env)
+            result["groups"][name] = {"would_apply": True,
+                                      "targets": [f"{p.target}: {p.description}" for p in patches]}
+        except Unsupported as exc:
+            result["groups"][name] = {"would_apply": False, "reason": str(exc)}
+        except Exception as exc:  # doctor explains; it does not crash
+            result["groups"][name] = {"would_apply": False, "reason": f"error: {exc!r}"}
+    return result
+
+
+def doctor(json_out: bool = False) -> int:
+    """Print the diagnosis. Exit 1 when nothing can be patched on this stack."""
+    d = diagnose()
+    ok = d["environment"]["supported"] and any(g["would_apply"] for g in d["groups"].values())
+    if json_out:
+        print(json.dumps(d, indent=2))
+        return 0 if ok else 1
+    env = d["environment"]
+    print(f"whisper_accel doctor (Python {d['python']})")
+    for pkg, version in env["versions"].items():
+        want = _environment.SUPPORTED[pkg]
+        print(f"  {pkg:<13} {version or 'not installed':<12} tested: {want}")
+    print(f"  backend       {env['backend'] or 'unknown'}")
+    for cap, present in d["capabilities"].items():
+        print(f"  probe         {cap}: {'yes' if present else 'no'}")
+    for problem in env["problems"]:
+        print(f"  PROBLEM       {problem}")
+    print("patch groups:")
+    for name, g in d["groups"].items():
+        if g["would_apply"]:
+            print(f"  + {name}: would apply")
+            for t in g["targets"]:
+                print(f"      {t}")
+        else:
+            print(f"  - {name}: would NOT apply -- {g['reason']}")
+    print("verdict: " + ("whisper_accel can patch this stack" if ok
+                         else "nothing can be patched here; see the problems above"))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(doctor())

@@ -1,0 +1,132 @@
+"""Models and inputs for benchmarks and examples, without network.
+
+* :func:`random_model`: a seeded random-weight Whisper with the real dimensions of an OpenAI
+  checkpoint (``tiny`` ... ``large-v3``), for speed and equivalence measurements.
+* :func:`load_model`: a local Hugging Face Whisper folder (``from_pretrained`` offline).
+* :func:`read_audio`: a WAV (standard library) or any format ffmpeg reads, as 16 kHz mono
+  float32; :func:`synthetic_audio`: a seeded 30 s signal for the built-in default.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import wave
+from typing import Dict, Optional
+
+import numpy as np
+
+SAMPLE_RATE = 16000
+
+#: Dimensions of OpenAI's Whisper checkpoints (d_model, layers, heads, ffn, mel bins, vocab).
+CONFIGS: Dict[str, Dict[str, int]] = {
+    "tiny": dict(d_model=384, layers=4, heads=6, ffn=1536, mels=80, vocab=51865),
+    "base": dict(d_model=512, layers=6, heads=8, ffn=2048, mels=80, vocab=51865),
+    "small": dict(d_model=768, layers=12, heads=12, ffn=3072, mels=80, vocab=51865),
+    "medium": dict(d_model=1024, layers=24, heads=16, ffn=4096, mels=80, vocab=51865),
+    "large-v3": dict(d_model=1280, layers=32, heads=20, ffn=5120, mels=128, vocab=51866),
+}
+
+
+def whisper_config(name: str, **overrides):
+    import mindnlp  # noqa: F401  (torch -> mindtorch before transformers)
+    from transformers import WhisperConfig
+
+    if name not in CONFIGS:
+        raise ValueError(f"unknown config {name!r}; choose one of {', '.join(CONFIGS)}")
+    c = CONFIGS[name]
+    kw = dict(vocab_size=c["vocab"], d_model=c["d_model"], encoder_layers=c["layers"],
+              decoder_layers=c["layers"], encoder_attention_heads=c["heads"],
+              decoder_attention_heads=c["heads"], encoder_ffn_dim=c["ffn"],
+              decoder_ffn_dim=c["ffn"], num_mel_bins=c["mels"], max_source_positions=1500,
+              max_target_positions=448)
+    kw.update(overrides)
+    return WhisperConfig(**kw)
+
+
+def random_model(name: str = "tiny", seed: int = 0, dtype: Optional[str] = None, **overrides):
+    """A seeded random-weight WhisperForConditionalGeneration in eval mode."""
+    import torch
+    from transformers import WhisperForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = WhisperForConditionalGeneration(whisper_config(name, **overrides)).eval()
+    if dtype and dtype != "float32":
+        model = model.to(getattr(torch, dtype))
+    return model
+
+
+def load_model(path: str, dtype: Optional[str] = None):
+    """A local Hugging Face Whisper folder, loaded offline. Clear errors for bad folders."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model folder {path!r} does not exist")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path!r} is not a Hugging Face model folder (no config.json)")
+    import mindnlp  # noqa: F401
+    import torch
+    from transformers import WhisperForConditionalGeneration
+
+    kwargs = {"local_files_only": True}
+    if dtype and dtype != "float32":
+        kwargs["torch_dtype"] = getattr(torch, dtype)
+    return WhisperForConditionalGeneration.from_pretrained(path, **kwargs).eval()
+
+
+def synthetic_audio(seconds: float = 30.0, seed: int = 0) -> np.ndarray:
+    """Seeded speech-band noise with a slow envelope: deterministic, 16 kHz float32."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * SAMPLE_RATE)
+    t = np.arange(n) / SAMPLE_RATE
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 0.7 * t)
+    tone = sum(np.sin(2 * np.pi * f * t) for f in (220.0, 440.0, 880.0)) / 3
+    return (0.1 * envelope * (tone + 0.3 * rng.standard_normal(n))).astype(np.float32)
+
+
+def read_audio(path: str) -> np.ndarray:
+    """Decode ``path`` to 16 kHz mono float32 in [-1, 1].
+
+    16-bit PCM WAV is read with the standard library and resampled here; anything else goes
+    through ``ffmpeg`` (Debian package ``ffmpeg``), which must then be installed.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"audio file {path!r} does not exist")
+    try:
+        with wave.open(path, "rb") as w:
+            if w.getsampwidth() != 2:
+                raise wave.Error("not 16-bit")
+            rate, channels = w.getframerate(), w.getnchannels()
+            data = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32)
+        audio = data.reshape(-1, channels).mean(axis=1) / 32768.0
+        audio = resample(audio, rate, SAMPLE_RATE)
+    except (wave.Error, EOFError):
+        audio = _ffmpeg_decode(path)
+    if audio.size == 0:
+        raise ValueError(f"audio file {path!r} contains no samples")
+    return audio.astype(np.float32)
+
+
+def resample(audio: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
+    """Band-limited resampling by FFT (scipy when present, else linear interpolation)."""
+    if rate == target or audio.size == 0:
+        return audio
+    n = int(round(audio.size * target / rate))
+    try:
+        from scipy.signal import resample_poly
+
+        g = np.gcd(rate, target)
+        return resample_poly(audio, target // g, rate // g).astype(np.float32)[:n]
+    except ImportError:
+        x = np.linspace(0, audio.size - 1, n)
+        return np.interp(x, np.arange(audio.size), audio).astype(np.float32)
+
+
+def _ffmpeg_decode(path: str) -> np.ndarray:
+    if shutil.which("ffmpeg") is None:
+        raise RuntimeError(f"cannot read {path!r}: not a 16-bit WAV and ffmpeg is not installed "
+                           "(apt-get install ffmpeg)")
+    proc = subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", path, "-f", "s16le",
+                           "-ac", "1", "-ar", str(SAMPLE_RATE), "-"], capture_output=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ffmpeg could not decode {path!r}: {proc.stderr.decode().strip()}")
+    return np.frombuffer(proc.stdout, dtype="<i2").astype(np.float32) / 32768.0
