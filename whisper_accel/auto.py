@@ -52,14 +52,17 @@ def strict_from_env() -> bool:
 
 def install() -> bool:
     """Register the post-import hook per ``WHISPER_ACCEL``. Returns whether one was registered.
-    Never raises unless ``WHISPER_ACCEL_STRICT`` is set: the user's program must start."""
+
+    Never raises unless ``WHISPER_ACCEL_STRICT`` is set: the user's program must start. Strict
+    with a bad value stops the interpreter with the message (``site`` would swallow an ordinary
+    exception raised from a ``.pth`` line)."""
     global _installed
     strict = strict_from_env()
     try:
         groups = parse(os.environ.get(ENV))
     except ValueError as exc:
         if strict:
-            raise
+            raise SystemExit(f"whisper_accel: {exc}") from None
         from ._errors import WhisperAccelWarning
 
         warnings.warn(f"{exc}. whisper_accel stays off.", WhisperAccelWarning, stacklevel=2)
