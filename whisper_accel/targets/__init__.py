@@ -12,6 +12,12 @@ from typing import Callable, Dict, List
 from .._patcher import Patch
 
 
+def _compat(env) -> List[Patch]:
+    from .compat import build
+
+    return build(env)
+
+
 def _attention(env) -> List[Patch]:
     from .mindnlp05 import attention_patches
 
@@ -26,6 +32,7 @@ def _conv1d(env) -> List[Patch]:
 
 #: Group name -> builder, in the order they are applied. ``patch()`` enables all by default.
 GROUPS: Dict[str, Callable[[object], List[Patch]]] = {
+    "compat": _compat,
     "attention": _attention,
     "conv1d": _conv1d,
 }

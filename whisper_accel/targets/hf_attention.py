@@ -7,7 +7,8 @@ warnings are exactly stock's:
 
 * ``output_attentions=True``, a ``head_mask``, dropout while training;
 * variable-length (packed) FlashAttention kwargs such as ``cu_seq_lens_q``;
-* causal attention with more queries than keys.
+* causal attention with more queries than keys, and (for ``sdpa``, whose causal diagonal is
+  top-left aligned) causal attention with unequal query and key lengths.
 
 Inputs that no attention can take (wrong rank, mismatched shapes or dtypes, a mask that does not
 broadcast) raise :class:`ValueError` naming the shapes, never a silent wrong answer.
@@ -93,7 +94,10 @@ def flash_attention_forward(module, query, key, value, attention_mask, *, stock:
             is_causal = lq > 1 and getattr(module, "is_causal", False)
         else:  # sdpa's own rule
             is_causal = lq > 1 and attention_mask is None and getattr(module, "is_causal", True)
-    if is_causal and lq > lk:
+    if is_causal and (lq > lk or (lq != lk and implementation != "flash_attention_2")):
+        # More queries than keys: no alignment leaves every row a key. sdpa with lq != lk aligns
+        # the causal diagonal top-left (torch's rule); the kernel aligns it bottom-right
+        # (FlashAttention's rule, what a KV cache needs), so stock keeps sdpa's meaning.
         return stock(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                      is_causal=is_causal, **kwargs)
     if kernel.fused_available() and query.dtype != _float32():
@@ -124,7 +128,7 @@ def _check_shapes(query, key, value) -> None:
     if not (query.dtype == key.dtype == value.dtype):
         raise ValueError(f"whisper_accel attention: query/key/value dtypes differ "
                          f"({query.dtype}, {key.dtype}, {value.dtype})")
-    if not query.is_floating_point():
+    if query.dtype not in _float_dtypes():  # not is_floating_point(): False for bf16 in mindtorch
         raise ValueError(f"whisper_accel attention: query must be floating point, got {query.dtype}")
 
 
@@ -164,6 +168,12 @@ def _additive_mask(mask, query, key):
         zeros = ops.zeros(mask.shape, mindspore.float32)
         mask = ops.select(mask, zeros, ops.fill(mindspore.float32, mask.shape, kernel.NEG))
     return mask
+
+
+def _float_dtypes():
+    import mindspore
+
+    return (mindspore.float16, mindspore.bfloat16, mindspore.float32, mindspore.float64)
 
 
 def _float32():

@@ -1,0 +1,194 @@
+"""The ``compat`` group: what stock MindNLP 0.5.x lacks for the blog's Whisper script to run.
+
+The seed script (``examples/seed_tutorial.py``) loads Whisper with
+``ms_dtype=float16, attn_implementation="flash_attention_2"`` and runs the ASR pipeline on a
+file. On CPU with stock MindNLP 0.5.1 / transformers 4.57 it stops, in this order, at:
+
+1. ``PreTrainedModel._flash_attn_2_can_dispatch`` -- ``ImportError: ... the package flash_attn
+   seems to be not installed`` (raised from ``WhisperForConditionalGeneration.__init__`` via
+   ``_check_and_adjust_attn_implementation`` -> ``get_correct_attn_implementation``).
+   Next in the same call, ``lazy_import_flash_attention(..., force_import=True)`` (bound *by
+   value* into ``transformers.modeling_utils``) would import ``flash_attn`` too.
+   The FA2 *kernel* is not this group's job: the ``attention`` group registers its own function
+   under ``ALL_ATTENTION_FUNCTIONS["flash_attention_2"]``; here only the load-time checks pass.
+2. ``WhisperFeatureExtractor._torch_extract_fbank_features`` -- ``torch.hann_window`` is missing
+   from mindtorch (``mindtorch/ops/spectral.py`` exists but is not exported), and so is
+   ``torch.stft``. We add ``mindtorch.hann_window`` (torch semantics) and route the fbank
+   extraction to the numpy path transformers itself uses when torch is absent.
+3. Without the ``attention`` group, the first encoder forward fails in transformers'
+   ``flash_attention_forward`` (``_lazy_imports`` ValueError, no ``flash_attn``): that group's
+   business, not this one's.
+
+float16 on CPU needs nothing here: with the pipeline's ``ms_dtype=float16`` the features are cast
+to float16 and the Conv2D+BiasAdd emulation of ``conv1d`` runs. Only float32 features fed to a
+float16 model fail (``TypeError: For primitive[Conv2D], the input type must be same``) -- real
+PyTorch refuses that too, so it is left alone. ``ffmpeg`` decoding of a file path works as is.
+
+Each fix is a factory ``make_xxx(original) -> replacement`` (``original`` is ``None`` when the
+attribute is added) and :func:`build` lists them as :class:`~whisper_accel._patcher.Patch`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+from typing import Any, List, Optional
+
+from .._patcher import Patch
+
+GROUP = "compat"
+
+
+def _flash_attn_installed() -> bool:
+    try:
+        return importlib.util.find_spec("flash_attn") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# 1. attn_implementation="flash_attention_2" accepted without the flash_attn package
+# --------------------------------------------------------------------------------------------
+
+
+def make_flash_attn_2_can_dispatch(original):
+    """``PreTrainedModel._flash_attn_2_can_dispatch``: skip the ``flash_attn`` package checks.
+
+    Keeps the "model does not support FA2" error (``_supports_flash_attn``); when the real
+    ``flash_attn`` package is importable, or for any model that is not Whisper, defers to the
+    original unchanged (only Whisper's attention is served by whisper_accel).
+    """
+
+    @functools.wraps(original)
+    def _flash_attn_2_can_dispatch(self, is_init_check: bool = False) -> bool:
+        if _flash_attn_installed() or not _is_whisper(self):
+            return original(self, is_init_check)  # other models: stock checks, stock errors
+        if not (getattr(self, "_supports_flash_attn", False) or getattr(self, "_supports_flash_attn_2", False)):
+            return original(self, is_init_check)  # raises the stock ValueError
+        return True
+
+    return _flash_attn_2_can_dispatch
+
+
+def _is_whisper(model) -> bool:
+    """Only Whisper gets whisper_accel's flash_attention_2; other models keep stock checks."""
+    return type(model).__module__.startswith("transformers.models.whisper.")
+
+
+def make_lazy_import_flash_attention(original):
+    """``transformers.modeling_utils.lazy_import_flash_attention`` (imported by value there).
+
+    ``_check_and_adjust_attn_implementation`` calls it with ``force_import=True`` right after the
+    dispatch check, which would ``from flash_attn import ...``. Without the package, the
+    ``flash_attention_2`` name is served by whatever is in ``ALL_ATTENTION_FUNCTIONS``, so there
+    is nothing to preload.
+    """
+
+    @functools.wraps(original)
+    def lazy_import_flash_attention(implementation=None, force_import=False):
+        if implementation == "flash_attention_2" and not _flash_attn_installed():
+            return (None, None, None, None), None
+        return original(implementation, force_import)
+
+    return lazy_import_flash_attention
+
+
+# --------------------------------------------------------------------------------------------
+# 2. WhisperFeatureExtractor on mindtorch: hann_window / stft
+# --------------------------------------------------------------------------------------------
+
+
+def hann_window_numpy(window_length: int, periodic: bool = True):
+    """``torch.hann_window`` values as a float64 numpy array.
+
+    ``w[n] = 0.5 - 0.5 cos(2 pi n / N)``, with ``N = window_length`` when periodic (the default)
+    and ``window_length - 1`` when symmetric; length 1 gives ``[1.0]``, length 0 gives ``[]``.
+    """
+    import numpy as np
+
+    if window_length < 0:
+        raise RuntimeError(f"hann_window requires non-negative window_length, got window_length={window_length}")
+    if window_length == 0:
+        return np.zeros((0,), dtype=np.float64)
+    if window_length == 1:
+        return np.ones((1,), dtype=np.float64)
+    n = window_length if periodic else window_length - 1
+    return 0.5 - 0.5 * np.cos(2.0 * math.pi * np.arange(window_length, dtype=np.float64) / n)
+
+
+def make_hann_window(original):
+    """``mindtorch.hann_window`` (added): ``hann_window(window_length, periodic=True, *, dtype=None,
+    layout=None, device=None, requires_grad=False)`` like torch, default dtype float32.
+
+    ``original`` is ``None`` (the attribute is added); :func:`build` leaves this patch out when
+    mindtorch already exports one.
+    """
+
+    def hann_window(window_length, periodic=True, *, dtype=None, layout=None, device=None,
+                    requires_grad=False, pin_memory=False):
+        import mindtorch
+
+        values = hann_window_numpy(int(window_length), bool(periodic)).astype("float32")
+        out = mindtorch.from_numpy(values)
+        if dtype is not None and dtype != out.dtype:
+            out = out.to(dtype)
+        if device is not None:
+            out = out.to(device)
+        if requires_grad:
+            out.requires_grad_(True)
+        return out
+
+    return hann_window
+
+
+def make_torch_extract_fbank_features(original):
+    """``WhisperFeatureExtractor._torch_extract_fbank_features``: use the numpy path on CPU.
+
+    transformers picks the torch path whenever ``is_torch_available()`` -- true under MindNLP --
+    and that path needs ``torch.stft`` with complex output, which mindtorch lacks. The numpy
+    path (``_np_extract_fbank_features``) is transformers' own, matching to ~1e-5.
+    """
+
+    @functools.wraps(original)
+    def _torch_extract_fbank_features(self, waveform, device: str = "cpu"):
+        import numpy as np
+
+        if device not in (None, "cpu"):
+            return original(self, waveform, device)
+        batch = np.asarray(waveform, dtype=np.float32)
+        single = batch.ndim == 1
+        if single:
+            batch = batch[None, :]
+        out = self._np_extract_fbank_features(batch, "cpu").astype(np.float32)
+        return out[0] if single else out
+
+    return _torch_extract_fbank_features
+
+
+# --------------------------------------------------------------------------------------------
+# the group
+# --------------------------------------------------------------------------------------------
+
+
+def build(env: Optional[Any] = None) -> List[Patch]:
+    """The compat patches for the installed MindNLP/transformers, in application order."""
+    from .mindnlp05 import import_whisper
+
+    import_whisper()  # mindnlp first: torch -> mindtorch
+    import mindtorch
+    import transformers.modeling_utils as mu
+    from transformers.models.whisper.feature_extraction_whisper import WhisperFeatureExtractor
+
+    patches = [
+        Patch(GROUP, mu.PreTrainedModel, "_flash_attn_2_can_dispatch", make_flash_attn_2_can_dispatch,
+              "accept attn_implementation='flash_attention_2' without the flash_attn package"),
+        Patch(GROUP, mu, "lazy_import_flash_attention", make_lazy_import_flash_attention,
+              "do not import flash_attn when preloading flash_attention_2"),
+        Patch(GROUP, WhisperFeatureExtractor, "_torch_extract_fbank_features", make_torch_extract_fbank_features,
+              "log-mel features via transformers' numpy path (mindtorch has no stft)"),
+    ]
+    if "hann_window" not in vars(mindtorch):
+        patches.insert(2, Patch(GROUP, mindtorch, "hann_window", make_hann_window,
+                                "add torch.hann_window (periodic Hann window) to mindtorch"))
+    return patches
