@@ -1,0 +1,102 @@
+"""The whisper-accel command and the examples, run as a user would (subprocesses)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("WHISPER_ACCEL")}, "GLOG_v": "3"}
+
+
+def cli(*args, timeout=600, **kw):
+    return subprocess.run([sys.executable, "-m", "whisper_accel", *args], capture_output=True,
+                          text=True, timeout=timeout, env=ENV, **kw)
+
+
+def test_bench_prints_table_and_writes_schema_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = cli("bench", "--repeats", "1", "--max-new-tokens", "2", "--stage", "encoder,generate",
+               "--variants", "stock,attention,all", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "speedup" in proc.stdout and "encoder" in proc.stdout
+    assert "[1/1]" in proc.stderr  # progress display
+    data = json.loads(out.read_text())
+    env = data["environment"]
+    for key in ("mindspore", "mindnlp", "transformers", "backend", "threads", "model"):
+        assert key in env
+    assert env["mindnlp"] == "0.5.1" and env["backend"] == "CPU"
+    rows = data["rows"]
+    assert {(r["variant"], r["stage"]) for r in rows} == {
+        (v, s) for v in ("stock", "attention", "all") for s in ("encoder", "generate")}
+    for r in rows:
+        for key in ("variant", "stage", "median_s", "min_s", "max_s", "repeats",
+                    "speedup_vs_stock", "tokens_equal", "max_rel_diff"):
+            assert key in r
+        assert r["min_s"] <= r["median_s"] <= r["max_s"]
+        if r["stage"] == "generate":
+            assert r["tokens_equal"] is True
+        else:
+            assert r["max_rel_diff"] < 1e-4
+    assert [r["applied"] for r in rows if r["variant"] == "attention"][0] == "attention"
+
+
+def test_bench_rejects_bad_arguments():
+    proc = cli("bench", "--variants", "stock,turbo", "--repeats", "1")
+    assert proc.returncode != 0 and "unknown variant 'turbo'" in proc.stderr
+    proc = cli("bench", "--model", "/nonexistent/model")
+    assert proc.returncode != 0 and "does not exist" in proc.stderr
+
+
+def test_doctor_explains_the_stack():
+    proc = cli("doctor")
+    assert proc.returncode == 0, proc.stderr
+    assert "mindnlp       0.5.1" in proc.stdout
+    assert "+ attention: would apply" in proc.stdout
+    assert "- conv1d: would NOT apply" in proc.stdout and "Conv1DExt" in proc.stdout
+    data = json.loads(cli("doctor", "--json").stdout)
+    assert data["groups"]["attention"]["would_apply"] is True
+
+
+def test_run_passes_exit_code_and_sets_the_variable():
+    proc = cli("run", "--", sys.executable, "-c",
+               "import os, sys; print(os.environ['WHISPER_ACCEL']); sys.exit(3)")
+    assert proc.returncode == 3 and proc.stdout.strip() == "1"
+    proc = cli("run", "--groups", "attention", "--", sys.executable, "-c",
+               "import os; print(os.environ['WHISPER_ACCEL'])")
+    assert proc.stdout.strip() == "attention"
+
+
+@pytest.mark.slow
+def test_ab_on_the_plain_example(tmp_path):
+    out = tmp_path / "ab.json"
+    proc = cli("ab", "--repeats", "1", "--json", str(out), "--", sys.executable,
+               str(ROOT / "examples" / "plain_whisper.py"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["stdout_equal"] is True
+    assert data["stock"]["exit_codes"] == [0] and data["patched"]["exit_codes"] == [0]
+    assert "whisper_accel active: True" not in proc.stdout  # stderr only, stdout compares tokens
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("example", ["one_line_patch.py", "ab_compare.py"])
+def test_examples_run_to_completion(example):
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / example)], capture_output=True,
+                          text=True, timeout=900, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "applied" in proc.stdout or "speedup" in proc.stdout
+
+
+@pytest.mark.slow
+def test_env_activation_example():
+    env = {**ENV, "PATH": f"{Path(sys.executable).parent}:{ENV.get('PATH', '')}"}
+    proc = subprocess.run(["bash", str(ROOT / "examples" / "env_activation.sh")], capture_output=True,
+                          text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [block.strip().splitlines()[-1] for block in proc.stdout.split("==")[1:]]
+    assert len(runs) == 3 and len(set(runs)) == 1, proc.stdout  # same tokens stock and patched
+    assert proc.stderr.count("whisper_accel active: True") == 2
