@@ -6,7 +6,7 @@ import pytest
 import whisper_accel
 from whisper_accel import _api
 from whisper_accel._errors import WhisperAccelWarning
-from whisper_accel._patcher import Patch, wrapper_depth
+from whisper_accel._patcher import MISSING, Patch, wrapper_depth
 
 from conftest import build_model, features, greedy, rel_diff
 
@@ -46,7 +46,7 @@ def test_attention_kernel_is_really_used(tiny_model, feats, monkeypatch):
     calls = []
     real = attention.flash_attention
     monkeypatch.setattr(attention, "flash_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
-    whisper_accel.patch()
+    whisper_accel.patch(compiled=False)  # the compiled group runs the encoder as one graph
     encode(tiny_model, feats)
     assert len(calls) == tiny_model.config.encoder_layers
     whisper_accel.unpatch()
@@ -73,7 +73,10 @@ def test_unpatch_restores_exact_originals():
     assert mw.ALL_ATTENTION_FUNCTIONS is not registry
     whisper_accel.unpatch()
     for owner, attribute, original in touched:
-        assert vars(owner)[attribute] is original
+        if original is MISSING:  # an attribute the patch added (mindtorch.hann_window)
+            assert attribute not in vars(owner)
+        else:
+            assert vars(owner)[attribute] is original
     assert mw.ALL_ATTENTION_FUNCTIONS is registry
     assert vars(mw.WhisperAttention)["forward"] is forward
 
@@ -99,8 +102,9 @@ def test_groups_can_be_disabled():
     report = whisper_accel.patch(attention=False)
     assert "attention" not in report.groups_applied
     assert any(e.group == "attention" and e.reason == "disabled by caller" for e in report.entries)
+    whisper_accel.unpatch()
     with pytest.raises(ValueError, match="unknown patch group"):
-        whisper_accel.unpatch() or whisper_accel.patch(flash=True)
+        whisper_accel.patch(flash=True)
 
 
 def test_half_way_failure_leaves_everything_stock(monkeypatch):
@@ -133,6 +137,15 @@ def test_patched_context_restores_on_exception():
             raise KeyError("user error")
     assert not whisper_accel.is_patched()
     assert mw.ALL_ATTENTION_FUNCTIONS is registry
+
+
+def test_compiled_group_is_really_used(tiny_model, feats):
+    from whisper_accel.targets import compiled_glue
+
+    report = whisper_accel.patch()
+    assert "compiled" in report.groups_applied
+    encode(tiny_model, feats)
+    assert tiny_model.model.encoder.__dict__.get(compiled_glue.ATTR)  # graphs built and used
 
 
 def test_output_attentions_falls_back_to_stock(tiny_model, feats):

@@ -23,6 +23,10 @@ SUPPORTED: Dict[str, SpecifierSet] = {
     "transformers": SpecifierSet(">=4.56,<4.58"),
 }
 
+#: A version inside each range (stands in for a package whose metadata could not be read, so
+#: that package is reported once, as unreadable, not also as missing).
+SUPPORTED_EXAMPLE = {"mindspore": "2.7.0", "mindnlp": "0.5.1", "transformers": "4.57.0"}
+
 #: Package name on PyPI -> distribution names to try (first found wins).
 _DISTRIBUTIONS = {"mindspore": ("mindspore",), "mindnlp": ("mindnlp",), "transformers": ("transformers",)}
 
@@ -83,9 +87,20 @@ def check_versions(versions: Dict[str, Optional[str]]) -> List[str]:
 
 def detect(versions: Optional[Dict[str, Optional[str]]] = None) -> Environment:
     """Read versions, check them, and (only when supported) ask MindSpore for the backend."""
+    unreadable = []
     if versions is None:
-        versions = {p: installed_version(p) for p in SUPPORTED}
-    env = Environment(versions=dict(versions), problems=check_versions(versions))
+        versions = {}
+        for package in SUPPORTED:
+            try:
+                versions[package] = installed_version(package)
+            except Exception as exc:  # corrupt metadata must not break the caller's import
+                versions[package] = None
+                unreadable.append((package, f"could not read the installed version of "
+                                            f"{package}: {exc!r}. {_FIX}"))
+    bad = {package for package, _ in unreadable}
+    problems = [why for _, why in unreadable] + check_versions(
+        {p: (v if p not in bad else SUPPORTED_EXAMPLE[p]) for p, v in versions.items()})
+    env = Environment(versions=dict(versions), problems=problems)
     if env.supported:
         try:
             env.backend = device_target()

@@ -13,7 +13,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, List, Tuple
 
-_MISSING = object()
+#: Stands for "the owner had no such attribute of its own" in records and :meth:`Patcher.originals`.
+MISSING = object()
 
 #: Attribute set on every replacement so a second wrap can be detected and refused.
 MARKER = "__whisper_accel__"
@@ -49,7 +50,7 @@ class Patch:
 @dataclass
 class _Record:
     patch: Patch
-    original: Any  # _MISSING when the attribute did not exist on the owner itself
+    original: Any  # MISSING when the attribute did not exist on the owner itself
     replacement: Any
 
 
@@ -80,12 +81,12 @@ class Patcher:
             done: List[_Record] = []
             try:
                 for p in patches:
-                    original = vars(p.owner).get(p.attribute, _MISSING) if _has_dict(p.owner) else _MISSING
-                    if original is _MISSING and not _has_dict(p.owner):
-                        original = getattr(p.owner, p.attribute, _MISSING)
-                    if original is not _MISSING and is_ours(original):
+                    original = vars(p.owner).get(p.attribute, MISSING) if _has_dict(p.owner) else MISSING
+                    if original is MISSING and not _has_dict(p.owner):
+                        original = getattr(p.owner, p.attribute, MISSING)
+                    if original is not MISSING and is_ours(original):
                         raise RuntimeError(f"{p.target} is already wrapped by whisper_accel")
-                    replacement = p.make(None if original is _MISSING else original)
+                    replacement = p.make(None if original is MISSING else original)
                     _mark(replacement)
                     setattr(p.owner, p.attribute, replacement)
                     done.append(_Record(p, original, replacement))
@@ -128,7 +129,7 @@ def _restore(records: List[_Record]) -> None:
     errors = []
     for r in reversed(records):
         try:
-            if r.original is _MISSING:
+            if r.original is MISSING:
                 if r.patch.attribute in vars(r.patch.owner):
                     delattr(r.patch.owner, r.patch.attribute)
             else:

@@ -30,9 +30,16 @@ def _conv1d(env) -> List[Patch]:
     return conv1d_patches(env)
 
 
+def _compiled(env) -> List[Patch]:
+    from .compiled_glue import patches
+
+    return patches(env)
+
+
 #: Group name -> builder, in the order they are applied. ``patch()`` enables all by default.
 GROUPS: Dict[str, Callable[[object], List[Patch]]] = {
     "compat": _compat,
     "attention": _attention,
     "conv1d": _conv1d,
+    "compiled": _compiled,
 }

@@ -1,0 +1,169 @@
+"""Compiled (mindspore.jit) encoder / decoder-step path: equivalence with stock and fallbacks.
+
+A seeded random 2-layer Whisper with small dims keeps compile + run time low.
+"""
+
+import numpy as np
+import pytest
+
+mindnlp = pytest.importorskip("mindnlp")
+import torch  # noqa: E402  (mindtorch, via mindnlp)
+
+from transformers import WhisperConfig, WhisperForConditionalGeneration  # noqa: E402
+from transformers.models.whisper import modeling_whisper as mw  # noqa: E402
+
+from whisper_accel._patcher import Patch, Patcher  # noqa: E402
+from whisper_accel.kernels import compiled as C  # noqa: E402
+from whisper_accel.targets import compiled_glue as G  # noqa: E402
+
+N_MELS, SRC_POS = 16, 64  # input frames = 2 * SRC_POS
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = WhisperConfig(
+        vocab_size=300, num_mel_bins=N_MELS, d_model=64, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+        max_source_positions=SRC_POS, max_target_positions=64, decoder_start_token_id=1,
+        pad_token_id=0, bos_token_id=2, eos_token_id=3, begin_suppress_tokens=None, suppress_tokens=None)
+    return WhisperForConditionalGeneration(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def feats():
+    rng = np.random.default_rng(0)
+    return torch.tensor(rng.standard_normal((1, N_MELS, 2 * SRC_POS)).astype(np.float32))
+
+
+PATCHES = [Patch("compiled", mw.WhisperEncoder, "forward", G.make_encoder_forward),
+           Patch("compiled", mw.WhisperForConditionalGeneration, "forward", G.make_generation_forward)]
+
+
+@pytest.fixture
+def patched():
+    p = Patcher()
+    p.apply(PATCHES)
+    try:
+        yield p
+    finally:
+        p.undo()
+
+
+def _gen(model, feats, n=20, **kw):
+    with torch.no_grad():
+        return model.generate(feats, max_new_tokens=n, min_new_tokens=n, **kw).asnumpy()
+
+
+@pytest.fixture(scope="module")
+def stock(model, feats):
+    with torch.no_grad():
+        enc = model.model.encoder(feats).last_hidden_state.asnumpy()
+    return {"enc": enc, "gen": _gen(model, feats)}
+
+
+def test_wrappers_keep_original(patched):
+    assert mw.WhisperEncoder.forward.__wrapped__ is not None
+    assert not hasattr(mw.WhisperEncoder.forward.__wrapped__, "__wrapped__")
+
+
+def test_encoder_matches_stock(model, feats, stock, patched):
+    with torch.no_grad():
+        out = model.model.encoder(feats)
+        tup = model.model.encoder(feats, return_dict=False)
+    assert isinstance(model.model.encoder.__dict__.get(G.ATTR), C.CompiledWhisper)  # fast path ran
+    assert _rel(out.last_hidden_state.asnumpy(), stock["enc"]) < 1e-4
+    assert isinstance(tup, tuple) and len(tup) == 1
+    assert _rel(tup[0].asnumpy(), stock["enc"]) < 1e-4
+
+
+def test_generate_tokens_identical(model, feats, stock, patched):
+    out = _gen(model, feats)
+    assert isinstance(model.__dict__.get(G.ATTR), C.CompiledWhisper)
+    assert np.array_equal(out, stock["gen"])
+
+
+def test_generate_with_cache_growth(model, feats, stock, patched, monkeypatch):
+    monkeypatch.setattr(C, "BUCKETS", (4, 8, 16, 64))  # forces three grow_cache steps in 21 tokens
+    assert np.array_equal(_gen(model, feats), stock["gen"])
+
+
+def test_beam_search_spills_to_stock(model, feats, patched):
+    got = _gen(model, feats, n=6, num_beams=2)
+    patched.undo()
+    want = _gen(model, feats, n=6, num_beams=2)
+    assert np.array_equal(got, want)
+
+
+def test_plain_forward_logits(model, feats, patched):
+    ids = torch.tensor([[1, 5, 7]])
+    with torch.no_grad():
+        got = model(input_features=feats, decoder_input_ids=ids).logits.asnumpy()
+        patched.undo()
+        want = model(input_features=feats, decoder_input_ids=ids).logits.asnumpy()
+    assert got.shape == want.shape
+    assert _rel(got, want) < 1e-4
+
+
+def test_fallbacks_give_stock_results(model, feats, stock, patched):
+    ids = torch.tensor([[1, 5]])
+    with torch.no_grad():
+        enc = model.model.encoder(feats, output_hidden_states=True)
+        assert enc.hidden_states is not None and len(enc.hidden_states) == 3
+        assert _rel(enc.last_hidden_state.asnumpy(), stock["enc"]) < 1e-6
+        out = model(input_features=feats, decoder_input_ids=ids, output_attentions=True)
+        assert out.decoder_attentions is not None and out.cross_attentions is not None
+        masked = model(input_features=feats, decoder_input_ids=ids,
+                       decoder_attention_mask=torch.tensor([[1, 1]]))
+        nocache = model(input_features=feats, decoder_input_ids=ids, use_cache=False)
+        patched.undo()
+        ref = model(input_features=feats, decoder_input_ids=ids).logits.asnumpy()
+    for o in (out, masked, nocache):
+        assert _rel(o.logits.asnumpy(), ref) < 1e-6
+
+
+def test_weight_replacement_invalidates(model, feats, patched):
+    with torch.no_grad():
+        _gen(model, feats, n=4)
+        first = model.__dict__[G.ATTR]
+        old = model.model.decoder.layer_norm.bias
+        try:
+            model.model.decoder.layer_norm.bias = torch.nn.Parameter(old + 0.5)
+            got = _gen(model, feats, n=8)
+            assert model.__dict__[G.ATTR] is not first
+            patched.undo()
+            want = _gen(model, feats, n=8)
+        finally:
+            model.model.decoder.layer_norm.bias = old
+    assert np.array_equal(got, want)
+
+
+def test_batch_of_two(model, feats, patched):
+    rng = np.random.default_rng(1)
+    other = rng.standard_normal((1, N_MELS, 2 * SRC_POS)).astype(np.float32)
+    both = torch.tensor(np.concatenate([feats.asnumpy(), other], 0))
+    got = _gen(model, both, n=10)
+    patched.undo()
+    want = _gen(model, both, n=10)
+    assert got.shape == want.shape and got.shape[0] == 2
+    assert np.array_equal(got, want)
+
+
+def test_inplace_weight_update_is_seen(model, feats, patched):
+    with torch.no_grad():
+        before = _gen(model, feats, n=8)
+        w = model.model.decoder.layer_norm.weight
+        try:
+            w.mul_(-1.0)  # same Parameter object, new buffer; flips the logits' sign
+            got = _gen(model, feats, n=8)
+            patched.undo()
+            want = _gen(model, feats, n=8)
+        finally:
+            w.mul_(-1.0)
+    assert not np.array_equal(want, before)  # the update matters...
+    assert np.array_equal(got, want)  # ...and the compiled path saw it

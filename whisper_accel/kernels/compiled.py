@@ -1,0 +1,278 @@
+"""Graph-compiled (``mindspore.jit``) Whisper encoder and decoder step -- pure MindSpore.
+
+Why: in PyNative every CPU op pays ~1-5 ms of dispatch, and ``linear`` against the
+51865-row vocabulary matrix pays ~150 ms (it transposes the weight on every call). Inside one
+``mindspore.jit`` graph the same ops cost ~0.1 ms each and ``MatMul(transpose_b=True)`` reads
+the weight as stored. See ``benchmarks/PROFILE_NOTES.md`` for the numbers.
+
+:class:`CompiledWhisper` holds detached *views* of the model's weights (no copies). Building
+one costs ~10 ms and never recompiles, but it does not follow later in-place updates of the
+parameters (those rebind the buffer): rebuild it per generation. :meth:`matches` tells whether
+the parameter objects/dtypes are still the ones captured. It exposes:
+
+* :meth:`encode` -- conv1/conv2/positions/all layers/final norm, one graph.
+* :meth:`cross_kv` -- cross-attention K/V of every decoder layer, once per encoder output.
+* :meth:`new_cache` / :meth:`decode_step` -- all decoder layers + final norm + vocab
+  projection on a static-shape self-attention KV cache of ``bucket`` positions.
+
+MindSpore's jit cache keys the graphs on argument shapes/dtypes (one graph per
+(batch, tokens-per-step, bucket) for the decoder, per (batch, frames) for the encoder);
+:attr:`CompiledWhisper.compiled_shapes` records the keys seen, for reports.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any, Dict, List, Tuple
+
+import mindspore as ms
+import numpy as np
+from mindspore import ops
+
+#: Static self-attention cache sizes; a generation uses the smallest that fits.
+BUCKETS = (64, 128, 256, 448)
+
+_mm_t = ops.MatMul(transpose_b=True)  # x @ W.T reading W [out, in] as stored
+_bmm_t = ops.BatchMatMul(transpose_b=True)
+_bmm = ops.BatchMatMul()
+#: One lock for all instances: graph launches from several threads are serialised (whether
+#: concurrent launches of the same jit function are safe in MindSpore 2.7 is not established).
+_GRAPH_LOCK = threading.Lock()
+_COLS: Dict[int, Any] = {}  # bucket size -> arange(bucket) int32
+_ln = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=1e-5)
+
+
+def _linear(x, w, b=None):
+    shape = x.shape
+    y = _mm_t(x.reshape(-1, shape[-1]), w)
+    if b is not None:
+        y = y + b
+    return y.reshape(shape[:-1] + (w.shape[0],))
+
+
+def _layer_norm(x, p):
+    return _ln(x, p[0], p[1])[0]
+
+
+def _gelu(x):  # exactly what mindtorch's CPU gelu(approximate='none') computes
+    return x * 0.5 * (ops.erf(x / math.sqrt(2.0)) + 1.0)
+
+
+def _heads(x, n_heads):  # (B, T, D) -> (B, H, T, Dh)
+    b, t, d = x.shape
+    return x.reshape(b, t, n_heads, d // n_heads).transpose(0, 2, 1, 3)
+
+
+def _merge(x):  # (B, H, T, Dh) -> (B, T, D)
+    b, h, t, dh = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b, t, h * dh)
+
+
+def _attend(q, k, v, bias=None, k_transposed=False):
+    w = _bmm(q, k) if k_transposed else _bmm_t(q, k)
+    if bias is not None:
+        w = w + bias
+    return _bmm(ops.softmax(w, -1), v)
+
+
+def _conv1d(x, w, b, stride):  # kernel 3, padding 1, as in Whisper's conv1/conv2
+    y = ops.conv2d(x.expand_dims(2), w.expand_dims(2), None, (1, stride), "pad", (0, 1))
+    return y.squeeze(2) + b.reshape(1, -1, 1)
+
+
+def _self_attn(x, p, n_heads, scaling):
+    q = _heads(_linear(x, p[0], p[1]) * scaling, n_heads)
+    k = _heads(_linear(x, p[2]), n_heads)
+    v = _heads(_linear(x, p[3], p[4]), n_heads)
+    return _linear(_merge(_attend(q, k, v)), p[5], p[6])
+
+
+@ms.jit
+def _encode(feats, conv, pos, layers, final_ln, n_heads, scaling):
+    x = _gelu(_conv1d(feats, conv[0], conv[1], 1))
+    x = _gelu(_conv1d(x, conv[2], conv[3], 2))
+    x = x.transpose(0, 2, 1) + pos
+    for lw in layers:  # lw: (ln1, attn, ln2, fc1_w, fc1_b, fc2_w, fc2_b)
+        x = x + _self_attn(_layer_norm(x, lw[0]), lw[1], n_heads, scaling)
+        h = _gelu(_linear(_layer_norm(x, lw[2]), lw[3], lw[4]))
+        x = x + _linear(h, lw[5], lw[6])
+    return _layer_norm(x, final_ln)
+
+
+@ms.jit
+def _cross_kv(enc, xattn, n_heads):
+    ks, vs = [], []
+    for p in xattn:  # p: (k_w, v_w, v_b)
+        ks.append(_heads(_linear(enc, p[0]), n_heads).transpose(0, 1, 3, 2))  # (B, H, Dh, S)
+        vs.append(_heads(_linear(enc, p[1], p[2]), n_heads))
+    return tuple(ks), tuple(vs)
+
+
+@ms.jit
+def _decode(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, proj, pos_table, layers, final_ln, n_heads, scaling):
+    """ids (B,T); positions (T,) int32 = pos0..pos0+T-1; cols (S,) int32 = 0..S-1;
+    caches: per-layer tuples of (B,H,S,Dh). Returns logits (B,T,V) and the updated caches."""
+    t = ids.shape[1]
+    s = k_cache[0].shape[2]
+    x = ops.gather(embed, ids, 0) + ops.gather(pos_table, positions, 0)
+    rel = cols.reshape(1, s) - positions[0]  # (1, S) slot index relative to this step
+    write = ((rel >= 0) & (rel < t)).reshape(1, 1, s, 1)  # slots written by this step
+    src = ops.clip(rel.reshape(s), 0, t - 1)  # which new token a slot takes
+    visible = cols.reshape(1, s) <= positions.reshape(t, 1)  # causal over the cache
+    bias = ops.where(visible, ops.zeros((t, s), x.dtype), ops.fill(x.dtype, (t, s), -3.4028234663852886e38))
+    new_k, new_v = [], []
+    for i, lw in enumerate(layers):  # (ln1, self_attn, ln2, cross(q_w,q_b,o_w,o_b), ln3, fc1w, fc1b, fc2w, fc2b)
+        sa = lw[1]
+        h = _layer_norm(x, lw[0])
+        q = _heads(_linear(h, sa[0], sa[1]) * scaling, n_heads)
+        k = ops.where(write, ops.gather(_heads(_linear(h, sa[2]), n_heads), src, 2), k_cache[i])
+        v = ops.where(write, ops.gather(_heads(_linear(h, sa[3], sa[4]), n_heads), src, 2), v_cache[i])
+        new_k.append(k)
+        new_v.append(v)
+        x = x + _linear(_merge(_attend(q, k, v, bias)), sa[5], sa[6])
+        ca = lw[3]
+        q = _heads(_linear(_layer_norm(x, lw[2]), ca[0], ca[1]) * scaling, n_heads)
+        x = x + _linear(_merge(_attend(q, k_x[i], v_x[i], None, True)), ca[2], ca[3])
+        h = _gelu(_linear(_layer_norm(x, lw[4]), lw[5], lw[6]))
+        x = x + _linear(h, lw[7], lw[8])
+    x = _layer_norm(x, final_ln)
+    return _linear(x, proj), tuple(new_k), tuple(new_v)
+
+
+def _t(p):
+    # Graph args must be plain tensors: a mindtorch Parameter fails with "Parameter[i] has no
+    # default param". ``detach()`` shares the buffer (no copy) -- but an in-place update of the
+    # parameter later gives the parameter a new buffer, so rebuild this object to see it.
+    return p.detach()
+
+
+def _lin(m, bias=True):
+    return (_t(m.weight), _t(m.bias)) if bias else (_t(m.weight),)
+
+
+def _ln_p(m):
+    return (_t(m.weight), _t(m.bias))
+
+
+class CompiledWhisper:
+    """Weights of one Whisper model arranged for the compiled graphs (references, not copies).
+
+    Either half may be absent: ``encoder=None`` gives a decoder-only object and vice versa.
+    """
+
+    def __init__(self, encoder=None, decoder=None, proj_weight=None):
+        self.has_encoder, self.has_decoder = encoder is not None, decoder is not None
+        if encoder is not None:
+            cfg = encoder.config
+            self.n_heads_enc = int(cfg.encoder_attention_heads)
+            self.scaling_enc = float((cfg.d_model // self.n_heads_enc) ** -0.5)
+            self.conv = ms.mutable((_t(encoder.conv1.weight), _t(encoder.conv1.bias),
+                                    _t(encoder.conv2.weight), _t(encoder.conv2.bias)))
+            self.enc_pos = _t(encoder.embed_positions.weight)
+            # Tensors inside tuple args are graph *constants* unless marked mutable: without
+            # it every weight is baked into the graph and re-validated on each call.
+            self.enc_layers = ms.mutable(tuple(
+                (_ln_p(l.self_attn_layer_norm), _attn(l.self_attn), _ln_p(l.final_layer_norm))
+                + _lin(l.fc1) + _lin(l.fc2) for l in encoder.layers))
+            self.enc_ln = ms.mutable(_ln_p(encoder.layer_norm))
+            self.dtype = self.enc_pos.dtype
+        if decoder is not None:
+            cfg = decoder.config
+            self.n_heads_dec = int(cfg.decoder_attention_heads)
+            self.scaling_dec = float((cfg.d_model // self.n_heads_dec) ** -0.5)
+            self.embed = _t(decoder.embed_tokens.weight)
+            tied = proj_weight is None or proj_weight is decoder.embed_tokens.weight
+            self.proj = self.embed if tied else _t(proj_weight)
+            self.dec_pos = _t(decoder.embed_positions.weight)
+            self.dec_layers = ms.mutable(tuple(
+                (_ln_p(l.self_attn_layer_norm), _attn(l.self_attn), _ln_p(l.encoder_attn_layer_norm),
+                 _lin(l.encoder_attn.q_proj) + _lin(l.encoder_attn.out_proj), _ln_p(l.final_layer_norm))
+                + _lin(l.fc1) + _lin(l.fc2) for l in decoder.layers))
+            self.xattn = ms.mutable(tuple(
+                _lin(l.encoder_attn.k_proj, False) + _lin(l.encoder_attn.v_proj) for l in decoder.layers))
+            self.dec_ln = ms.mutable(_ln_p(decoder.layer_norm))
+            self.max_positions = int(self.dec_pos.shape[0])
+            self.head_dim = int(self.embed.shape[1]) // self.n_heads_dec
+            self.dtype = self.embed.dtype
+        self._fingerprint: Tuple = ()
+        self.compiled_shapes: List[Tuple] = []
+        self.lock = _GRAPH_LOCK
+
+    @classmethod
+    def from_model(cls, model) -> "CompiledWhisper":
+        """WhisperForConditionalGeneration -> decoder + vocab projection (+ encoder)."""
+        base = model.model
+        self = cls(base.encoder, base.decoder, model.proj_out.weight)
+        self._fingerprint = cls.fingerprint(model)
+        return self
+
+    @classmethod
+    def from_encoder(cls, encoder) -> "CompiledWhisper":
+        self = cls(encoder=encoder)
+        self._fingerprint = cls.fingerprint(encoder)
+        return self
+
+    @staticmethod
+    def fingerprint(model) -> Tuple:
+        """Identity and dtype of every parameter: changes when weights are replaced or cast."""
+        return tuple((id(p), p.dtype) for p in model.parameters())
+
+    def matches(self, model) -> bool:
+        """True while ``model``'s parameters are the very objects (and dtypes) captured."""
+        return self._fingerprint == CompiledWhisper.fingerprint(model)
+
+    def _note(self, key):
+        if key not in self.compiled_shapes:
+            self.compiled_shapes.append(key)
+
+    def encode(self, input_features):
+        """(B, n_mels, frames) -> (B, frames // 2, d_model)."""
+        self._note(("encode",) + tuple(input_features.shape))
+        with self.lock:
+            return _encode(input_features, self.conv, self.enc_pos, self.enc_layers, self.enc_ln,
+                           self.n_heads_enc, self.scaling_enc)
+
+    def cross_kv(self, encoder_hidden_states):
+        """-> (K^T, V): per-layer tuples of (B, H, Dh, S_enc) and (B, H, S_enc, Dh). (Tuples, not one stacked tensor:
+        indexing a stacked (L, ...) tensor inside the graph copies it, ~20 ms per layer.)"""
+        with self.lock:
+            k, v = _cross_kv(encoder_hidden_states, self.xattn, self.n_heads_dec)
+        return ms.mutable(tuple(k)), ms.mutable(tuple(v))
+
+    @staticmethod
+    def bucket_for(length: int, max_positions: int = 448) -> int:
+        for b in BUCKETS:
+            if length <= b <= max_positions:
+                return b
+        return max_positions
+
+    def new_cache(self, batch: int, bucket: int):
+        """Empty self-attention cache: per-layer tuples of (B, H, bucket, Dh) zeros."""
+        shape = (batch, self.n_heads_dec, bucket, self.head_dim)
+        zeros = tuple(ops.zeros(shape, self.dtype) for _ in range(2 * len(self.dec_layers)))
+        return ms.mutable(zeros[::2]), ms.mutable(zeros[1::2])
+
+    def grow_cache(self, k_cache, v_cache, bucket: int):
+        """Zero-pad per-layer caches along the position axis to ``bucket`` slots."""
+        def pad(c):
+            b, h, s, d = c.shape
+            return ops.concat((c, ops.zeros((b, h, bucket - s, d), c.dtype)), 2)
+        return ms.mutable(tuple(pad(c) for c in k_cache)), ms.mutable(tuple(pad(c) for c in v_cache))
+
+    def decode_step(self, ids, pos0: int, k_cache, v_cache, k_x, v_x):
+        """Run tokens ``ids`` (B, T) at positions pos0..pos0+T-1. Returns (logits (B,T,V), k_cache, v_cache)."""
+        t, s = int(ids.shape[1]), int(k_cache[0].shape[2])
+        self._note(("decode",) + tuple(ids.shape) + (s,))
+        pos = ms.Tensor(np.arange(pos0, pos0 + t, dtype=np.int32))
+        cols = _COLS.get(s)
+        if cols is None:
+            cols = _COLS[s] = ms.Tensor(np.arange(s, dtype=np.int32))
+        with self.lock:
+            logits, k, v = _decode(ids, pos, cols, k_cache, v_cache, k_x, v_x, self.embed, self.proj,
+                                   self.dec_pos, self.dec_layers, self.dec_ln, self.n_heads_dec, self.scaling_dec)
+        return logits, ms.mutable(tuple(k)), ms.mutable(tuple(v))
+
+
+def _attn(a) -> Tuple:
+    return _lin(a.q_proj) + _lin(a.k_proj, False) + _lin(a.v_proj) + _lin(a.out_proj)
