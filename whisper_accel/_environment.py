@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata as metadata
+import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -116,19 +117,34 @@ def device_target() -> str:
     return str(mindspore.get_context("device_target"))
 
 
+_CONV1D_PROBE = """
+import sys, numpy as np, mindspore
+from mindspore import Tensor, mint
+mindspore.set_context(device_target=sys.argv[1])
+out = mint.nn.functional.conv1d(Tensor(np.ones((1, 1, 4), np.float32)), Tensor(np.ones((1, 1, 2), np.float32)))
+sys.exit(0 if tuple(out.shape) == (1, 1, 3) and float(out.asnumpy()[0, 0, 0]) == 2.0 else 1)
+"""
+
+
 @functools.lru_cache(maxsize=None)
 def has_native_conv1d() -> bool:
     """Probe: does this backend run MindSpore's native conv1d (``mint.nn.functional.conv1d``,
-    the ``Conv1DExt`` kernel)? Cached per process."""
-    try:
-        import numpy as np
-        from mindspore import Tensor, mint
+    the ``Conv1DExt`` kernel)? Cached per process.
 
-        x = Tensor(np.ones((1, 1, 4), np.float32))
-        w = Tensor(np.ones((1, 1, 2), np.float32))
-        out = mint.nn.functional.conv1d(x, w)
-        return tuple(out.shape) == (1, 1, 3) and float(out.asnumpy()[0, 0, 0]) == 2.0
-    except Exception:
+    The probe launches the kernel in a short-lived child process: in PyNative a failed launch
+    is reported asynchronously, and in this process it could surface in whatever thread runs
+    the next operator (seen: a user's inference thread failing with "Not found op Conv1DExt").
+    """
+    import subprocess
+    import sys
+
+    env = dict(os.environ, GLOG_v="3")
+    env.pop("WHISPER_ACCEL", None)
+    try:
+        proc = subprocess.run([sys.executable, "-c", _CONV1D_PROBE, device_target()], env=env,
+                              capture_output=True, timeout=120)
+        return proc.returncode == 0
+    except (OSError, subprocess.SubprocessError):
         return False
 
 

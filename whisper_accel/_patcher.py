@@ -27,8 +27,8 @@ class Patch:
     :param group: the patch group it belongs to (``attention``, ``conv1d``, ``compat``, ...).
     :param owner: the class or module whose attribute is replaced.
     :param attribute: the attribute name.
-    :param make: builds the replacement from the original (``None`` when the attribute is
-        added rather than replaced).
+    :param make: builds the replacement from the original: the owner's own attribute, else
+        the inherited one, else ``None`` (an added attribute).
     :param description: one line for reports.
     """
 
@@ -86,7 +86,10 @@ class Patcher:
                         original = getattr(p.owner, p.attribute, MISSING)
                     if original is not MISSING and is_ours(original):
                         raise RuntimeError(f"{p.target} is already wrapped by whisper_accel")
-                    replacement = p.make(None if original is MISSING else original)
+                    # an inherited attribute: wrap what the owner resolves to now, and on undo
+                    # delete the override so inheritance is back exactly as it was
+                    base = getattr(p.owner, p.attribute, None) if original is MISSING else original
+                    replacement = p.make(base)
                     _mark(replacement)
                     setattr(p.owner, p.attribute, replacement)
                     done.append(_Record(p, original, replacement))

@@ -36,10 +36,17 @@ def _compiled(env) -> List[Patch]:
     return patches(env)
 
 
+def _generation(env) -> List[Patch]:
+    from .generation import patches
+
+    return patches(env)
+
+
 #: Group name -> builder, in the order they are applied. ``patch()`` enables all by default.
 GROUPS: Dict[str, Callable[[object], List[Patch]]] = {
     "compat": _compat,
     "attention": _attention,
     "conv1d": _conv1d,
     "compiled": _compiled,
+    "generation": _generation,
 }

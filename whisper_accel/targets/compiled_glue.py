@@ -29,6 +29,7 @@ on shapes/dtypes); with it off they are rebuilt only when parameter identity/dty
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import threading
@@ -41,6 +42,12 @@ logger = logging.getLogger(__name__)
 ATTR = "_whisper_accel_compiled"  # on the module: CompiledWhisper, or False after a failure
 STATE = "_whisper_accel_state"  # on the EncoderDecoderCache: _DecodeState
 _build_lock = threading.Lock()
+#: One process-wide re-entrant lock around every patched Whisper entry point (``generate``,
+#: ``WhisperForConditionalGeneration.forward``, ``WhisperEncoder.forward``): MindSpore 2.7's
+#: PyNative executor on CPU gives wrong results when several Python threads run operator
+#: streams at once (seen up to 2.6e-4 relative on logits with 8 threads), so concurrent
+#: inference is serialised rather than raced. Re-entrant: generate -> forward -> encoder.
+INFERENCE_LOCK = threading.RLock()
 REFRESH_PER_CALL = True
 _SPILL_METHODS = ("reorder_cache", "crop", "batch_split", "batch_repeat_interleave",
                   "batch_select_indices", "to_legacy_cache", "reset")
@@ -88,11 +95,32 @@ def patches(env):
         raise Unsupported(f"the compiled graphs are validated on CPU only, not {env.backend}")
     mw = import_whisper()
     return [
-        Patch("compiled", mw.WhisperEncoder, "forward", make_encoder_forward,
+        Patch("compiled", mw.WhisperEncoder, "forward", serialised(make_encoder_forward),
               "whole encoder as one mindspore.jit graph"),
-        Patch("compiled", mw.WhisperForConditionalGeneration, "forward", make_generation_forward,
+        Patch("compiled", mw.WhisperForConditionalGeneration, "forward",
+              serialised(make_generation_forward),
               "decoder step + vocab projection as one graph on a static KV cache"),
+        Patch("compiled", mw.WhisperForConditionalGeneration, "generate", serialised(None),
+              "one inference at a time across threads (MindSpore CPU is not thread-safe)"),
     ]
+
+
+def serialised(make):
+    """A factory whose replacement holds :data:`INFERENCE_LOCK` around ``make(original)``
+    (or around ``original`` itself when ``make`` is None)."""
+
+    def factory(original):
+        inner = original if make is None else make(original)
+
+        @functools.wraps(original)
+        def locked(*args, **kwargs):
+            with INFERENCE_LOCK:
+                return inner(*args, **kwargs)
+
+        locked.__wrapped__ = original
+        return locked
+
+    return factory
 
 
 def make_encoder_forward(original):
