@@ -100,3 +100,13 @@ def test_env_activation_example():
     runs = [block.strip().splitlines()[-1] for block in proc.stdout.split("==")[1:]]
     assert len(runs) == 3 and len(set(runs)) == 1, proc.stdout  # same tokens stock and patched
     assert proc.stderr.count("whisper_accel active: True") == 2
+
+
+@pytest.mark.slow
+def test_bench_profile_writes_a_mindspore_trace(tmp_path):
+    out = tmp_path / "trace"
+    proc = cli("bench", "--repeats", "1", "--max-new-tokens", "2", "--stage", "encoder",
+               "--profile", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "profiler trace of the patched run" in proc.stderr
+    assert any(out.iterdir()), "the profiler wrote nothing"

@@ -100,9 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--audio", help="audio file (WAV, or any format ffmpeg reads)")
     b.add_argument("--stage", default="encoder,generate",
                    help="comma list of encoder|generate|transcribe (default encoder,generate)")
-    b.add_argument("--max-new-tokens", type=int, default=32)
+    b.add_argument("--max-new-tokens", type=int, default=16)
     b.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--warmup", type=int, default=1)
     b.add_argument("--variants", default="stock,all",
                    help="comma list of stock, all, or group names (default stock,all)")

@@ -54,6 +54,14 @@ def _adopt(t, like):
     return t
 
 
+def _like(fn, original):
+    """Give a replacement the original's name and doc, and ``__wrapped__`` for unwrapping."""
+    fn.__wrapped__ = original
+    fn.__name__ = getattr(original, "__name__", "__call__")
+    fn.__doc__ = getattr(original, "__doc__", None)
+    return fn
+
+
 def _float_scores(scores) -> bool:
     mindspore, _ = _ms()
     if not isinstance(scores, mindspore.Tensor) or scores.ndim < 1:
@@ -175,10 +183,7 @@ def make_processor_call(original):
             out = _FAIL
         return original(self, input_ids, scores) if out is _FAIL else out
 
-    __call__.__wrapped__ = original
-    __call__.__name__ = getattr(original, "__name__", "__call__")
-    __call__.__doc__ = getattr(original, "__doc__", None)
-    return __call__
+    return _like(__call__, original)
 
 
 def _ours(obj, cls_map) -> bool:
@@ -198,101 +203,7 @@ def make_processor_list_call(original):
                 return out
         return original(self, input_ids, scores, **kwargs)
 
-    __call__.__wrapped__ = original
-    __call__.__name__ = getattr(original, "__name__", "__call__")
-    __call__.__doc__ = getattr(original, "__doc__", None)
-    return __call__
-
-
-# --------------------------------------------------------------------- stopping criteria
-
-def _max_length_np(c, input_ids, batch):
-    from transformers.generation import stopping_criteria as sc
-    cur_len = input_ids.shape[1]
-    is_done = cur_len >= c.max_length
-    if c.max_position_embeddings is not None and not is_done and cur_len > c.max_position_embeddings:
-        sc.logger.warning_once(
-            "This is a friendly reminder - the current text generation call has exceeded the model's predefined "
-            f"maximum length ({c.max_position_embeddings}). Depending on the model, you may observe "
-            "exceptions, performance degradation, or nothing at all."
-        )
-    return np.full((batch,), bool(is_done), dtype=bool)
-
-
-def _eos_np(c, input_ids, ids_np):
-    if c.eos_token_id.device != input_ids.device:
-        c.eos_token_id = c.eos_token_id.to(input_ids.device)
-    eos = _ids_np(c.eos_token_id)
-    if eos is None:
-        raise TypeError("eos ids")
-    return np.isin(ids_np[:, -1], eos)
-
-
-def _as_bool_tensor(arr, like):
-    mindspore, _ = _ms()
-    return _adopt(mindspore.Tensor(np.ascontiguousarray(arr, dtype=bool)), like)
-
-
-def _ids_ok(input_ids) -> bool:
-    mindspore, _ = _ms()
-    return isinstance(input_ids, mindspore.Tensor) and input_ids.ndim == 2 and not input_ids.is_complex()
-
-
-def make_max_length_call(original):
-    def __call__(self, input_ids, scores, **kwargs):
-        if not _ids_ok(input_ids):
-            return original(self, input_ids, scores, **kwargs)
-        return _as_bool_tensor(_max_length_np(self, input_ids, int(input_ids.shape[0])), input_ids)
-
-    __call__.__wrapped__ = original
-    __call__.__name__ = getattr(original, "__name__", "__call__")
-    __call__.__doc__ = getattr(original, "__doc__", None)
-    return __call__
-
-
-def make_eos_call(original):
-    def __call__(self, input_ids, scores, **kwargs):
-        mindspore, _ = _ms()
-        if not _ids_ok(input_ids) or not isinstance(self.eos_token_id, mindspore.Tensor):
-            return original(self, input_ids, scores, **kwargs)
-        ids_np = input_ids.asnumpy()
-        if ids_np.dtype.kind not in "iu":
-            return original(self, input_ids, scores, **kwargs)
-        return _as_bool_tensor(_eos_np(self, input_ids, ids_np), input_ids)
-
-    __call__.__wrapped__ = original
-    __call__.__name__ = getattr(original, "__name__", "__call__")
-    __call__.__doc__ = getattr(original, "__doc__", None)
-    return __call__
-
-
-def make_criteria_list_call(original):
-    from transformers.generation import stopping_criteria as sc
-    known = {sc.MaxLengthCriteria: "max", sc.EosTokenCriteria: "eos"}
-
-    def __call__(self, input_ids, scores, **kwargs):
-        mindspore, _ = _ms()
-        if not (len(self) and _ids_ok(input_ids) and all(_ours(c, known) for c in self)
-                and all(known[type(c)] == "max" or isinstance(c.eos_token_id, mindspore.Tensor) for c in self)):
-            return original(self, input_ids, scores, **kwargs)
-        batch = int(input_ids.shape[0])
-        ids_np = None
-        done = np.zeros((batch,), dtype=bool)
-        for c in self:
-            if known[type(c)] == "max":
-                done |= _max_length_np(c, input_ids, batch)
-            else:
-                if ids_np is None:
-                    ids_np = input_ids.asnumpy()
-                    if ids_np.dtype.kind not in "iu":
-                        return original(self, input_ids, scores, **kwargs)
-                done |= _eos_np(c, input_ids, ids_np)
-        return _as_bool_tensor(done, input_ids)
-
-    __call__.__wrapped__ = original
-    __call__.__name__ = getattr(original, "__name__", "__call__")
-    __call__.__doc__ = getattr(original, "__doc__", None)
-    return __call__
+    return _like(__call__, original)
 
 
 def _register(cls, make):
@@ -313,6 +224,8 @@ def patches(env):
         raise Unsupported(f"the generation glue is validated on CPU only, not {env.backend}")
     import_whisper()  # mindnlp before transformers, and torch must be mindtorch
     from transformers.generation import logits_process as lp
+
+    from .stopping import make_criteria_list_call, make_eos_call, make_max_length_call
     from transformers.generation import stopping_criteria as sc
 
     out = []
