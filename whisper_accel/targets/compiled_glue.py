@@ -36,6 +36,7 @@ import threading
 from typing import Any, Optional
 
 from ..kernels.compiled import CompiledWhisper
+from .mindnlp05 import adopt
 
 logger = logging.getLogger(__name__)
 
@@ -71,12 +72,6 @@ def _compiled_for(module, build) -> Optional[CompiledWhisper]:
 def _disable(module, exc) -> None:
     logger.warning("whisper_accel: compiled path disabled for this model: %s", exc)
     module.__dict__[ATTR] = False
-
-
-def _adopt(t, like):
-    """Give a graph output the ``_device`` mindtorch ops expect (else 'Tensor must have device')."""
-    t._device = like.device
-    return t
 
 
 def _is_f32(t) -> bool:
@@ -139,7 +134,7 @@ def make_encoder_forward(original):
             return original(self, input_features, attention_mask, head_mask, output_attentions,
                             output_hidden_states, return_dict)
         try:
-            hidden = _adopt(cw.encode(input_features), input_features)
+            hidden = adopt(cw.encode(input_features), input_features)
         except Exception as exc:  # compile/shape problem: stock from now on
             _disable(self, exc)
             return original(self, input_features, attention_mask, head_mask, output_attentions,
@@ -175,11 +170,11 @@ class _DecodeState:
         n = self.length
         idx = ms.Tensor(list(range(n)), ms.int32)
         for i in range(len(self.k)):
-            k = _adopt(ops.gather(self.k[i], idx, 2), self.like)
-            v = _adopt(ops.gather(self.v[i], idx, 2), self.like)
+            k = adopt(ops.gather(self.k[i], idx, 2), self.like)
+            v = adopt(ops.gather(self.v[i], idx, 2), self.like)
             cache.self_attention_cache.update(k, v, i)
-            kx = _adopt(ops.transpose(self.kx[i], (0, 1, 3, 2)), self.like)
-            cache.cross_attention_cache.update(kx, _adopt(self.vx[i], self.like), i)
+            kx = adopt(ops.transpose(self.kx[i], (0, 1, 3, 2)), self.like)
+            cache.cross_attention_cache.update(kx, adopt(self.vx[i], self.like), i)
             cache.is_updated[i] = True
 
 
@@ -286,7 +281,7 @@ def _fast_forward(self, a) -> Any:
         state.k, state.v = cw.grow_cache(state.k, state.v, CompiledWhisper.bucket_for(need, cw.max_positions))
     logits, state.k, state.v = cw.decode_step(ids, state.length, state.k, state.v, state.kx, state.vx)
     state.length = need
-    logits = _adopt(logits, ids)
+    logits = adopt(logits, ids)
     from transformers.modeling_outputs import Seq2SeqLMOutput
     if not (g("return_dict") if g("return_dict") is not None else cfg.use_return_dict):
         return (logits, cache) + ((hidden,) if hidden is not None else ())

@@ -33,6 +33,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .mindnlp05 import adopt
+
 GROUP = "generation"
 _MAX_MASKS = 64
 _masks: "OrderedDict[tuple, Any]" = OrderedDict()
@@ -47,11 +49,6 @@ def _ms():
     from mindspore import ops
 
     return mindspore, ops
-
-
-def _adopt(t, like):
-    t._device = like.device
-    return t
 
 
 def _like(fn, original):
@@ -102,7 +99,7 @@ def _mask(vocab: int, ids: np.ndarray):
 
 def _fill(scores, mask):
     _, ops = _ms()
-    return _adopt(ops.masked_fill(scores, mask, float("-inf")), scores)
+    return adopt(ops.masked_fill(scores, mask, float("-inf")), scores)
 
 
 # ------------------------------------------------------------------- logits processors

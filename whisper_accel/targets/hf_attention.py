@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 from ..kernels import attention as kernel
+from .mindnlp05 import adopt
 
 #: Registry keys whose Whisper calls are routed to the kernel.
 ACCELERATED = ("sdpa", "flash_attention_2")
@@ -104,7 +105,7 @@ def flash_attention_forward(module, query, key, value, attention_mask, *, stock:
         out = kernel.fused(query, key, value, mask, scaling, bool(is_causal))
     else:
         out = kernel.flash_attention(query, key, value, mask, scaling, bool(is_causal))
-    return _to_mindtorch(kernel.to_blhd(out), query), None
+    return adopt(kernel.to_blhd(out), query), None
 
 
 def _needs_stock(module, dropout, kwargs) -> bool:
@@ -181,8 +182,3 @@ def _float32():
 
     return mindspore.float32
 
-
-def _to_mindtorch(out, like):
-    """Tag a MindSpore result with the device mindtorch expects on its tensors."""
-    out._device = like.device
-    return out

@@ -35,6 +35,13 @@ def import_whisper():
     return modeling_whisper
 
 
+def adopt(tensor, like):
+    """Tag a MindSpore result with the device mindtorch expects on its tensors (graph and
+    ``mindspore.ops`` outputs lack it, and mindtorch code then raises 'Tensor must have device')."""
+    tensor._device = like.device
+    return tensor
+
+
 def attention_patches(env) -> List[Patch]:
     mw = import_whisper()
     from . import hf_attention

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .generation import _adopt, _ids_np, _like, _ms, _ours
+from .generation import _ids_np, _like, _ms, _ours
+from .mindnlp05 import adopt
 
 
 def _max_length_np(c, input_ids, batch):
@@ -37,7 +38,7 @@ def _eos_np(c, input_ids, ids_np):
 
 def _as_bool_tensor(arr, like):
     mindspore, _ = _ms()
-    return _adopt(mindspore.Tensor(np.ascontiguousarray(arr, dtype=bool)), like)
+    return adopt(mindspore.Tensor(np.ascontiguousarray(arr, dtype=bool)), like)
 
 
 def _ids_ok(input_ids) -> bool:
