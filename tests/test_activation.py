@@ -62,7 +62,7 @@ def test_unset_imports_nothing_heavy():
 ])
 def test_set_patches_on_whisper_import_whatever_the_order(imports):
     proc = run(imports + "\nprint(json.dumps(state()))", value="1")
-    assert last_json(proc) == {"patched": True, "groups": ["attention", "compat", "compiled", "generation"], "depth": 1}
+    assert last_json(proc) == {"patched": True, "groups": ["attention", "compat", "compiled", "generation", "greedy"], "depth": 1}
 
 
 def test_env_then_explicit_patch_and_unpatch_wraps_nothing_twice():
@@ -80,7 +80,7 @@ def test_env_then_explicit_patch_and_unpatch_wraps_nothing_twice():
                           "after_unpatch": state()}))
     """, value="true")
     out = last_json(proc)
-    assert out["second"] == {"patched": True, "groups": ["attention", "compat", "compiled", "generation"], "depth": 1}
+    assert out["second"] == {"patched": True, "groups": ["attention", "compat", "compiled", "generation", "greedy"], "depth": 1}
     assert out["warned"]
     assert out["after_unpatch"] == {"patched": False, "groups": [], "depth": 0}
 

@@ -39,22 +39,29 @@ def _still_fully_patched():
 
 
 # ----------------------------------------------------------------------------- model input
+SHAPE = "(batch, num_mel_bins=80, frames=100)"
+
+
 @pytest.mark.parametrize("case,exc,needles", [
-    ("rank2", ValueError, ["shape size must be equal to 4", "got 3"]),
-    ("rank4", ValueError, ["shape size must be equal to 4", "got 5"]),
-    ("int32", TypeError, ["input type must be same", "Int32"]),
-    ("float64", TypeError, ["input type must be same", "Float64"]),
+    ("rank2", ValueError, [f"input_features must be 3-D {SHAPE}; got shape (80, 100)", "features[None]"]),
+    ("rank4", ValueError, [f"input_features must be 3-D {SHAPE}; got shape (1, 1, 80, 100)"]),
+    ("int32", TypeError, ["must have the model's dtype mindspore.float32; got mindspore.int32", "features.to(model.dtype)"]),
+    ("float64", TypeError, ["must have the model's dtype mindspore.float32; got mindspore.float64"]),
+    ("float16", TypeError, ["must have the model's dtype mindspore.float32; got mindspore.float16"]),
     ("frames", ValueError, ["expects the mel input features to be of length 100", "found 99"]),
-    ("mels", RuntimeError, ["C_in", "80", "40"]),
+    ("mels", ValueError, [f"must be {SHAPE}; got 40 mel bins (shape (1, 40, 100))", "num_mel_bins"]),
 ])
 def test_bad_features_into_patched_model(model, case, exc, needles):
-    """These fail in stock code before any attention runs (the conv front end); patched, the
-    error and its text are stock's, and the model and patch stay usable afterwards."""
+    """Stock fails in MindSpore's conv operators with their own texts ("Conv2D ... shape size
+    must be equal to 4, but got 3"); patched, the error names the expected shape/dtype and the
+    fix, with the same exception class (a wrong mel count: ValueError, stock RuntimeError), and
+    the model and patch stay usable afterwards."""
     import torch
 
     good = features(frames=100)
     bad = {"rank2": lambda: good[0], "rank4": lambda: good[None],
            "int32": lambda: good.to(torch.int32), "float64": lambda: good.double(),
+           "float16": lambda: good.to(torch.float16),
            "frames": lambda: features(frames=99), "mels": lambda: features(frames=100, mel=40)}[case]()
     whisper_accel.patch()
     with torch.no_grad():

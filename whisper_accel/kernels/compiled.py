@@ -109,10 +109,10 @@ def _cross_kv(enc, xattn, n_heads):
     return tuple(ks), tuple(vs)
 
 
-@ms.jit
-def _decode(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, proj, pos_table, layers, final_ln, n_heads, scaling):
+def _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers, final_ln, n_heads, scaling):
     """ids (B,T); positions (T,) int32 = pos0..pos0+T-1; cols (S,) int32 = 0..S-1;
-    caches: per-layer tuples of (B,H,S,Dh). Returns logits (B,T,V) and the updated caches."""
+    caches: per-layer tuples of (B,H,S,Dh). Returns the final-norm hidden states (B,T,D) and
+    the updated caches. Traced inside the jit functions below (not a graph of its own)."""
     t = ids.shape[1]
     s = k_cache[0].shape[2]
     x = ops.gather(embed, ids, 0) + ops.gather(pos_table, positions, 0)
@@ -136,15 +136,38 @@ def _decode(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, proj, pos_t
         x = x + _linear(_merge(_attend(q, k_x[i], v_x[i], None, True)), ca[2], ca[3])
         h = _gelu(_linear(_layer_norm(x, lw[4]), lw[5], lw[6]))
         x = x + _linear(h, lw[7], lw[8])
-    x = _layer_norm(x, final_ln)
-    return _linear(x, proj), tuple(new_k), tuple(new_v)
+    return _layer_norm(x, final_ln), tuple(new_k), tuple(new_v)
+
+
+@ms.jit
+def _decode(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, proj, pos_table, layers, final_ln, n_heads, scaling):
+    """All positions' logits (B,T,V) and the updated caches."""
+    x, new_k, new_v = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
+                               final_ln, n_heads, scaling)
+    return _linear(x, proj), new_k, new_v
+
+
+@ms.jit
+def _decode_next(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, proj, pos_table, layers, final_ln,
+                 n_heads, scaling, suppress):
+    """Greedy step: the last position's logits (B,V), the scores with ``suppress`` (V,) bool set
+    to -inf (what the masking logits processors return), their argmax (B,), and the caches. The
+    vocabulary projection runs for the last position only."""
+    x, new_k, new_v = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
+                               final_ln, n_heads, scaling)
+    logits = _mm_t(x[:, ids.shape[1] - 1, :], proj)
+    scores = ops.masked_fill(logits, suppress, float("-inf"))
+    return ops.argmax(scores, -1), scores, logits, new_k, new_v
 
 
 def _t(p):
     # Graph args must be plain tensors: a mindtorch Parameter fails with "Parameter[i] has no
     # default param". ``detach()`` shares the buffer (no copy) -- but an in-place update of the
     # parameter later gives the parameter a new buffer, so rebuild this object to see it.
-    return p.detach()
+    # float16/bfloat16 weights are copied to float32: the graphs compute in float32 (MindSpore
+    # CPU lacks bf16 Conv2D and mixes f16/f32 in Dense; see CompiledWhisper).
+    t = p.detach()
+    return t if t.dtype == ms.float32 else ops.cast(t, ms.float32)
 
 
 def _lin(m, bias=True):
@@ -155,14 +178,25 @@ def _ln_p(m):
     return (_t(m.weight), _t(m.bias))
 
 
+#: Parameter dtypes the graphs accept. They always compute in float32: float16/bfloat16 weights
+#: are upcast once per build (a float32 copy), inputs are upcast and outputs cast back by the glue.
+MODEL_DTYPES = (ms.float32, ms.float16, ms.bfloat16)
+
+
 class CompiledWhisper:
-    """Weights of one Whisper model arranged for the compiled graphs (references, not copies).
+    """Weights of one Whisper model arranged for the compiled graphs (references, not copies,
+    for float32 models; float32 copies for float16/bfloat16 ones).
 
     Either half may be absent: ``encoder=None`` gives a decoder-only object and vice versa.
+    :attr:`model_dtype` is the parameters' dtype; :attr:`dtype` (float32) the compute dtype.
     """
 
     def __init__(self, encoder=None, decoder=None, proj_weight=None):
         self.has_encoder, self.has_decoder = encoder is not None, decoder is not None
+        first = (encoder if encoder is not None else decoder).embed_positions.weight
+        self.model_dtype = first.dtype
+        if self.model_dtype not in MODEL_DTYPES:
+            raise TypeError(f"compiled graphs support {MODEL_DTYPES}, not {self.model_dtype}")
         if encoder is not None:
             cfg = encoder.config
             self.n_heads_enc = int(cfg.encoder_attention_heads)
@@ -264,14 +298,31 @@ class CompiledWhisper:
         """Run tokens ``ids`` (B, T) at positions pos0..pos0+T-1. Returns (logits (B,T,V), k_cache, v_cache)."""
         t, s = int(ids.shape[1]), int(k_cache[0].shape[2])
         self._note(("decode",) + tuple(ids.shape) + (s,))
-        pos = ms.Tensor(np.arange(pos0, pos0 + t, dtype=np.int32))
-        cols = _COLS.get(s)
-        if cols is None:
-            cols = _COLS[s] = ms.Tensor(np.arange(s, dtype=np.int32))
+        pos, cols = self._positions(pos0, t, s)
         with self.lock:
             logits, k, v = _decode(ids, pos, cols, k_cache, v_cache, k_x, v_x, self.embed, self.proj,
                                    self.dec_pos, self.dec_layers, self.dec_ln, self.n_heads_dec, self.scaling_dec)
         return logits, ms.mutable(tuple(k)), ms.mutable(tuple(v))
+
+    def decode_next(self, ids, pos0: int, k_cache, v_cache, k_x, v_x, suppress):
+        """Greedy step for tokens ``ids`` (B, T) at pos0..: ``suppress`` is a (V,) bool Tensor of
+        ids to set to -inf. Returns (next ids (B,), scores (B,V), logits (B,V), k_cache, v_cache)."""
+        t, s = int(ids.shape[1]), int(k_cache[0].shape[2])
+        self._note(("next",) + tuple(ids.shape) + (s,))
+        pos, cols = self._positions(pos0, t, s)
+        with self.lock:
+            nxt, scores, logits, k, v = _decode_next(
+                ids, pos, cols, k_cache, v_cache, k_x, v_x, self.embed, self.proj, self.dec_pos,
+                self.dec_layers, self.dec_ln, self.n_heads_dec, self.scaling_dec, suppress)
+        return nxt, scores, logits, ms.mutable(tuple(k)), ms.mutable(tuple(v))
+
+    @staticmethod
+    def _positions(pos0: int, t: int, s: int):
+        pos = ms.Tensor(np.arange(pos0, pos0 + t, dtype=np.int32))
+        cols = _COLS.get(s)
+        if cols is None:
+            cols = _COLS[s] = ms.Tensor(np.arange(s, dtype=np.int32))
+        return pos, cols
 
 
 def _attn(a) -> Tuple:

@@ -42,6 +42,12 @@ def _generation(env) -> List[Patch]:
     return patches(env)
 
 
+def _greedy(env) -> List[Patch]:
+    from .greedy import patches
+
+    return patches(env)
+
+
 #: Group name -> builder, in the order they are applied. ``patch()`` enables all by default.
 GROUPS: Dict[str, Callable[[object], List[Patch]]] = {
     "compat": _compat,
@@ -49,4 +55,5 @@ GROUPS: Dict[str, Callable[[object], List[Patch]]] = {
     "conv1d": _conv1d,
     "compiled": _compiled,
     "generation": _generation,
+    "greedy": _greedy,
 }

@@ -13,7 +13,8 @@ Two replacement factories, each ``make_xxx_forward(original) -> new_forward`` wi
 
 Anything else takes the original code: training, labels, head masks, inputs_embeds,
 position ids, a decoder attention mask, output_attentions / output_hidden_states,
-use_cache=False, dtypes other than float32, cache objects other than an (empty or ours)
+use_cache=False, dtypes other than float32/float16/bfloat16 (half-precision models run the
+graphs in float32 on upcast weight copies; outputs come back in the model's dtype), cache objects other than an (empty or ours)
 ``EncoderDecoderCache`` of ``DynamicCache``s, or a compile error (then the instance stops trying).
 When code outside the forward needs the HF cache contents (``reorder_cache`` for beam search,
 ``crop``, ``batch_*``, ``to_legacy_cache``) the static cache is first *spilled* into the HF
@@ -35,7 +36,7 @@ import logging
 import threading
 from typing import Any, Optional
 
-from ..kernels.compiled import CompiledWhisper
+from ..kernels.compiled import MODEL_DTYPES, CompiledWhisper, ms, ops
 from .mindnlp05 import adopt
 
 logger = logging.getLogger(__name__)
@@ -74,8 +75,20 @@ def _disable(module, exc) -> None:
     module.__dict__[ATTR] = False
 
 
-def _is_f32(t) -> bool:
-    return str(t.dtype).lower().endswith("float32")
+def _graph_dtype(t, weight) -> bool:
+    """``t`` may enter the graphs: float32/float16/bfloat16 and the dtype of the model's
+    ``weight`` (a mismatch is left to stock code, which raises its own error)."""
+    return getattr(t, "dtype", None) in MODEL_DTYPES and t.dtype == weight.dtype
+
+
+def to_compute(t):
+    """Input for the graphs: they compute in float32."""
+    return t if t.dtype == ms.float32 else ops.cast(t, ms.float32)
+
+
+def to_model(t, cw):
+    """A graph output in the model's dtype, as stock code would return it."""
+    return t if cw.model_dtype == ms.float32 else ops.cast(t, cw.model_dtype)
 
 
 # ----------------------------------------------------------------------------------- encoder
@@ -118,6 +131,31 @@ def serialised(make):
     return factory
 
 
+def check_features(encoder, input_features, expected_frames: int) -> None:
+    """Raise a clear error for features the encoder cannot take (stock raises MindSpore's
+    operator errors, e.g. "For primitive[Conv2D], the x shape size must be equal to 4, but got
+    3"). Same exception classes as stock for rank (ValueError) and dtype (TypeError); a wrong
+    mel count, a RuntimeError in stock, is a ValueError here. The frame count is left to stock,
+    whose message is already clear."""
+    import mindspore
+
+    if not isinstance(input_features, mindspore.Tensor):
+        return
+    mels, weight = int(encoder.conv1.in_channels), encoder.conv1.weight
+    want = f"(batch, num_mel_bins={mels}, frames={expected_frames})"
+    shape = tuple(input_features.shape)
+    if len(shape) != 3:
+        hint = " For one example, add the batch axis: features[None]." if len(shape) == 2 else ""
+        raise ValueError(f"whisper_accel: Whisper input_features must be 3-D {want}; got shape {shape}.{hint}")
+    if shape[1] != mels:
+        raise ValueError(f"whisper_accel: Whisper input_features must be {want}; got {shape[1]} mel bins "
+                         f"(shape {shape}). The feature extractor's feature_size must match the model's "
+                         "num_mel_bins.")
+    if input_features.dtype != weight.dtype:
+        raise TypeError(f"whisper_accel: Whisper input_features must have the model's dtype {weight.dtype}; got "
+                        f"{input_features.dtype}. Cast them: features.to(model.dtype).")
+
+
 def make_encoder_forward(original):
     def new_forward(self, input_features, attention_mask=None, head_mask=None, output_attentions=None,
                     output_hidden_states=None, return_dict=None):
@@ -125,16 +163,17 @@ def make_encoder_forward(original):
         oa = output_attentions if output_attentions is not None else cfg.output_attentions
         oh = output_hidden_states if output_hidden_states is not None else cfg.output_hidden_states
         expected = cfg.max_source_positions * self.conv1.stride[0] * self.conv2.stride[0]
+        check_features(self, input_features, expected)
         if (self.training or head_mask is not None or oa or oh or getattr(input_features, "ndim", 0) != 3
-                or input_features.shape[-1] != expected or not _is_f32(input_features)):
+                or input_features.shape[-1] != expected or not _graph_dtype(input_features, self.conv1.weight)):
             return original(self, input_features, attention_mask, head_mask, output_attentions,
                             output_hidden_states, return_dict)
         cw = _compiled_for(self, CompiledWhisper.from_encoder)
-        if cw is None or not _is_f32(cw.enc_pos):
+        if cw is None or cw.model_dtype != input_features.dtype:
             return original(self, input_features, attention_mask, head_mask, output_attentions,
                             output_hidden_states, return_dict)
         try:
-            hidden = adopt(cw.encode(input_features), input_features)
+            hidden = adopt(to_model(cw.encode(to_compute(input_features)), cw), input_features)
         except Exception as exc:  # compile/shape problem: stock from now on
             _disable(self, exc)
             return original(self, input_features, attention_mask, head_mask, output_attentions,
@@ -162,19 +201,20 @@ class _DecodeState:
 
     def spill(self, cache) -> None:
         """Copy the static cache into the HF cache objects and detach, so stock code continues."""
-        from ..kernels.compiled import ms, ops
         d = cache.__dict__
         d.pop(STATE, None)
         for name in ("get_seq_length",) + _SPILL_METHODS:
             d.pop(name, None)
         n = self.length
         idx = ms.Tensor(list(range(n)), ms.int32)
+        cw = self.cw
+
+        def out(t):
+            return adopt(to_model(t, cw), self.like)
+
         for i in range(len(self.k)):
-            k = adopt(ops.gather(self.k[i], idx, 2), self.like)
-            v = adopt(ops.gather(self.v[i], idx, 2), self.like)
-            cache.self_attention_cache.update(k, v, i)
-            kx = adopt(ops.transpose(self.kx[i], (0, 1, 3, 2)), self.like)
-            cache.cross_attention_cache.update(kx, adopt(self.vx[i], self.like), i)
+            cache.self_attention_cache.update(out(ops.gather(self.k[i], idx, 2)), out(ops.gather(self.v[i], idx, 2)), i)
+            cache.cross_attention_cache.update(out(ops.transpose(self.kx[i], (0, 1, 3, 2))), out(self.vx[i]), i)
             cache.is_updated[i] = True
 
 
@@ -253,16 +293,17 @@ def _fast_forward(self, a) -> Any:
                 return None
             enc = self.model.encoder(g("input_features"), return_dict=True)
         hidden = enc[0]
-        if getattr(hidden, "ndim", 0) != 3 or hidden.shape[0] != ids.shape[0] or not _is_f32(hidden):
+        if getattr(hidden, "ndim", 0) != 3 or hidden.shape[0] != ids.shape[0] \
+                or not _graph_dtype(hidden, self.proj_out.weight):
             return None
         cw = _compiled_for(self, CompiledWhisper.from_model)
-        if cw is None or not _is_f32(cw.embed):
+        if cw is None or cw.model_dtype != hidden.dtype:
             return None
         t = int(ids.shape[1])
         if t > cw.max_positions:
             return None
         try:
-            kx, vx = cw.cross_kv(hidden)
+            kx, vx = cw.cross_kv(to_compute(hidden))
             k, v = cw.new_cache(int(ids.shape[0]), CompiledWhisper.bucket_for(t, cw.max_positions))
         except Exception as exc:
             _disable(self, exc)
@@ -281,7 +322,7 @@ def _fast_forward(self, a) -> Any:
         state.k, state.v = cw.grow_cache(state.k, state.v, CompiledWhisper.bucket_for(need, cw.max_positions))
     logits, state.k, state.v = cw.decode_step(ids, state.length, state.k, state.v, state.kx, state.vx)
     state.length = need
-    logits = adopt(logits, ids)
+    logits = adopt(to_model(logits, cw), ids)
     from transformers.modeling_outputs import Seq2SeqLMOutput
     if not (g("return_dict") if g("return_dict") is not None else cfg.use_return_dict):
         return (logits, cache) + ((hidden,) if hidden is not None else ())

@@ -104,28 +104,29 @@ def _fill(scores, mask):
 
 # ------------------------------------------------------------------- logits processors
 #
-# Each ``_plan_xxx(p, input_ids, scores)`` returns (ids or None, fresh): the token ids to set to
-# -inf this step (None: none), and whether stock returns a fresh tensor when nothing is masked.
+# Each ``_plan_xxx(p, length, ids)`` gets the processor, ``input_ids.shape[-1]`` and the
+# processor's token ids (numpy) and returns (ids or None, fresh): the token ids to set to -inf
+# this step (None: none), and whether stock returns a fresh tensor when nothing is masked.
 
-def _plan_suppress(p, input_ids, scores):
-    return _ids_np(p.suppress_tokens), True
+def _plan_suppress(p, length, ids):
+    return ids, True
 
 
-def _plan_begin(p, input_ids, scores):
-    if input_ids.shape[-1] == p.begin_index:
-        return _ids_np(p.begin_suppress_tokens), True
+def _plan_begin(p, length, ids):
+    if length == p.begin_index:
+        return ids, True
     return None, False
 
 
-def _plan_min_length(p, input_ids, scores):
-    if input_ids.shape[-1] < p.min_length:
-        return _ids_np(p.eos_token_id), True
+def _plan_min_length(p, length, ids):
+    if length < p.min_length:
+        return ids, True
     return None, True  # stock: scores.clone()
 
 
-def _plan_min_new(p, input_ids, scores):
-    if input_ids.shape[-1] - p.prompt_length_to_skip < p.min_new_tokens:
-        return _ids_np(p.eos_token_id), True
+def _plan_min_new(p, length, ids):
+    if length - p.prompt_length_to_skip < p.min_new_tokens:
+        return ids, True
     return None, True  # stock: scores.clone()
 
 
@@ -160,9 +161,10 @@ def _apply_plans(processors, input_ids, scores):
             return _FAIL
         plan, attr = entry
         tokens = getattr(p, attr, None)
-        if not isinstance(tokens, mindspore.Tensor) or _ids_np(tokens) is None:
+        tokens = _ids_np(tokens) if isinstance(tokens, mindspore.Tensor) else None
+        if tokens is None:
             return _FAIL
-        got, f = plan(p, input_ids, scores)
+        got, f = plan(p, input_ids.shape[-1], tokens)
         if got is not None:
             ids.append(got)
         fresh = fresh or f

@@ -1,0 +1,269 @@
+"""The ``greedy`` group: Whisper's greedy decode loop driven from numpy around one graph per step.
+
+Why: with the ``compiled`` group a warm decode step is ~17 ms of graph and ~50 ms of PyNative
+glue in transformers' ``GenerationMixin._sample`` (``prepare_inputs_for_generation``,
+``_update_model_kwargs_for_generation``, ``.to(copy=True)``, ``argmax``, ``cat``, the
+processors and criteria; every mindtorch op costs ~1-5 ms on CPU). See
+``benchmarks/PROFILE_NOTES.md`` section 10.
+
+What: ``WhisperForConditionalGeneration._sample`` (inherited from ``GenerationMixin``; it is
+what ``generate`` runs for greedy search) is replaced by a loop that, per step, launches one
+graph (:meth:`CompiledWhisper.decode_next`: decoder layers, vocab projection of the last
+position, the logits processors' -inf mask and the argmax) and reads back the B chosen ids.
+Token ids, the stopping state and the step's processor mask live in numpy. The result is what
+stock ``_sample`` returns: the ``input_ids`` tensor, or a ``GenerateEncoderDecoderOutput``
+with ``scores`` / ``logits`` when asked, and ``past_key_values`` filled from the static cache.
+
+Exactness: stock runs the same layers, sets the same ids to -inf, takes the first maximum and
+applies ``next * unfinished + pad * (1 - unfinished)``. Logits processors that are not one of
+the four masking ones the ``generation`` group knows (e.g. ``WhisperTimeStampLogitsProcessor``)
+run as stock code on the step's logits, followed by mindtorch's ``argmax``; stopping criteria
+other than ``MaxLengthCriteria`` / ``EosTokenCriteria`` run as stock code on the ids tensor.
+
+Falls back to the original ``_sample`` (nothing skipped, nothing half-done) for: sampling,
+``synced_gpus``, a streamer, ``output_attentions`` / ``output_hidden_states``, prefill
+chunking, model kwargs other than ``encoder_outputs`` / ``past_key_values`` (empty or None) /
+``use_cache`` / ``attention_mask`` (the encoder's, which Whisper's decoder does not read),
+a decoder attention mask, training mode, weights or encoder output other than float32 /
+float16 / bfloat16 (half precision computes in float32, see ``compiled_glue``), a ``max_length`` beyond the model's positions, or a compile error (then the model stops trying).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+from ..kernels.compiled import CompiledWhisper
+from .compiled_glue import INFERENCE_LOCK, _compiled_for, _DecodeState, _disable, _empty, _graph_dtype, to_compute
+from .generation import _ids_np, _mask, _plans
+from .mindnlp05 import adopt
+
+logger = logging.getLogger(__name__)
+GROUP = "greedy"
+_KWARGS = frozenset({"encoder_outputs", "past_key_values", "use_cache", "attention_mask"})
+
+
+class _Processors:
+    """The step's processors as a cached -inf mask when all are known masking types."""
+
+    def __init__(self, processors, vocab: int):
+        import mindspore
+
+        self.processors, self.vocab = processors, vocab
+        plans = _plans()
+        self.ids = []  # per processor: its token ids (numpy), read once
+        for p in processors:
+            entry = plans.get(type(p))
+            tokens = getattr(p, entry[1], None) if entry else None
+            tokens = _ids_np(tokens) if isinstance(tokens, mindspore.Tensor) else None
+            if tokens is None:
+                break
+            self.ids.append(tokens)
+        self.known = len(self.ids) == len(processors)
+        self._by_len: Dict[int, Any] = {}
+
+    def mask(self, cur_len: int):
+        """(V,) bool Tensor: the ids stock's processors set to -inf at this length (none when
+        the processors run as stock code)."""
+        m = self._by_len.get(cur_len)
+        if m is None:
+            ids = [np.empty(0, np.int64)]
+            if self.known:
+                plans = _plans()
+                for p, tokens in zip(self.processors, self.ids):
+                    got, _ = plans[type(p)][0](p, cur_len, tokens)
+                    if got is not None:
+                        ids.append(got)
+            m = self._by_len[cur_len] = _mask(self.vocab, np.concatenate(ids))
+        return m
+
+
+def _criteria_np(criteria):
+    """A numpy function ``(ids (B, L)) -> done (B,)`` when every criterion is a plain
+    ``MaxLengthCriteria`` / ``EosTokenCriteria``; else None (stock code runs them)."""
+    import mindspore
+    from transformers.generation import stopping_criteria as sc
+
+    checks = []
+    for c in criteria:
+        if type(c) is sc.MaxLengthCriteria:
+            checks.append(functools.partial(lambda ids, n: np.full(ids.shape[0], ids.shape[1] >= n), n=c.max_length))
+        elif type(c) is sc.EosTokenCriteria and isinstance(c.eos_token_id, mindspore.Tensor):
+            eos = _ids_np(c.eos_token_id)
+            if eos is None:
+                return None
+            checks.append(functools.partial(lambda ids, e: np.isin(ids[:, -1], e), e=eos))
+        else:
+            return None
+
+    def done(ids):
+        out = np.zeros(ids.shape[0], dtype=bool)
+        for check in checks:
+            out |= check(ids)
+        return out
+
+    return done
+
+
+def _max_length(criteria) -> Optional[int]:
+    from transformers.generation import stopping_criteria as sc
+
+    lengths = [c.max_length for c in criteria if isinstance(c, sc.MaxLengthCriteria)]
+    return min(lengths) if lengths else None
+
+
+def _encoder_hidden(model, model_kwargs, batch):
+    enc = model_kwargs.get("encoder_outputs")
+    if enc is None:
+        return None
+    hidden = enc[0] if isinstance(enc, (tuple, list)) or hasattr(enc, "__getitem__") else None
+    if getattr(hidden, "ndim", 0) != 3 or hidden.shape[0] != batch \
+            or not _graph_dtype(hidden, model.proj_out.weight):
+        return None
+    return hidden
+
+
+def _eligible(self, input_ids, logits_processor, stopping_criteria, gc, synced_gpus, streamer, kw) -> bool:
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    if self.training or synced_gpus or streamer is not None or gc.do_sample:
+        return False
+    if gc.return_dict_in_generate and (gc.output_attentions or gc.output_hidden_states):
+        return False
+    if getattr(gc, "prefill_chunk_size", None) is not None or not set(kw) <= _KWARGS:
+        return False
+    if not (kw.get("use_cache") if kw.get("use_cache") is not None else self.config.use_cache):
+        return False
+    if getattr(input_ids, "ndim", 0) != 2 or str(input_ids.dtype).split(".")[-1] not in ("int64", "int32"):
+        return False
+    cache = kw.get("past_key_values")
+    if cache is not None and (type(cache) is not EncoderDecoderCache
+                              or type(cache.self_attention_cache) is not DynamicCache
+                              or type(cache.cross_attention_cache) is not DynamicCache or not _empty(cache)):
+        return False
+    has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+    if has_eos and gc._pad_token_tensor is None:
+        return False
+    return _max_length(stopping_criteria) is not None
+
+
+def make_sample(original):
+    """Replacement ``_sample``: the numpy-driven greedy loop, or ``original`` when ineligible."""
+
+    @functools.wraps(original)
+    def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+                streamer=None, **model_kwargs):
+        with INFERENCE_LOCK:
+            out = None
+            if _eligible(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus,
+                         streamer, model_kwargs):
+                out = _greedy(self, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs)
+            if out is None:
+                return original(self, input_ids, logits_processor, stopping_criteria, generation_config,
+                                synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
+            return out
+
+    _sample.__wrapped__ = original
+    return _sample
+
+
+def _greedy(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any:
+    """The loop, or None (before any step ran) to let the original run."""
+    import mindspore
+    import torch
+
+    batch, cur_len = int(input_ids.shape[0]), int(input_ids.shape[1])
+    hidden = _encoder_hidden(self, kw, batch)
+    if hidden is None:
+        return None
+    cw = _compiled_for(self, CompiledWhisper.from_model)
+    if cw is None or cw.model_dtype != hidden.dtype:
+        return None
+    max_len = _max_length(stopping_criteria)
+    if max_len > cw.max_positions:
+        return None
+    try:
+        kx, vx = cw.cross_kv(to_compute(hidden))
+        k, v = cw.new_cache(batch, CompiledWhisper.bucket_for(cur_len, cw.max_positions))
+    except Exception as exc:  # noqa: BLE001  compile problem: stock from now on
+        _disable(self, exc)
+        return None
+
+    processors = _Processors(logits_processor, int(cw.proj.shape[0]))
+    done_np = _criteria_np(stopping_criteria)
+    has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+    pad = int(gc._pad_token_tensor.asnumpy()) if has_eos else 0
+    want_scores = gc.return_dict_in_generate and gc.output_scores
+    want_logits = gc.return_dict_in_generate and gc.output_logits
+    scores = () if want_scores else None
+    raw_logits = () if want_logits else None
+
+    ids_np = input_ids.asnumpy().astype(np.int64)
+    out_dtype = input_ids.dtype
+    unfinished = np.ones(batch, dtype=np.int64)
+    feed, fed = input_ids, 0
+
+    def as_ids(arr):
+        return adopt(mindspore.Tensor(np.ascontiguousarray(arr), dtype=out_dtype), input_ids)
+
+    while True:
+        need = fed + int(feed.shape[1])
+        if need > k[0].shape[2]:  # next bucket (64/128/256/448): one more graph shape
+            k, v = cw.grow_cache(k, v, CompiledWhisper.bucket_for(need, cw.max_positions))
+        nxt, step_scores, step_logits, k, v = cw.decode_next(
+            feed, fed, k, v, kx, vx, processors.mask(cur_len))
+        fed += int(feed.shape[1])
+        if processors.known:
+            next_np = nxt.asnumpy().astype(np.int64)
+            step_scores = adopt(step_scores, input_ids)
+        else:  # stock processors on the step's logits, then mindtorch's argmax
+            step_logits = adopt(step_logits, input_ids)
+            step_scores = logits_processor(as_ids(ids_np), step_logits)
+            next_np = torch.argmax(step_scores, dim=-1).asnumpy().astype(np.int64)
+        if want_scores:
+            scores += (step_scores,)
+        if want_logits:
+            raw_logits += (adopt(step_logits, input_ids),)
+        if has_eos:
+            next_np = next_np * unfinished + pad * (1 - unfinished)
+        ids_np = np.concatenate([ids_np, next_np[:, None]], axis=1)
+        cur_len += 1
+        if done_np is not None:
+            stop = done_np(ids_np)
+        else:
+            stop = stopping_criteria(as_ids(ids_np), scores).asnumpy().astype(bool)
+        unfinished = unfinished & ~stop
+        if unfinished.max() == 0:
+            break
+        feed = as_ids(next_np[:, None])
+
+    sequences = as_ids(ids_np)
+    if not gc.return_dict_in_generate:
+        return sequences
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+    from transformers.generation.utils import GenerateEncoderDecoderOutput
+
+    cache = kw.get("past_key_values")
+    if cache is None:
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    state = _DecodeState(cw, k, v, kx, vx, batch)
+    state.length, state.like = fed, input_ids
+    state.spill(cache)
+    return GenerateEncoderDecoderOutput(sequences=sequences, scores=scores, logits=raw_logits,
+                                        past_key_values=cache)
+
+
+def patches(env):
+    """The ``greedy`` group's patch (CPU only, like the compiled graphs it drives)."""
+    from .._errors import Unsupported
+    from .._patcher import Patch
+    from .mindnlp05 import import_whisper
+
+    if env.backend != "CPU":
+        raise Unsupported(f"the greedy loop is validated on CPU only, not {env.backend}")
+    mw = import_whisper()
+    return [Patch(GROUP, mw.WhisperForConditionalGeneration, "_sample", make_sample,
+                  "greedy decode loop in numpy around one graph per step (argmax in-graph)")]
