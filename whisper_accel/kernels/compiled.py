@@ -89,24 +89,35 @@ def _self_attn(x, p, n_heads, scaling):
 
 
 @ms.jit
-def _encode(feats, conv, pos, layers, final_ln, n_heads, scaling):
+def _enc_stem(feats, conv, pos):
     x = _gelu(_conv1d(feats, conv[0], conv[1], 1))
     x = _gelu(_conv1d(x, conv[2], conv[3], 2))
-    x = x.transpose(0, 2, 1) + pos
-    for lw in layers:  # lw: (ln1, attn, ln2, fc1_w, fc1_b, fc2_w, fc2_b)
-        x = x + _self_attn(_layer_norm(x, lw[0]), lw[1], n_heads, scaling)
-        h = _gelu(_linear(_layer_norm(x, lw[2]), lw[3], lw[4]))
-        x = x + _linear(h, lw[5], lw[6])
+    return x.transpose(0, 2, 1) + pos
+
+
+@ms.jit
+def _enc_layer(x, lw, n_heads, scaling):
+    # lw: (ln1, attn, ln2, fc1_w, fc1_b, fc2_w, fc2_b). One graph for every layer (same shapes:
+    # compiled once), launched per layer: a whole-encoder graph held every layer's activations
+    # at once (tiny: +310 MB peak over stock; see PROFILE_NOTES section 11).
+    x = x + _self_attn(_layer_norm(x, lw[0]), lw[1], n_heads, scaling)
+    h = _gelu(_linear(_layer_norm(x, lw[2]), lw[3], lw[4]))
+    return x + _linear(h, lw[5], lw[6])
+
+
+@ms.jit
+def _enc_final(x, final_ln):
     return _layer_norm(x, final_ln)
 
 
 @ms.jit
-def _cross_kv(enc, xattn, n_heads):
-    ks, vs = [], []
-    for p in xattn:  # p: (k_w, v_w, v_b)
-        ks.append(_heads(_linear(enc, p[0]), n_heads).transpose(0, 1, 3, 2))  # (B, H, Dh, S)
-        vs.append(_heads(_linear(enc, p[1], p[2]), n_heads))
-    return tuple(ks), tuple(vs)
+def _cross_kv(enc, p, n_heads):
+    # One layer's cross-attention K^T (B, H, Dh, S) and V (B, H, S, Dh); p: (k_w, v_w, v_b).
+    # Launched per layer (one compile): MindSpore CPU graphs keep every intermediate buffer
+    # allocated, so one graph for all layers cost ~100 MB of resident memory on tiny.
+    b, s, d = enc.shape
+    k = _linear(enc, p[0]).reshape(b, s, n_heads, d // n_heads).transpose(0, 2, 3, 1)
+    return k, _heads(_linear(enc, p[1], p[2]), n_heads)
 
 
 def _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers, final_ln, n_heads, scaling):
@@ -206,9 +217,9 @@ class CompiledWhisper:
             self.enc_pos = _t(encoder.embed_positions.weight)
             # Tensors inside tuple args are graph *constants* unless marked mutable: without
             # it every weight is baked into the graph and re-validated on each call.
-            self.enc_layers = ms.mutable(tuple(
+            self.enc_layers = tuple(ms.mutable(
                 (_ln_p(l.self_attn_layer_norm), _attn(l.self_attn), _ln_p(l.final_layer_norm))
-                + _lin(l.fc1) + _lin(l.fc2) for l in encoder.layers))
+                + _lin(l.fc1) + _lin(l.fc2)) for l in encoder.layers)
             self.enc_ln = ms.mutable(_ln_p(encoder.layer_norm))
             self.dtype = self.enc_pos.dtype
         if decoder is not None:
@@ -223,8 +234,8 @@ class CompiledWhisper:
                 (_ln_p(l.self_attn_layer_norm), _attn(l.self_attn), _ln_p(l.encoder_attn_layer_norm),
                  _lin(l.encoder_attn.q_proj) + _lin(l.encoder_attn.out_proj), _ln_p(l.final_layer_norm))
                 + _lin(l.fc1) + _lin(l.fc2) for l in decoder.layers))
-            self.xattn = ms.mutable(tuple(
-                _lin(l.encoder_attn.k_proj, False) + _lin(l.encoder_attn.v_proj) for l in decoder.layers))
+            self.xattn = tuple(ms.mutable(
+                _lin(l.encoder_attn.k_proj, False) + _lin(l.encoder_attn.v_proj)) for l in decoder.layers)
             self.dec_ln = ms.mutable(_ln_p(decoder.layer_norm))
             self.max_positions = int(self.dec_pos.shape[0])
             self.head_dim = int(self.embed.shape[1]) // self.n_heads_dec
@@ -264,15 +275,21 @@ class CompiledWhisper:
         """(B, n_mels, frames) -> (B, frames // 2, d_model)."""
         self._note(("encode",) + tuple(input_features.shape))
         with self.lock:
-            return _encode(input_features, self.conv, self.enc_pos, self.enc_layers, self.enc_ln,
-                           self.n_heads_enc, self.scaling_enc)
+            x = _enc_stem(input_features, self.conv, self.enc_pos)
+            for lw in self.enc_layers:
+                x = _enc_layer(x, lw, self.n_heads_enc, self.scaling_enc)
+            return _enc_final(x, self.enc_ln)
 
     def cross_kv(self, encoder_hidden_states):
         """-> (K^T, V): per-layer tuples of (B, H, Dh, S_enc) and (B, H, S_enc, Dh). (Tuples, not one stacked tensor:
         indexing a stacked (L, ...) tensor inside the graph copies it, ~20 ms per layer.)"""
+        ks, vs = [], []
         with self.lock:
-            k, v = _cross_kv(encoder_hidden_states, self.xattn, self.n_heads_dec)
-        return ms.mutable(tuple(k)), ms.mutable(tuple(v))
+            for p in self.xattn:
+                k, v = _cross_kv(encoder_hidden_states, p, self.n_heads_dec)
+                ks.append(k)
+                vs.append(v)
+        return ms.mutable(tuple(ks)), ms.mutable(tuple(vs))
 
     @staticmethod
     def bucket_for(length: int, max_positions: int = 448) -> int:
