@@ -82,6 +82,13 @@ def test_encoder_matches_stock(model, feats, stock, patched):
     assert _rel(tup[0].asnumpy(), stock["enc"]) < 1e-4
 
 
+def test_whole_encoder_graph_option_matches_stock(model, feats, stock, patched, monkeypatch):
+    monkeypatch.setattr(C, "WHOLE_ENCODER_GRAPH", True)
+    with torch.no_grad():
+        out = model.model.encoder(feats)
+    assert _rel(out.last_hidden_state.asnumpy(), stock["enc"]) < 1e-4
+
+
 def test_generate_tokens_identical(model, feats, stock, patched):
     out = _gen(model, feats)
     assert isinstance(model.__dict__.get(G.ATTR), C.CompiledWhisper)

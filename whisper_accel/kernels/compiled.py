@@ -111,6 +111,26 @@ def _enc_final(x, final_ln):
 
 
 @ms.jit
+def _encode_whole(feats, conv, pos, layers, final_ln, n_heads, scaling):
+    """The whole encoder as one graph (see :data:`WHOLE_ENCODER_GRAPH`)."""
+    x = _gelu(_conv1d(feats, conv[0], conv[1], 1))
+    x = _gelu(_conv1d(x, conv[2], conv[3], 2))
+    x = x.transpose(0, 2, 1) + pos
+    for lw in layers:
+        x = x + _self_attn(_layer_norm(x, lw[0]), lw[1], n_heads, scaling)
+        h = _gelu(_linear(_layer_norm(x, lw[2]), lw[3], lw[4]))
+        x = x + _linear(h, lw[5], lw[6])
+    return _layer_norm(x, final_ln)
+
+
+#: Speed/memory trade-off of :meth:`CompiledWhisper.encode`. False (default): one graph launch
+#: per layer; the footprint is one layer's intermediates (tiny: peak below stock's). True: the
+#: whole encoder in one graph, ~25% faster on tiny (0.38 vs 0.48 s) but holding every layer's
+#: intermediates (tiny: ~+380 MB resident). See benchmarks/PROFILE_NOTES.md section 11.
+WHOLE_ENCODER_GRAPH = False
+
+
+@ms.jit
 def _cross_kv(enc, p, n_heads):
     # One layer's cross-attention K^T (B, H, Dh, S) and V (B, H, S, Dh); p: (k_w, v_w, v_b).
     # Launched per layer (one compile): MindSpore CPU graphs keep every intermediate buffer
@@ -275,6 +295,9 @@ class CompiledWhisper:
         """(B, n_mels, frames) -> (B, frames // 2, d_model)."""
         self._note(("encode",) + tuple(input_features.shape))
         with self.lock:
+            if WHOLE_ENCODER_GRAPH:
+                return _encode_whole(input_features, self.conv, self.enc_pos, ms.mutable(self.enc_layers),
+                                     self.enc_ln, self.n_heads_enc, self.scaling_enc)
             x = _enc_stem(input_features, self.conv, self.enc_pos)
             for lw in self.enc_layers:
                 x = _enc_layer(x, lw, self.n_heads_enc, self.scaling_enc)
