@@ -32,6 +32,18 @@ def build_model(seed: int = 0, **overrides):
     return WhisperForConditionalGeneration(cfg).eval()
 
 
+#: A 2-layer, 300-token Whisper for the compiled/generation tests: compiles and runs in seconds.
+MINI = dict(vocab_size=300, num_mel_bins=16, d_model=64, encoder_layers=2, decoder_layers=2,
+            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+            max_source_positions=64, max_target_positions=64, decoder_start_token_id=1,
+            pad_token_id=0, bos_token_id=2, eos_token_id=3)
+
+
+def mini_model(seed: int = 0, **overrides):
+    """Seeded :data:`MINI` Whisper (``overrides`` replace config fields), in eval mode."""
+    return build_model(seed, **{**MINI, **overrides})
+
+
 def features(batch: int = 1, frames: int = 3000, seed: int = 1, mel: int = 80):
     import mindnlp  # noqa: F401
     import torch

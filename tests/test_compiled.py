@@ -9,12 +9,12 @@ import pytest
 mindnlp = pytest.importorskip("mindnlp")
 import torch  # noqa: E402  (mindtorch, via mindnlp)
 
-from transformers import WhisperConfig, WhisperForConditionalGeneration  # noqa: E402
 from transformers.models.whisper import modeling_whisper as mw  # noqa: E402
 
 from whisper_accel._patcher import Patch, Patcher  # noqa: E402
 from whisper_accel.kernels import compiled as C  # noqa: E402
 from whisper_accel.targets import compiled_glue as G  # noqa: E402
+from conftest import mini_model  # noqa: E402
 
 N_MELS, SRC_POS = 16, 64  # input frames = 2 * SRC_POS
 
@@ -26,13 +26,7 @@ def _rel(a, b):
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    cfg = WhisperConfig(
-        vocab_size=300, num_mel_bins=N_MELS, d_model=64, encoder_layers=2, decoder_layers=2,
-        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
-        max_source_positions=SRC_POS, max_target_positions=64, decoder_start_token_id=1,
-        pad_token_id=0, bos_token_id=2, eos_token_id=3, begin_suppress_tokens=None, suppress_tokens=None)
-    return WhisperForConditionalGeneration(cfg).eval()
+    return mini_model(begin_suppress_tokens=None, suppress_tokens=None)
 
 
 @pytest.fixture(scope="module")

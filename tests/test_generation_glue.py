@@ -10,13 +10,13 @@ import pytest
 mindnlp = pytest.importorskip("mindnlp")
 import torch  # noqa: E402  (mindtorch, via mindnlp)
 
-from transformers import WhisperConfig, WhisperForConditionalGeneration  # noqa: E402
 from transformers.generation import logits_process as lp  # noqa: E402
 from transformers.generation import stopping_criteria as sc  # noqa: E402
 
 from whisper_accel._environment import detect  # noqa: E402
 from whisper_accel._patcher import Patcher  # noqa: E402
 from whisper_accel.targets import generation as GEN  # noqa: E402
+from conftest import mini_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -191,14 +191,7 @@ N_MELS, SRC_POS = 16, 64
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    cfg = WhisperConfig(
-        vocab_size=300, num_mel_bins=N_MELS, d_model=64, encoder_layers=2, decoder_layers=2,
-        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
-        max_source_positions=SRC_POS, max_target_positions=64, decoder_start_token_id=1,
-        pad_token_id=0, bos_token_id=2, eos_token_id=3, begin_suppress_tokens=[4, 3],
-        suppress_tokens=[5, 6, 7, 250], tie_word_embeddings=False)
-    m = WhisperForConditionalGeneration(cfg).eval()
+    m = mini_model(begin_suppress_tokens=[4, 3], suppress_tokens=[5, 6, 7, 250], tie_word_embeddings=False)
     # an untied, unit-scale vocab projection so greedy output is not one repeated token
     w = m.proj_out.weight
     w.data = torch.tensor(np.random.default_rng(0).standard_normal(tuple(w.shape)).astype(np.float32))

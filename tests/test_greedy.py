@@ -12,11 +12,12 @@ mindnlp = pytest.importorskip("mindnlp")
 import torch  # noqa: E402  (mindtorch, via mindnlp)
 
 from transformers import (LogitsProcessor, LogitsProcessorList, StoppingCriteria,  # noqa: E402
-                          StoppingCriteriaList, WhisperConfig, WhisperForConditionalGeneration)
+                          StoppingCriteriaList)
 from transformers.models.whisper import modeling_whisper as mw  # noqa: E402
 
 import whisper_accel  # noqa: E402
 from whisper_accel.targets import compiled_glue as G  # noqa: E402
+from conftest import mini_model  # noqa: E402
 
 N_MELS, SRC_POS = 16, 64
 ONLY_GREEDY = dict(compat=False, attention=False, conv1d=False, compiled=False, generation=False)
@@ -24,14 +25,9 @@ ONLY_GREEDY = dict(compat=False, attention=False, conv1d=False, compiled=False, 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    cfg = WhisperConfig(
-        vocab_size=300, num_mel_bins=N_MELS, d_model=64, encoder_layers=2, decoder_layers=2,
-        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
-        max_source_positions=SRC_POS, max_target_positions=96, decoder_start_token_id=1,
-        pad_token_id=0, bos_token_id=2, eos_token_id=3, begin_suppress_tokens=[5, 7], suppress_tokens=[11, 12],
-        init_std=0.3)  # larger weights than the default 0.02: varied tokens, natural EOS
-    return WhisperForConditionalGeneration(cfg).eval()
+    # larger weights than the default init_std 0.02: varied tokens, natural EOS
+    return mini_model(max_target_positions=96, begin_suppress_tokens=[5, 7], suppress_tokens=[11, 12],
+                      init_std=0.3)
 
 
 def _feats(batch=1, seed=0):
