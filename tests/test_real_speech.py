@@ -29,7 +29,7 @@ def tiny_en_dir(tmp_path_factory):
     return convert(str(tmp_path_factory.mktemp("whisper-tiny.en")))
 
 
-def transcribe(model_dir, wav):
+def transcribe(model_dir, wav, **generate_kwargs):
     import mindnlp  # noqa: F401
     import torch
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
@@ -40,7 +40,7 @@ def transcribe(model_dir, wav):
     processor = WhisperProcessor.from_pretrained(model_dir, local_files_only=True)
     feats = bench.log_mel(processor, models.read_audio(str(DATA / wav)))
     with torch.no_grad():
-        tokens = model.generate(feats, max_new_tokens=64).asnumpy()
+        tokens = model.generate(feats, max_new_tokens=64, **generate_kwargs).asnumpy()
     return tokens, processor.batch_decode(tokens, skip_special_tokens=True)[0]
 
 
@@ -60,6 +60,24 @@ def test_patched_transcript_equals_stock_and_the_reference(tiny_en_dir):
     np.testing.assert_array_equal(fast_tokens, stock_tokens)
     assert fast_text == stock_text == TRANSCRIPTS[wav]["tiny_en"]
     assert "lazy dog" in fast_text  # what espeak-ng said, as far as tiny.en hears it
+
+
+def test_timestamps_in_the_greedy_loop_equal_stock(tiny_en_dir, monkeypatch):
+    """return_timestamps=True: WhisperTimeStampLogitsProcessor runs in numpy inside the greedy
+    loop (targets/timestamps.py); token ids, timestamps included, must equal stock's."""
+    from whisper_accel.targets import timestamps
+
+    calls = []
+    real = timestamps.timestamp_scores
+    monkeypatch.setattr(timestamps, "timestamp_scores", lambda *a: calls.append(1) or real(*a))
+    wav = "stella.wav"
+    stock_tokens, _ = transcribe(tiny_en_dir, wav, return_timestamps=True)
+    with whisper_accel.patched():
+        fast_tokens, fast_text = transcribe(tiny_en_dir, wav, return_timestamps=True)
+    np.testing.assert_array_equal(fast_tokens, stock_tokens)
+    assert len(calls) >= fast_tokens.shape[1] - 2  # the numpy processor ran for (nearly) every step
+    assert (fast_tokens >= 50363).sum() >= 2  # timestamp tokens (tiny.en: from 50363) were generated
+    assert "Stella" in fast_text
 
 
 def run_seed(model_dir, wav, value):

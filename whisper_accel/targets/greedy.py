@@ -15,10 +15,11 @@ stock ``_sample`` returns: the ``input_ids`` tensor, or a ``GenerateEncoderDecod
 with ``scores`` / ``logits`` when asked, and ``past_key_values`` filled from the static cache.
 
 Exactness: stock runs the same layers, sets the same ids to -inf, takes the first maximum and
-applies ``next * unfinished + pad * (1 - unfinished)``. Logits processors that are not one of
-the four masking ones the ``generation`` group knows (e.g. ``WhisperTimeStampLogitsProcessor``)
-run as stock code on the step's logits, followed by mindtorch's ``argmax``; stopping criteria
-other than ``MaxLengthCriteria`` / ``EosTokenCriteria`` run as stock code on the ids tensor.
+applies ``next * unfinished + pad * (1 - unfinished)``. ``WhisperTimeStampLogitsProcessor``
+(``return_timestamps=True``) runs in numpy on the step's logits (:mod:`.timestamps`; a step
+whose timestamp-vs-text decision is a near-tie runs the stock list instead). Other logits
+processors run as stock code on the step's logits, followed by mindtorch's ``argmax``; stopping
+criteria other than ``MaxLengthCriteria`` / ``EosTokenCriteria`` run as stock code on the ids.
 
 Falls back to the original ``_sample`` (nothing skipped, nothing half-done) for: sampling,
 ``synced_gpus``, a streamer, ``output_attentions`` / ``output_hidden_states``, prefill
@@ -47,38 +48,74 @@ _KWARGS = frozenset({"encoder_outputs", "past_key_values", "use_cache", "attenti
 
 
 class _Processors:
-    """The step's processors as a cached -inf mask when all are known masking types."""
+    """The step's logits processors, in one of three modes:
+
+    * ``graph``: all are known masking types -- a cached (V,) -inf mask, applied in the graph
+      together with the argmax;
+    * ``host``: known masking types plus ``WhisperTimeStampLogitsProcessor`` -- applied in
+      list order in numpy on the step's logits (:mod:`.timestamps`), argmax in numpy; a step
+      whose timestamp decision is a near-tie runs the stock list instead;
+    * ``stock``: anything else -- the stock list on the step's logits, mindtorch's argmax.
+    """
 
     def __init__(self, processors, vocab: int):
         import mindspore
+        from transformers.generation.logits_process import WhisperTimeStampLogitsProcessor
+
+        from .timestamps import supported
 
         self.processors, self.vocab = processors, vocab
         plans = _plans()
-        self.ids = []  # per processor: its token ids (numpy), read once
+        self.ids = []  # per processor: its token ids (numpy, read once), or "ts"
         for p in processors:
+            if type(p) is WhisperTimeStampLogitsProcessor and supported(p):
+                self.ids.append("ts")
+                continue
             entry = plans.get(type(p))
             tokens = getattr(p, entry[1], None) if entry else None
             tokens = _ids_np(tokens) if isinstance(tokens, mindspore.Tensor) else None
             if tokens is None:
                 break
             self.ids.append(tokens)
-        self.known = len(self.ids) == len(processors)
+        if len(self.ids) != len(processors):
+            self.mode = "stock"
+        else:
+            self.mode = "host" if any(isinstance(t, str) for t in self.ids) else "graph"
         self._by_len: Dict[int, Any] = {}
 
+    def _suppressed(self, p, tokens, cur_len: int):
+        return _plans()[type(p)][0](p, cur_len, tokens)[0]
+
     def mask(self, cur_len: int):
-        """(V,) bool Tensor: the ids stock's processors set to -inf at this length (none when
-        the processors run as stock code)."""
+        """(V,) bool Tensor for the graph: the ids to set to -inf at this length (graph mode;
+        none in the other modes, where the graph's scores are the raw logits)."""
         m = self._by_len.get(cur_len)
         if m is None:
             ids = [np.empty(0, np.int64)]
-            if self.known:
-                plans = _plans()
+            if self.mode == "graph":
                 for p, tokens in zip(self.processors, self.ids):
-                    got, _ = plans[type(p)][0](p, cur_len, tokens)
+                    got = self._suppressed(p, tokens, cur_len)
                     if got is not None:
                         ids.append(got)
             m = self._by_len[cur_len] = _mask(self.vocab, np.concatenate(ids))
         return m
+
+    def host(self, ids_np: np.ndarray, logits_np: np.ndarray) -> Optional[np.ndarray]:
+        """Host mode: the processed scores (B, V) float32, or None to run stock this step."""
+        from .timestamps import timestamp_scores
+
+        s = logits_np
+        for p, tokens in zip(self.processors, self.ids):
+            if isinstance(tokens, str):
+                s = timestamp_scores(p, ids_np, s)
+                if s is None:
+                    return None
+            else:
+                got = self._suppressed(p, tokens, ids_np.shape[1])
+                if got is not None:
+                    s = s.copy() if s is logits_np else s
+                    s[:, got] = -np.inf
+        return s
 
 
 def _criteria_np(criteria):
@@ -209,6 +246,9 @@ def _greedy(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any
     def as_ids(arr):
         return adopt(mindspore.Tensor(np.ascontiguousarray(arr), dtype=out_dtype), input_ids)
 
+    def as_tensor(arr):
+        return adopt(mindspore.Tensor(np.ascontiguousarray(arr)), input_ids)
+
     while True:
         need = fed + int(feed.shape[1])
         if need > k[0].shape[2]:  # next bucket (64/128/256/448): one more graph shape
@@ -216,9 +256,15 @@ def _greedy(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any
         nxt, step_scores, step_logits, k, v = cw.decode_next(
             feed, fed, k, v, kx, vx, processors.mask(cur_len))
         fed += int(feed.shape[1])
-        if processors.known:
+        host = None
+        if processors.mode == "host":
+            host = processors.host(ids_np, step_logits.asnumpy())
+        if processors.mode == "graph":
             next_np = nxt.asnumpy().astype(np.int64)
             step_scores = adopt(step_scores, input_ids)
+        elif host is not None:
+            next_np = host.argmax(-1).astype(np.int64)
+            step_scores = as_tensor(host)
         else:  # stock processors on the step's logits, then mindtorch's argmax
             step_logits = adopt(step_logits, input_ids)
             step_scores = logits_processor(as_ids(ids_np), step_logits)
