@@ -14,6 +14,7 @@ from transformers.models.whisper import modeling_whisper as mw  # noqa: E402
 from whisper_accel._patcher import Patch, Patcher  # noqa: E402
 from whisper_accel.kernels import compiled as C  # noqa: E402
 from whisper_accel.targets import compiled_glue as G  # noqa: E402
+from whisper_accel.targets import decode_step as D  # noqa: E402
 from conftest import mini_model  # noqa: E402
 
 N_MELS, SRC_POS = 16, 64  # input frames = 2 * SRC_POS
@@ -36,7 +37,7 @@ def feats():
 
 
 PATCHES = [Patch("compiled", mw.WhisperEncoder, "forward", G.make_encoder_forward),
-           Patch("compiled", mw.WhisperForConditionalGeneration, "forward", G.make_generation_forward)]
+           Patch("compiled", mw.WhisperForConditionalGeneration, "forward", D.make_generation_forward)]
 
 
 @pytest.fixture

@@ -85,20 +85,22 @@ def _processors(vocab):
     return out
 
 
-@pytest.mark.parametrize("batch,vocab,dtype", [(1, 300, "float32"), (2, 300, "float32"),
-                                               (2, 300, "float16"), (2, 51865, "float32")])
-def test_each_processor_equals_stock(env, batch, vocab, dtype):
-    scores, ids = _scores(batch, vocab, dtype), _ids(batch, 3, vocab)
-    makers = _processors(vocab)
-    ref = []
-    for m in makers:
-        out = m()(ids, scores)
-        ref.append((out, out is scores))
+def _patched_equals_stock(env, makers, ids, scores):
+    """Each ``maker()`` called on (ids, scores) patched gives stock's value, and returns
+    ``scores`` itself exactly when stock does."""
+    ref = [(lambda o: (o, o is scores))(m()(ids, scores)) for m in makers]
     with _Ctx(env):
         for m, (r, alias) in zip(makers, ref):
             out = m()(ids, scores)
             _same(out, r)
             assert (out is scores) == alias
+
+
+@pytest.mark.parametrize("batch,vocab,dtype", [(1, 300, "float32"), (2, 300, "float32"),
+                                               (2, 300, "float16"), (2, 51865, "float32")])
+def test_each_processor_equals_stock(env, batch, vocab, dtype):
+    scores, ids = _scores(batch, vocab, dtype), _ids(batch, 3, vocab)
+    _patched_equals_stock(env, _processors(vocab), ids, scores)
 
 
 def test_processor_list_fused_equals_stock(env):
@@ -114,13 +116,7 @@ def test_processor_list_fused_equals_stock(env):
                                                   lp.TemperatureLogitsWarper(0.5)]))  # unknown: stock loop
     combos.append(lambda: lp.LogitsProcessorList([]))
     for batch in (1, 2):
-        scores, ids = _scores(batch, vocab, "float32"), _ids(batch, 3, vocab)
-        ref = [(lambda o: (o, o is scores))(c()(ids, scores)) for c in combos]
-        with _Ctx(env):
-            for c, (r, alias) in zip(combos, ref):
-                out = c()(ids, scores)
-                _same(out, r)
-                assert (out is scores) == alias
+        _patched_equals_stock(env, combos, _ids(batch, 3, vocab), _scores(batch, vocab, "float32"))
 
 
 def _outcome(f):

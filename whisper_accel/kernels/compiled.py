@@ -10,10 +10,14 @@ one costs ~10 ms and never recompiles, but it does not follow later in-place upd
 parameters (those rebind the buffer): rebuild it per generation. :meth:`matches` tells whether
 the parameter objects/dtypes are still the ones captured. It exposes:
 
-* :meth:`encode` -- conv1/conv2/positions/all layers/final norm, one graph.
+* :meth:`encode` -- conv1/conv2/positions, every layer, final norm (one graph launch per layer,
+  or one graph with :data:`WHOLE_ENCODER_GRAPH`).
 * :meth:`cross_kv` -- cross-attention K/V of every decoder layer, once per encoder output.
 * :meth:`new_cache` / :meth:`decode_step` -- all decoder layers + final norm + vocab
-  projection on a static-shape self-attention KV cache of ``bucket`` positions.
+  projection on a static-shape self-attention KV cache of ``bucket`` positions;
+  :meth:`decode_next` the same for greedy search, with the suppression mask and argmax in-graph.
+
+The graphs themselves are in :mod:`whisper_accel.kernels.graphs`.
 
 MindSpore's jit cache keys the graphs on argument shapes/dtypes (one graph per
 (batch, tokens-per-step, bucket) for the decoder, per (batch, frames) for the encoder);
@@ -22,7 +26,6 @@ MindSpore's jit cache keys the graphs on argument shapes/dtypes (one graph per
 
 from __future__ import annotations
 
-import math
 import threading
 from typing import Any, Dict, List, Tuple
 
@@ -30,165 +33,21 @@ import mindspore as ms
 import numpy as np
 from mindspore import ops
 
+from . import graphs as G
+
 #: Static self-attention cache sizes; a generation uses the smallest that fits.
 BUCKETS = (64, 128, 256, 448)
 
-_mm_t = ops.MatMul(transpose_b=True)  # x @ W.T reading W [out, in] as stored
-_bmm_t = ops.BatchMatMul(transpose_b=True)
-_bmm = ops.BatchMatMul()
 #: One lock for all instances: graph launches from several threads are serialised (whether
 #: concurrent launches of the same jit function are safe in MindSpore 2.7 is not established).
 _GRAPH_LOCK = threading.Lock()
 _COLS: Dict[int, Any] = {}  # bucket size -> arange(bucket) int32
-_ln = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=1e-5)
-
-
-def _linear(x, w, b=None):
-    shape = x.shape
-    y = _mm_t(x.reshape(-1, shape[-1]), w)
-    if b is not None:
-        y = y + b
-    return y.reshape(shape[:-1] + (w.shape[0],))
-
-
-def _layer_norm(x, p):
-    return _ln(x, p[0], p[1])[0]
-
-
-def _gelu(x):  # exactly what mindtorch's CPU gelu(approximate='none') computes
-    return x * 0.5 * (ops.erf(x / math.sqrt(2.0)) + 1.0)
-
-
-def _heads(x, n_heads):  # (B, T, D) -> (B, H, T, Dh)
-    b, t, d = x.shape
-    return x.reshape(b, t, n_heads, d // n_heads).transpose(0, 2, 1, 3)
-
-
-def _merge(x):  # (B, H, T, Dh) -> (B, T, D)
-    b, h, t, dh = x.shape
-    return x.transpose(0, 2, 1, 3).reshape(b, t, h * dh)
-
-
-def _attend(q, k, v, bias=None, k_transposed=False):
-    w = _bmm(q, k) if k_transposed else _bmm_t(q, k)
-    if bias is not None:
-        w = w + bias
-    return _bmm(ops.softmax(w, -1), v)
-
-
-def _conv1d(x, w, b, stride):  # kernel 3, padding 1, as in Whisper's conv1/conv2
-    y = ops.conv2d(x.expand_dims(2), w.expand_dims(2), None, (1, stride), "pad", (0, 1))
-    return y.squeeze(2) + b.reshape(1, -1, 1)
-
-
-def _self_attn(x, p, n_heads, scaling):
-    q = _heads(_linear(x, p[0], p[1]) * scaling, n_heads)
-    k = _heads(_linear(x, p[2]), n_heads)
-    v = _heads(_linear(x, p[3], p[4]), n_heads)
-    return _linear(_merge(_attend(q, k, v)), p[5], p[6])
-
-
-@ms.jit
-def _enc_stem(feats, conv, pos):
-    x = _gelu(_conv1d(feats, conv[0], conv[1], 1))
-    x = _gelu(_conv1d(x, conv[2], conv[3], 2))
-    return x.transpose(0, 2, 1) + pos
-
-
-@ms.jit
-def _enc_layer(x, lw, n_heads, scaling):
-    # lw: (ln1, attn, ln2, fc1_w, fc1_b, fc2_w, fc2_b). One graph for every layer (same shapes:
-    # compiled once), launched per layer: a whole-encoder graph held every layer's activations
-    # at once (tiny: +310 MB peak over stock; see PROFILE_NOTES section 11).
-    x = x + _self_attn(_layer_norm(x, lw[0]), lw[1], n_heads, scaling)
-    h = _gelu(_linear(_layer_norm(x, lw[2]), lw[3], lw[4]))
-    return x + _linear(h, lw[5], lw[6])
-
-
-@ms.jit
-def _enc_final(x, final_ln):
-    return _layer_norm(x, final_ln)
-
-
-@ms.jit
-def _encode_whole(feats, conv, pos, layers, final_ln, n_heads, scaling):
-    """The whole encoder as one graph (see :data:`WHOLE_ENCODER_GRAPH`)."""
-    x = _gelu(_conv1d(feats, conv[0], conv[1], 1))
-    x = _gelu(_conv1d(x, conv[2], conv[3], 2))
-    x = x.transpose(0, 2, 1) + pos
-    for lw in layers:
-        x = x + _self_attn(_layer_norm(x, lw[0]), lw[1], n_heads, scaling)
-        h = _gelu(_linear(_layer_norm(x, lw[2]), lw[3], lw[4]))
-        x = x + _linear(h, lw[5], lw[6])
-    return _layer_norm(x, final_ln)
-
 
 #: Speed/memory trade-off of :meth:`CompiledWhisper.encode`. False (default): one graph launch
 #: per layer; the footprint is one layer's intermediates (tiny: peak below stock's). True: the
 #: whole encoder in one graph, ~25% faster on tiny (0.38 vs 0.48 s) but holding every layer's
 #: intermediates (tiny: ~+380 MB resident). See benchmarks/PROFILE_NOTES.md section 11.
 WHOLE_ENCODER_GRAPH = False
-
-
-@ms.jit
-def _cross_kv(enc, p, n_heads):
-    # One layer's cross-attention K^T (B, H, Dh, S) and V (B, H, S, Dh); p: (k_w, v_w, v_b).
-    # Launched per layer (one compile): MindSpore CPU graphs keep every intermediate buffer
-    # allocated, so one graph for all layers cost ~100 MB of resident memory on tiny.
-    b, s, d = enc.shape
-    k = _linear(enc, p[0]).reshape(b, s, n_heads, d // n_heads).transpose(0, 2, 3, 1)
-    return k, _heads(_linear(enc, p[1], p[2]), n_heads)
-
-
-def _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers, final_ln, n_heads, scaling):
-    """ids (B,T); positions (T,) int32 = pos0..pos0+T-1; cols (S,) int32 = 0..S-1;
-    caches: per-layer tuples of (B,H,S,Dh). Returns the final-norm hidden states (B,T,D) and
-    the updated caches. Traced inside the jit functions below (not a graph of its own)."""
-    t = ids.shape[1]
-    s = k_cache[0].shape[2]
-    x = ops.gather(embed, ids, 0) + ops.gather(pos_table, positions, 0)
-    rel = cols.reshape(1, s) - positions[0]  # (1, S) slot index relative to this step
-    write = ((rel >= 0) & (rel < t)).reshape(1, 1, s, 1)  # slots written by this step
-    src = ops.clip(rel.reshape(s), 0, t - 1)  # which new token a slot takes
-    visible = cols.reshape(1, s) <= positions.reshape(t, 1)  # causal over the cache
-    bias = ops.where(visible, ops.zeros((t, s), x.dtype), ops.fill(x.dtype, (t, s), -3.4028234663852886e38))
-    new_k, new_v = [], []
-    for i, lw in enumerate(layers):  # (ln1, self_attn, ln2, cross(q_w,q_b,o_w,o_b), ln3, fc1w, fc1b, fc2w, fc2b)
-        sa = lw[1]
-        h = _layer_norm(x, lw[0])
-        q = _heads(_linear(h, sa[0], sa[1]) * scaling, n_heads)
-        k = ops.where(write, ops.gather(_heads(_linear(h, sa[2]), n_heads), src, 2), k_cache[i])
-        v = ops.where(write, ops.gather(_heads(_linear(h, sa[3], sa[4]), n_heads), src, 2), v_cache[i])
-        new_k.append(k)
-        new_v.append(v)
-        x = x + _linear(_merge(_attend(q, k, v, bias)), sa[5], sa[6])
-        ca = lw[3]
-        q = _heads(_linear(_layer_norm(x, lw[2]), ca[0], ca[1]) * scaling, n_heads)
-        x = x + _linear(_merge(_attend(q, k_x[i], v_x[i], None, True)), ca[2], ca[3])
-        h = _gelu(_linear(_layer_norm(x, lw[4]), lw[5], lw[6]))
-        x = x + _linear(h, lw[7], lw[8])
-    return _layer_norm(x, final_ln), tuple(new_k), tuple(new_v)
-
-
-@ms.jit
-def _decode(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, proj, pos_table, layers, final_ln, n_heads, scaling):
-    """All positions' logits (B,T,V) and the updated caches."""
-    x, new_k, new_v = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
-                               final_ln, n_heads, scaling)
-    return _linear(x, proj), new_k, new_v
-
-
-@ms.jit
-def _decode_next(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, proj, pos_table, layers, final_ln,
-                 n_heads, scaling, suppress):
-    """Greedy step: the last position's logits (B,V), the scores with ``suppress`` (V,) bool set
-    to -inf (what the masking logits processors return), their argmax (B,), and the caches. The
-    vocabulary projection runs for the last position only."""
-    x, new_k, new_v = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
-                               final_ln, n_heads, scaling)
-    logits = _mm_t(x[:, ids.shape[1] - 1, :], proj)
-    scores = ops.masked_fill(logits, suppress, float("-inf"))
-    return ops.argmax(scores, -1), scores, logits, new_k, new_v
 
 
 def _t(p):
@@ -296,12 +155,12 @@ class CompiledWhisper:
         self._note(("encode",) + tuple(input_features.shape))
         with self.lock:
             if WHOLE_ENCODER_GRAPH:
-                return _encode_whole(input_features, self.conv, self.enc_pos, ms.mutable(self.enc_layers),
+                return G.encode_whole(input_features, self.conv, self.enc_pos, ms.mutable(self.enc_layers),
                                      self.enc_ln, self.n_heads_enc, self.scaling_enc)
-            x = _enc_stem(input_features, self.conv, self.enc_pos)
+            x = G.enc_stem(input_features, self.conv, self.enc_pos)
             for lw in self.enc_layers:
-                x = _enc_layer(x, lw, self.n_heads_enc, self.scaling_enc)
-            return _enc_final(x, self.enc_ln)
+                x = G.enc_layer(x, lw, self.n_heads_enc, self.scaling_enc)
+            return G.enc_final(x, self.enc_ln)
 
     def cross_kv(self, encoder_hidden_states):
         """-> (K^T, V): per-layer tuples of (B, H, Dh, S_enc) and (B, H, S_enc, Dh). (Tuples, not one stacked tensor:
@@ -309,7 +168,7 @@ class CompiledWhisper:
         ks, vs = [], []
         with self.lock:
             for p in self.xattn:
-                k, v = _cross_kv(encoder_hidden_states, p, self.n_heads_dec)
+                k, v = G.cross_kv(encoder_hidden_states, p, self.n_heads_dec)
                 ks.append(k)
                 vs.append(v)
         return ms.mutable(tuple(ks)), ms.mutable(tuple(vs))
@@ -340,7 +199,7 @@ class CompiledWhisper:
         self._note(("decode",) + tuple(ids.shape) + (s,))
         pos, cols = self._positions(pos0, t, s)
         with self.lock:
-            logits, k, v = _decode(ids, pos, cols, k_cache, v_cache, k_x, v_x, self.embed, self.proj,
+            logits, k, v = G.decode(ids, pos, cols, k_cache, v_cache, k_x, v_x, self.embed, self.proj,
                                    self.dec_pos, self.dec_layers, self.dec_ln, self.n_heads_dec, self.scaling_dec)
         return logits, ms.mutable(tuple(k)), ms.mutable(tuple(v))
 
@@ -351,7 +210,7 @@ class CompiledWhisper:
         self._note(("next",) + tuple(ids.shape) + (s,))
         pos, cols = self._positions(pos0, t, s)
         with self.lock:
-            nxt, scores, logits, k, v = _decode_next(
+            nxt, scores, logits, k, v = G.decode_next(
                 ids, pos, cols, k_cache, v_cache, k_x, v_x, self.embed, self.proj, self.dec_pos,
                 self.dec_layers, self.dec_ln, self.n_heads_dec, self.scaling_dec, suppress)
         return nxt, scores, logits, ms.mutable(tuple(k)), ms.mutable(tuple(v))

@@ -148,6 +148,15 @@ def _plans():
 _FAIL = object()
 
 
+def processor_ids(p) -> Optional[np.ndarray]:
+    """The token ids (numpy) of one of the four masking processors (exact type), or None when
+    ``p`` is another type or holds something other than an integer mindspore tensor."""
+    mindspore, _ = _ms()
+    entry = _plans().get(type(p))
+    tokens = getattr(p, entry[1], None) if entry else None
+    return _ids_np(tokens) if isinstance(tokens, mindspore.Tensor) else None
+
+
 def _apply_plans(processors, input_ids, scores):
     """Result of running ``processors`` (all of known exact types) in order, or ``_FAIL``."""
     mindspore, _ = _ms()
@@ -156,15 +165,10 @@ def _apply_plans(processors, input_ids, scores):
     plans = _plans()
     ids, fresh = [], False
     for p in processors:
-        entry = plans.get(type(p))
-        if entry is None:
-            return _FAIL
-        plan, attr = entry
-        tokens = getattr(p, attr, None)
-        tokens = _ids_np(tokens) if isinstance(tokens, mindspore.Tensor) else None
+        tokens = processor_ids(p)
         if tokens is None:
             return _FAIL
-        got, f = plan(p, input_ids.shape[-1], tokens)
+        got, f = plans[type(p)][0](p, input_ids.shape[-1], tokens)
         if got is not None:
             ids.append(got)
         fresh = fresh or f

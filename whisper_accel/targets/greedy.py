@@ -26,20 +26,22 @@ Falls back to the original ``_sample`` (nothing skipped, nothing half-done) for:
 chunking, model kwargs other than ``encoder_outputs`` / ``past_key_values`` (empty or None) /
 ``use_cache`` / ``attention_mask`` (the encoder's, which Whisper's decoder does not read),
 a decoder attention mask, training mode, weights or encoder output other than float32 /
-float16 / bfloat16 (half precision computes in float32, see ``compiled_glue``), a ``max_length`` beyond the model's positions, or a compile error (then the model stops trying).
+float16 / bfloat16 (half precision computes in float32, see ``compiled_glue``), a
+``max_length`` beyond the model's positions, or a compile error (then the model stops trying).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Dict, Optional
+from typing import Any
 
 import numpy as np
 
 from ..kernels.compiled import CompiledWhisper
-from .compiled_glue import INFERENCE_LOCK, _compiled_for, _DecodeState, _disable, _empty, _graph_dtype, to_compute
-from .generation import _ids_np, _mask, _plans
+from .compiled_glue import INFERENCE_LOCK, _compiled_for, _disable, _graph_dtype, to_compute
+from .decode_step import _DecodeState, _empty
+from .greedy_rules import Processors, criteria_np, max_length
 from .mindnlp05 import adopt
 
 logger = logging.getLogger(__name__)
@@ -47,116 +49,11 @@ GROUP = "greedy"
 _KWARGS = frozenset({"encoder_outputs", "past_key_values", "use_cache", "attention_mask"})
 
 
-class _Processors:
-    """The step's logits processors, in one of three modes:
-
-    * ``graph``: all are known masking types -- a cached (V,) -inf mask, applied in the graph
-      together with the argmax;
-    * ``host``: known masking types plus ``WhisperTimeStampLogitsProcessor`` -- applied in
-      list order in numpy on the step's logits (:mod:`.timestamps`), argmax in numpy; a step
-      whose timestamp decision is a near-tie runs the stock list instead;
-    * ``stock``: anything else -- the stock list on the step's logits, mindtorch's argmax.
-    """
-
-    def __init__(self, processors, vocab: int):
-        import mindspore
-        from transformers.generation.logits_process import WhisperTimeStampLogitsProcessor
-
-        from .timestamps import supported
-
-        self.processors, self.vocab = processors, vocab
-        plans = _plans()
-        self.ids = []  # per processor: its token ids (numpy, read once), or "ts"
-        for p in processors:
-            if type(p) is WhisperTimeStampLogitsProcessor and supported(p):
-                self.ids.append("ts")
-                continue
-            entry = plans.get(type(p))
-            tokens = getattr(p, entry[1], None) if entry else None
-            tokens = _ids_np(tokens) if isinstance(tokens, mindspore.Tensor) else None
-            if tokens is None:
-                break
-            self.ids.append(tokens)
-        if len(self.ids) != len(processors):
-            self.mode = "stock"
-        else:
-            self.mode = "host" if any(isinstance(t, str) for t in self.ids) else "graph"
-        self._by_len: Dict[int, Any] = {}
-
-    def _suppressed(self, p, tokens, cur_len: int):
-        return _plans()[type(p)][0](p, cur_len, tokens)[0]
-
-    def mask(self, cur_len: int):
-        """(V,) bool Tensor for the graph: the ids to set to -inf at this length (graph mode;
-        none in the other modes, where the graph's scores are the raw logits)."""
-        m = self._by_len.get(cur_len)
-        if m is None:
-            ids = [np.empty(0, np.int64)]
-            if self.mode == "graph":
-                for p, tokens in zip(self.processors, self.ids):
-                    got = self._suppressed(p, tokens, cur_len)
-                    if got is not None:
-                        ids.append(got)
-            m = self._by_len[cur_len] = _mask(self.vocab, np.concatenate(ids))
-        return m
-
-    def host(self, ids_np: np.ndarray, logits_np: np.ndarray) -> Optional[np.ndarray]:
-        """Host mode: the processed scores (B, V) float32, or None to run stock this step."""
-        from .timestamps import timestamp_scores
-
-        s = logits_np
-        for p, tokens in zip(self.processors, self.ids):
-            if isinstance(tokens, str):
-                s = timestamp_scores(p, ids_np, s)
-                if s is None:
-                    return None
-            else:
-                got = self._suppressed(p, tokens, ids_np.shape[1])
-                if got is not None:
-                    s = s.copy() if s is logits_np else s
-                    s[:, got] = -np.inf
-        return s
-
-
-def _criteria_np(criteria):
-    """A numpy function ``(ids (B, L)) -> done (B,)`` when every criterion is a plain
-    ``MaxLengthCriteria`` / ``EosTokenCriteria``; else None (stock code runs them)."""
-    import mindspore
-    from transformers.generation import stopping_criteria as sc
-
-    checks = []
-    for c in criteria:
-        if type(c) is sc.MaxLengthCriteria:
-            checks.append(functools.partial(lambda ids, n: np.full(ids.shape[0], ids.shape[1] >= n), n=c.max_length))
-        elif type(c) is sc.EosTokenCriteria and isinstance(c.eos_token_id, mindspore.Tensor):
-            eos = _ids_np(c.eos_token_id)
-            if eos is None:
-                return None
-            checks.append(functools.partial(lambda ids, e: np.isin(ids[:, -1], e), e=eos))
-        else:
-            return None
-
-    def done(ids):
-        out = np.zeros(ids.shape[0], dtype=bool)
-        for check in checks:
-            out |= check(ids)
-        return out
-
-    return done
-
-
-def _max_length(criteria) -> Optional[int]:
-    from transformers.generation import stopping_criteria as sc
-
-    lengths = [c.max_length for c in criteria if isinstance(c, sc.MaxLengthCriteria)]
-    return min(lengths) if lengths else None
-
-
 def _encoder_hidden(model, model_kwargs, batch):
     enc = model_kwargs.get("encoder_outputs")
     if enc is None:
         return None
-    hidden = enc[0] if isinstance(enc, (tuple, list)) or hasattr(enc, "__getitem__") else None
+    hidden = enc[0] if hasattr(enc, "__getitem__") else None
     if getattr(hidden, "ndim", 0) != 3 or hidden.shape[0] != batch \
             or not _graph_dtype(hidden, model.proj_out.weight):
         return None
@@ -184,7 +81,7 @@ def _eligible(self, input_ids, logits_processor, stopping_criteria, gc, synced_g
     has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
     if has_eos and gc._pad_token_tensor is None:
         return False
-    return _max_length(stopping_criteria) is not None
+    return max_length(stopping_criteria) is not None
 
 
 def make_sample(original):
@@ -219,7 +116,7 @@ def _greedy(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any
     cw = _compiled_for(self, CompiledWhisper.from_model)
     if cw is None or cw.model_dtype != hidden.dtype:
         return None
-    max_len = _max_length(stopping_criteria)
+    max_len = max_length(stopping_criteria)
     if max_len > cw.max_positions:
         return None
     try:
@@ -229,8 +126,8 @@ def _greedy(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any
         _disable(self, exc)
         return None
 
-    processors = _Processors(logits_processor, int(cw.proj.shape[0]))
-    done_np = _criteria_np(stopping_criteria)
+    processors = Processors(logits_processor, int(cw.proj.shape[0]))
+    done_np = criteria_np(stopping_criteria)
     has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
     pad = int(gc._pad_token_tensor.asnumpy()) if has_eos else 0
     want_scores = gc.return_dict_in_generate and gc.output_scores

@@ -1,0 +1,163 @@
+"""The ``mindspore.jit`` graphs of Whisper's encoder and decoder step, and the helpers they trace.
+
+Pure functions of tensors and weight tuples (:class:`whisper_accel.kernels.compiled.CompiledWhisper`
+arranges the weights and launches them). MindSpore keys each jit function's compiled graphs on
+argument shapes/dtypes. On CPU a graph keeps a buffer for every intermediate tensor once it has
+run, so the encoder and the cross-attention K/V are graphs of one layer, launched per layer
+(see ``benchmarks/PROFILE_NOTES.md`` section 11).
+"""
+
+from __future__ import annotations
+
+import math
+
+import mindspore as ms
+from mindspore import ops
+
+_mm_t = ops.MatMul(transpose_b=True)  # x @ W.T reading W [out, in] as stored
+_bmm_t = ops.BatchMatMul(transpose_b=True)
+_bmm = ops.BatchMatMul()
+_ln = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=1e-5)
+
+
+def _linear(x, w, b=None):
+    shape = x.shape
+    y = _mm_t(x.reshape(-1, shape[-1]), w)
+    if b is not None:
+        y = y + b
+    return y.reshape(shape[:-1] + (w.shape[0],))
+
+
+def _layer_norm(x, p):
+    return _ln(x, p[0], p[1])[0]
+
+
+def _gelu(x):  # exactly what mindtorch's CPU gelu(approximate='none') computes
+    return x * 0.5 * (ops.erf(x / math.sqrt(2.0)) + 1.0)
+
+
+def _heads(x, n_heads):  # (B, T, D) -> (B, H, T, Dh)
+    b, t, d = x.shape
+    return x.reshape(b, t, n_heads, d // n_heads).transpose(0, 2, 1, 3)
+
+
+def _merge(x):  # (B, H, T, Dh) -> (B, T, D)
+    b, h, t, dh = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b, t, h * dh)
+
+
+def _attend(q, k, v, bias=None, k_transposed=False):
+    w = _bmm(q, k) if k_transposed else _bmm_t(q, k)
+    if bias is not None:
+        w = w + bias
+    return _bmm(ops.softmax(w, -1), v)
+
+
+def _conv1d(x, w, b, stride):  # kernel 3, padding 1, as in Whisper's conv1/conv2
+    y = ops.conv2d(x.expand_dims(2), w.expand_dims(2), None, (1, stride), "pad", (0, 1))
+    return y.squeeze(2) + b.reshape(1, -1, 1)
+
+
+def _self_attn(x, p, n_heads, scaling):
+    q = _heads(_linear(x, p[0], p[1]) * scaling, n_heads)
+    k = _heads(_linear(x, p[2]), n_heads)
+    v = _heads(_linear(x, p[3], p[4]), n_heads)
+    return _linear(_merge(_attend(q, k, v)), p[5], p[6])
+
+
+@ms.jit
+def enc_stem(feats, conv, pos):
+    x = _gelu(_conv1d(feats, conv[0], conv[1], 1))
+    x = _gelu(_conv1d(x, conv[2], conv[3], 2))
+    return x.transpose(0, 2, 1) + pos
+
+
+@ms.jit
+def enc_layer(x, lw, n_heads, scaling):
+    # lw: (ln1, attn, ln2, fc1_w, fc1_b, fc2_w, fc2_b). One graph for every layer (same shapes:
+    # compiled once), launched per layer: a whole-encoder graph held every layer's activations
+    # at once (tiny: +310 MB peak over stock; see PROFILE_NOTES section 11).
+    x = x + _self_attn(_layer_norm(x, lw[0]), lw[1], n_heads, scaling)
+    h = _gelu(_linear(_layer_norm(x, lw[2]), lw[3], lw[4]))
+    return x + _linear(h, lw[5], lw[6])
+
+
+@ms.jit
+def enc_final(x, final_ln):
+    return _layer_norm(x, final_ln)
+
+
+@ms.jit
+def encode_whole(feats, conv, pos, layers, final_ln, n_heads, scaling):
+    """The whole encoder as one graph (see ``compiled.WHOLE_ENCODER_GRAPH``)."""
+    x = _gelu(_conv1d(feats, conv[0], conv[1], 1))
+    x = _gelu(_conv1d(x, conv[2], conv[3], 2))
+    x = x.transpose(0, 2, 1) + pos
+    for lw in layers:
+        x = x + _self_attn(_layer_norm(x, lw[0]), lw[1], n_heads, scaling)
+        h = _gelu(_linear(_layer_norm(x, lw[2]), lw[3], lw[4]))
+        x = x + _linear(h, lw[5], lw[6])
+    return _layer_norm(x, final_ln)
+
+
+
+
+@ms.jit
+def cross_kv(enc, p, n_heads):
+    # One layer's cross-attention K^T (B, H, Dh, S) and V (B, H, S, Dh); p: (k_w, v_w, v_b).
+    # Launched per layer (one compile): MindSpore CPU graphs keep every intermediate buffer
+    # allocated, so one graph for all layers cost ~100 MB of resident memory on tiny.
+    b, s, d = enc.shape
+    k = _linear(enc, p[0]).reshape(b, s, n_heads, d // n_heads).transpose(0, 2, 3, 1)
+    return k, _heads(_linear(enc, p[1], p[2]), n_heads)
+
+
+def _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers, final_ln, n_heads, scaling):
+    """ids (B,T); positions (T,) int32 = pos0..pos0+T-1; cols (S,) int32 = 0..S-1;
+    caches: per-layer tuples of (B,H,S,Dh). Returns the final-norm hidden states (B,T,D) and
+    the updated caches. Traced inside the jit functions below (not a graph of its own)."""
+    t = ids.shape[1]
+    s = k_cache[0].shape[2]
+    x = ops.gather(embed, ids, 0) + ops.gather(pos_table, positions, 0)
+    rel = cols.reshape(1, s) - positions[0]  # (1, S) slot index relative to this step
+    write = ((rel >= 0) & (rel < t)).reshape(1, 1, s, 1)  # slots written by this step
+    src = ops.clip(rel.reshape(s), 0, t - 1)  # which new token a slot takes
+    visible = cols.reshape(1, s) <= positions.reshape(t, 1)  # causal over the cache
+    bias = ops.where(visible, ops.zeros((t, s), x.dtype), ops.fill(x.dtype, (t, s), -3.4028234663852886e38))
+    new_k, new_v = [], []
+    for i, lw in enumerate(layers):  # (ln1, self_attn, ln2, cross(q_w,q_b,o_w,o_b), ln3, fc1w, fc1b, fc2w, fc2b)
+        sa = lw[1]
+        h = _layer_norm(x, lw[0])
+        q = _heads(_linear(h, sa[0], sa[1]) * scaling, n_heads)
+        k = ops.where(write, ops.gather(_heads(_linear(h, sa[2]), n_heads), src, 2), k_cache[i])
+        v = ops.where(write, ops.gather(_heads(_linear(h, sa[3], sa[4]), n_heads), src, 2), v_cache[i])
+        new_k.append(k)
+        new_v.append(v)
+        x = x + _linear(_merge(_attend(q, k, v, bias)), sa[5], sa[6])
+        ca = lw[3]
+        q = _heads(_linear(_layer_norm(x, lw[2]), ca[0], ca[1]) * scaling, n_heads)
+        x = x + _linear(_merge(_attend(q, k_x[i], v_x[i], None, True)), ca[2], ca[3])
+        h = _gelu(_linear(_layer_norm(x, lw[4]), lw[5], lw[6]))
+        x = x + _linear(h, lw[7], lw[8])
+    return _layer_norm(x, final_ln), tuple(new_k), tuple(new_v)
+
+
+@ms.jit
+def decode(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, proj, pos_table, layers, final_ln, n_heads, scaling):
+    """All positions' logits (B,T,V) and the updated caches."""
+    x, new_k, new_v = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
+                               final_ln, n_heads, scaling)
+    return _linear(x, proj), new_k, new_v
+
+
+@ms.jit
+def decode_next(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, proj, pos_table, layers, final_ln,
+                 n_heads, scaling, suppress):
+    """Greedy step: the last position's logits (B,V), the scores with ``suppress`` (V,) bool set
+    to -inf (what the masking logits processors return), their argmax (B,), and the caches. The
+    vocabulary projection runs for the last position only."""
+    x, new_k, new_v = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
+                               final_ln, n_heads, scaling)
+    logits = _mm_t(x[:, ids.shape[1] - 1, :], proj)
+    scores = ops.masked_fill(logits, suppress, float("-inf"))
+    return ops.argmax(scores, -1), scores, logits, new_k, new_v

@@ -1,0 +1,116 @@
+"""The greedy loop's per-step rules in numpy: logits processors and stopping criteria.
+
+:class:`Processors` turns transformers' processor list into a cached -inf mask for the graph, a
+numpy pipeline (with :mod:`.timestamps`), or the stock call; :func:`criteria_np` turns
+``MaxLengthCriteria`` / ``EosTokenCriteria`` into a numpy check. Used by :mod:`.greedy`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+from .generation import _ids_np, _mask, _plans, processor_ids
+
+
+class Processors:
+    """The step's logits processors, in one of three modes:
+
+    * ``graph``: all are known masking types -- a cached (V,) -inf mask, applied in the graph
+      together with the argmax;
+    * ``host``: known masking types plus ``WhisperTimeStampLogitsProcessor`` -- applied in
+      list order in numpy on the step's logits (:mod:`.timestamps`), argmax in numpy; a step
+      whose timestamp decision is a near-tie runs the stock list instead;
+    * ``stock``: anything else -- the stock list on the step's logits, mindtorch's argmax.
+    """
+
+    def __init__(self, processors, vocab: int):
+        from transformers.generation.logits_process import WhisperTimeStampLogitsProcessor
+
+        from .timestamps import supported
+
+        self.processors, self.vocab = processors, vocab
+        self.ids = []  # per processor: its token ids (numpy, read once), or "ts"
+        for p in processors:
+            if type(p) is WhisperTimeStampLogitsProcessor and supported(p):
+                self.ids.append("ts")
+                continue
+            tokens = processor_ids(p)
+            if tokens is None:
+                break
+            self.ids.append(tokens)
+        if len(self.ids) != len(processors):
+            self.mode = "stock"
+        else:
+            self.mode = "host" if any(isinstance(t, str) for t in self.ids) else "graph"
+        self._by_len: Dict[int, Any] = {}
+
+    def _suppressed(self, p, tokens, cur_len: int):
+        return _plans()[type(p)][0](p, cur_len, tokens)[0]
+
+    def mask(self, cur_len: int):
+        """(V,) bool Tensor for the graph: the ids to set to -inf at this length (graph mode;
+        none in the other modes, where the graph's scores are the raw logits)."""
+        m = self._by_len.get(cur_len)
+        if m is None:
+            ids = [np.empty(0, np.int64)]
+            if self.mode == "graph":
+                for p, tokens in zip(self.processors, self.ids):
+                    got = self._suppressed(p, tokens, cur_len)
+                    if got is not None:
+                        ids.append(got)
+            m = self._by_len[cur_len] = _mask(self.vocab, np.concatenate(ids))
+        return m
+
+    def host(self, ids_np: np.ndarray, logits_np: np.ndarray) -> Optional[np.ndarray]:
+        """Host mode: the processed scores (B, V) float32, or None to run stock this step."""
+        from .timestamps import timestamp_scores
+
+        s = logits_np
+        for p, tokens in zip(self.processors, self.ids):
+            if isinstance(tokens, str):
+                s = timestamp_scores(p, ids_np, s)
+                if s is None:
+                    return None
+            else:
+                got = self._suppressed(p, tokens, ids_np.shape[1])
+                if got is not None:
+                    s = s.copy() if s is logits_np else s
+                    s[:, got] = -np.inf
+        return s
+
+
+def criteria_np(criteria):
+    """A numpy function ``(ids (B, L)) -> done (B,)`` when every criterion is a plain
+    ``MaxLengthCriteria`` / ``EosTokenCriteria``; else None (stock code runs them)."""
+    import mindspore
+    from transformers.generation import stopping_criteria as sc
+
+    checks = []
+    for c in criteria:
+        if type(c) is sc.MaxLengthCriteria:
+            checks.append(functools.partial(lambda ids, n: np.full(ids.shape[0], ids.shape[1] >= n), n=c.max_length))
+        elif type(c) is sc.EosTokenCriteria and isinstance(c.eos_token_id, mindspore.Tensor):
+            eos = _ids_np(c.eos_token_id)
+            if eos is None:
+                return None
+            checks.append(functools.partial(lambda ids, e: np.isin(ids[:, -1], e), e=eos))
+        else:
+            return None
+
+    def done(ids):
+        out = np.zeros(ids.shape[0], dtype=bool)
+        for check in checks:
+            out |= check(ids)
+        return out
+
+    return done
+
+
+def max_length(criteria) -> Optional[int]:
+    from transformers.generation import stopping_criteria as sc
+
+    lengths = [c.max_length for c in criteria if isinstance(c, sc.MaxLengthCriteria)]
+    return min(lengths) if lengths else None
