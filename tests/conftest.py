@@ -76,8 +76,79 @@ def feats():
     return features()
 
 
+_STACK = {}
+
+
+def stack():
+    """The installed stack, as tests must expect it (never hard-coded): versions from
+    distribution metadata, the MindSpore backend, and whether the native conv1d probe passes."""
+    if not _STACK:
+        import importlib.metadata as md
+
+        from whisper_accel import _environment
+
+        _STACK.update({p: md.version(p) for p in ("mindspore", "mindnlp", "transformers")})
+        _STACK["backend"] = _environment.device_target()
+        _STACK["native_conv1d"] = _environment.has_native_conv1d()
+    return _STACK
+
+
+def register_group(monkeypatch, name, build, *, first=False, gates=None):
+    """Put a fake group module ``name`` (``patches = build``) into the registry for one test,
+    before or after the real groups."""
+    import types
+
+    from whisper_accel import _api
+    from whisper_accel._environment import Gates
+
+    module = types.SimpleNamespace(GATES=gates or Gates(), SUMMARY="test group", patches=build)
+    real_load = _api.load
+    monkeypatch.setattr(_api, "NAMES", (name,) + _api.NAMES if first else _api.NAMES + (name,))
+    monkeypatch.setattr(_api, "load", lambda n: module if n == name else real_load(n))
+    return module
+
+
+_TARGETS = []
+
+
+def patch_targets():
+    """``(owner, attribute)`` of every patch every group that applies here would make (read
+    once per session, so a test that breaks detection still compares against the real list)."""
+    from whisper_accel import _api, _environment
+    from whisper_accel._errors import Unsupported
+    from whisper_accel.groups import NAMES
+
+    if not _TARGETS:
+        env = _environment.detect()
+        for name in NAMES:
+            try:
+                _TARGETS.extend((p.owner, p.attribute) for p in _api.group_patches(name, env))
+            except Unsupported:
+                continue
+    return list(_TARGETS)
+
+
+def stock_snapshot():
+    """What each patch target holds now (own attribute, or MISSING): compare before/after."""
+    from whisper_accel._patcher import MISSING
+
+    return {(id(o), a): (o, a, vars(o).get(a, MISSING)) for o, a in patch_targets()}
+
+
+def assert_same_snapshot(before):
+    after = stock_snapshot()
+    assert after.keys() == before.keys()
+    for key, (owner, attribute, obj) in before.items():
+        assert after[key][2] is obj, f"{owner}.{attribute} changed"
+
+
 @pytest.fixture(autouse=True)
 def _always_unpatched():
+    from whisper_accel import _errors
+
     whisper_accel.unpatch()
+    _errors.forget_warnings()
     yield
     whisper_accel.unpatch()
+    _errors.set_strict(False)
+    _errors.forget_warnings()

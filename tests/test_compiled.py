@@ -12,9 +12,9 @@ import torch  # noqa: E402  (mindtorch, via mindnlp)
 from transformers.models.whisper import modeling_whisper as mw  # noqa: E402
 
 from whisper_accel._patcher import Patch, Patcher  # noqa: E402
-from whisper_accel.kernels import compiled as C  # noqa: E402
-from whisper_accel.targets import compiled_glue as G  # noqa: E402
-from whisper_accel.targets import decode_step as D  # noqa: E402
+from whisper_accel.groups import compiled as G  # noqa: E402
+from whisper_accel.runtime import model as C  # noqa: E402
+from whisper_accel.runtime.binding import ATTR  # noqa: E402
 from conftest import mini_model  # noqa: E402
 
 N_MELS, SRC_POS = 16, 64  # input frames = 2 * SRC_POS
@@ -37,7 +37,7 @@ def feats():
 
 
 PATCHES = [Patch("compiled", mw.WhisperEncoder, "forward", G.make_encoder_forward),
-           Patch("compiled", mw.WhisperForConditionalGeneration, "forward", D.make_generation_forward)]
+           Patch("compiled", mw.WhisperForConditionalGeneration, "forward", G.make_generation_forward)]
 
 
 @pytest.fixture
@@ -71,7 +71,7 @@ def test_encoder_matches_stock(model, feats, stock, patched):
     with torch.no_grad():
         out = model.model.encoder(feats)
         tup = model.model.encoder(feats, return_dict=False)
-    assert isinstance(model.model.encoder.__dict__.get(G.ATTR), C.CompiledWhisper)  # fast path ran
+    assert isinstance(model.model.encoder.__dict__.get(ATTR), C.CompiledWhisper)  # fast path ran
     assert _rel(out.last_hidden_state.asnumpy(), stock["enc"]) < 1e-4
     assert isinstance(tup, tuple) and len(tup) == 1
     assert _rel(tup[0].asnumpy(), stock["enc"]) < 1e-4
@@ -86,7 +86,7 @@ def test_whole_encoder_graph_option_matches_stock(model, feats, stock, patched, 
 
 def test_generate_tokens_identical(model, feats, stock, patched):
     out = _gen(model, feats)
-    assert isinstance(model.__dict__.get(G.ATTR), C.CompiledWhisper)
+    assert isinstance(model.__dict__.get(ATTR), C.CompiledWhisper)
     assert np.array_equal(out, stock["gen"])
 
 
@@ -132,12 +132,12 @@ def test_fallbacks_give_stock_results(model, feats, stock, patched):
 def test_weight_replacement_invalidates(model, feats, patched):
     with torch.no_grad():
         _gen(model, feats, n=4)
-        first = model.__dict__[G.ATTR]
+        first = model.__dict__[ATTR]
         old = model.model.decoder.layer_norm.bias
         try:
             model.model.decoder.layer_norm.bias = torch.nn.Parameter(old + 0.5)
             got = _gen(model, feats, n=8)
-            assert model.__dict__[G.ATTR] is not first
+            assert model.__dict__[ATTR] is not first
             patched.undo()
             want = _gen(model, feats, n=8)
         finally:

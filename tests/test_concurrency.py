@@ -1,9 +1,8 @@
 """Concurrency: patched inference from 8 threads equals single-threaded stock; patch()/unpatch()
 from other threads while inference runs raises nothing and ends in the last call's state.
 
-Finding (MindSpore 2.7.0 CPU, MindNLP 0.5.1): the reported race did not reproduce here: 8 threads
-x (full forward + 6-token generate()) on one shared 2-layer model, 3 repetitions, stock and
-patched, all logits and tokens exact. So no lock was added to the patched path.
+Patched inference holds one process-wide lock (``runtime.binding.INFERENCE_LOCK``): stock
+MindNLP on MindSpore 2.7 CPU gave wrong results when several threads ran Whisper at once.
 """
 
 from __future__ import annotations
@@ -97,9 +96,11 @@ def test_patched_8_threads_separate_models_slow(inputs, reference, repeat):
 
 
 def test_patch_unpatch_from_other_threads_while_inference_runs(model, inputs, reference):
-    """Inference threads run (forward only) while togglers call patch()/unpatch(); every result
-    equals stock (patched and stock agree to 1e-4), nothing raises, and the final state is the
-    last call's."""
+    """One inference thread runs forwards while two togglers call patch()/unpatch(); every
+    result equals stock (patched and stock agree to 1e-4), nothing raises, and the final state
+    is the last call's. One inference thread, because between toggles inference runs *stock*
+    MindNLP, which is not thread-safe on MindSpore 2.7 CPU (the reported stock defect; concurrent
+    *patched* inference is serialised and tested exact above)."""
     import warnings
 
     stop = threading.Event()
@@ -127,7 +128,7 @@ def test_patch_unpatch_from_other_threads_while_inference_runs(model, inputs, re
     for t in togglers:
         t.start()
     try:
-        results = _in_threads(lambda i: _work(model, inputs[i % len(inputs)], 0), 4)
+        results = [_work(model, inputs[i], 0) for i in range(4)]
     finally:
         stop.set()
         for t in togglers:
@@ -140,20 +141,14 @@ def test_patch_unpatch_from_other_threads_while_inference_runs(model, inputs, re
 
     assert is_ours(mw.ALL_ATTENTION_FUNCTIONS) == last[-1]
     assert wrapper_depth(mw.ALL_ATTENTION_FUNCTIONS) == int(last[-1])
-    worst = max(rel_diff(logits, reference[i][0]) for i, (logits, _) in enumerate(results))
-    if worst >= 1e-4:
-        # Between toggles inference runs *stock* MindNLP, which is not thread-safe on
-        # MindSpore 2.7 CPU (the reported stock defect; seen up to 8.7e-4 here). Patched
-        # inference is serialised and required exact by the tests above.
-        pytest.xfail(f"stock code ran concurrently between toggles: logits off by {worst:.1e}")
+    for i, (logits, _) in enumerate(results):
+        assert rel_diff(logits, reference[i][0]) < 1e-4, f"forward {i}"
 
 
 def test_unlocked_concurrent_patch_calls_end_consistent():
     """16 threads calling patch()/unpatch() with no outside lock: no exception, no double wrap,
     state consistent with is_patched()."""
     import warnings
-
-    errors = []
 
     def hammer(i):
         with warnings.catch_warnings():
@@ -166,5 +161,4 @@ def test_unlocked_concurrent_patch_calls_end_consistent():
     from transformers.models.whisper import modeling_whisper as mw
     from whisper_accel._patcher import wrapper_depth
 
-    assert not errors
     assert wrapper_depth(mw.ALL_ATTENTION_FUNCTIONS) == int(whisper_accel.is_patched())

@@ -15,7 +15,7 @@ from transformers.generation import stopping_criteria as sc  # noqa: E402
 
 from whisper_accel._environment import detect  # noqa: E402
 from whisper_accel._patcher import Patcher  # noqa: E402
-from whisper_accel.targets import generation as GEN  # noqa: E402
+from whisper_accel.groups import generation as GEN  # noqa: E402
 from conftest import mini_model  # noqa: E402
 
 
@@ -222,9 +222,9 @@ def test_greedy_tokens_identical(env, model, feats):
         for c, r in zip(cases, ref):
             np.testing.assert_array_equal(_gen(model, c["x"], **c["kw"]), r)
     # with the compiled group underneath as well
-    from whisper_accel.targets import compiled_glue
+    from whisper_accel.groups import compiled as compiled_group
     cp = Patcher()
-    cp.apply(compiled_glue.patches(env))
+    cp.apply(compiled_group.patches(env))
     try:
         with _Ctx(env):
             for c, r in zip(cases, ref):

@@ -16,7 +16,7 @@ from transformers import (LogitsProcessor, LogitsProcessorList, StoppingCriteria
 from transformers.models.whisper import modeling_whisper as mw  # noqa: E402
 
 import whisper_accel  # noqa: E402
-from whisper_accel.targets import compiled_glue as G  # noqa: E402
+from whisper_accel.runtime.binding import ATTR  # noqa: E402
 from conftest import mini_model  # noqa: E402
 
 N_MELS, SRC_POS = 16, 64
@@ -41,12 +41,12 @@ def _gen(model, feats, **kw):
 
 
 def _ran_fast(model) -> bool:
-    cw = model.__dict__.get(G.ATTR)
+    cw = model.__dict__.get(ATTR)
     return bool(cw) and any(key[0] == "next" for key in cw.compiled_shapes)
 
 
 def _fresh(model):
-    model.__dict__.pop(G.ATTR, None)
+    model.__dict__.pop(ATTR, None)
 
 
 def _stock_and_patched(model, feats, groups=ONLY_GREEDY, **kw):

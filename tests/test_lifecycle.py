@@ -18,9 +18,12 @@ import warnings
 import pytest
 
 import whisper_accel
-from whisper_accel import _api, _environment
+from whisper_accel import _api, _environment, _errors
 from whisper_accel._errors import WhisperAccelError, WhisperAccelWarning
 from whisper_accel._patcher import Patch, is_ours, wrapper_depth
+from whisper_accel.groups import NAMES
+
+from conftest import assert_same_snapshot, register_group, stock_snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,18 +36,15 @@ def mw():
 
 
 def snapshot():
-    m = mw()
-    return {"registry": m.ALL_ATTENTION_FUNCTIONS,
-            "attn_forward": vars(m.WhisperAttention)["forward"]}
+    return {"registry": mw().ALL_ATTENTION_FUNCTIONS, "targets": stock_snapshot()}
 
 
 def assert_stock(before):
     assert not whisper_accel.is_patched()
     assert _api.originals() == []
-    after = snapshot()
-    for name, obj in before.items():
-        assert after[name] is obj, name
-    assert not is_ours(after["registry"])
+    assert mw().ALL_ATTENTION_FUNCTIONS is before["registry"]
+    assert not is_ours(before["registry"])
+    assert_same_snapshot(before["targets"])
 
 
 def _cycle(before, groups):
@@ -80,9 +80,7 @@ def _cycles(n, groups_for):
 
 
 def _attention_only(i):
-    from whisper_accel.targets import GROUPS
-
-    return {g: g == "attention" for g in GROUPS}
+    return {g: g == "attention" for g in NAMES}
 
 
 def test_300_real_cycles_attention_group_restore_identity_without_memory_growth():
@@ -96,8 +94,9 @@ def test_1000_real_cycles_all_groups_restore_identity_without_memory_growth():
 
 @pytest.mark.parametrize("where", ["builder", "make_first", "make_last", "setattr", "interrupt"])
 def test_failure_at_each_step_leaves_everything_stock(monkeypatch, where):
-    """Builder raising, the factory of the first/last patch raising, an owner refusing setattr,
-    and a KeyboardInterrupt mid-apply: all roll back to stock, strict or not."""
+    """The factory of the first/last patch raising, an owner refusing setattr, and a
+    KeyboardInterrupt mid-apply: all roll back to stock, strict or not. A builder raising is a
+    fault of that group alone: it stays stock, with one warning, and the others apply."""
     before = snapshot()
     m = mw()
 
@@ -112,24 +111,21 @@ def test_failure_at_each_step_leaves_everything_stock(monkeypatch, where):
         if where == "builder":
             raise RuntimeError("injected failure")
         if where == "setattr":
-            return [Patch("broken", Frozen(), "forward", lambda o: (lambda *a: None))]
+            return [Patch("broken", Frozen(), "forward", lambda o: (lambda *a: None), kind="add")]
         return [Patch("broken", m.WhisperAttention, "forward", fail)]
 
-    groups = dict(_api.GROUPS)
-    if where == "make_first":
-        groups = {"broken": broken, **groups}
-    else:
-        groups["broken"] = broken
-    monkeypatch.setattr(_api, "GROUPS", groups)
-    import whisper_accel.targets as targets
-    monkeypatch.setattr(targets, "GROUPS", groups)
-    monkeypatch.setattr(_api, "_warned", set())
+    register_group(monkeypatch, "broken", broken, first=where == "make_first")
     if where == "interrupt":
         with pytest.raises(KeyboardInterrupt):
             whisper_accel.patch()
     elif where == "builder":
-        with pytest.raises(RuntimeError, match="injected"):  # a builder bug is not swallowed
-            whisper_accel.patch()
+        with pytest.warns(WhisperAccelWarning, match="left group 'broken' stock .*injected"):
+            report = whisper_accel.patch()
+        assert "attention" in report.groups_applied
+        assert any(e.group == "broken" and "internal error" in e.reason for e in report.skipped)
+        whisper_accel.unpatch()
+        with pytest.raises(WhisperAccelError, match="injected"):
+            whisper_accel.patch(strict=True)
     else:
         with pytest.warns(WhisperAccelWarning, match="restored stock"):
             report = whisper_accel.patch()
@@ -138,7 +134,7 @@ def test_failure_at_each_step_leaves_everything_stock(monkeypatch, where):
             whisper_accel.patch(strict=True)
     assert_stock(before)
     # and a clean patch works afterwards
-    monkeypatch.setattr(_api, "GROUPS", dict(targets.GROUPS, broken=lambda env: []))
+    register_group(monkeypatch, "broken", lambda env: [])
     whisper_accel.patch()
     assert whisper_accel.is_patched()
 
@@ -253,7 +249,7 @@ def test_installed_version_raising_unexpectedly_does_not_break_patch(monkeypatch
         raise OSError("corrupt METADATA")
 
     monkeypatch.setattr(_environment, "installed_version", broken)
-    monkeypatch.setattr(_api, "_warned", set())
+    _errors.forget_warnings()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = whisper_accel.patch()

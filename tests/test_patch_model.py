@@ -8,7 +8,8 @@ from whisper_accel import _api
 from whisper_accel._errors import WhisperAccelWarning
 from whisper_accel._patcher import MISSING, Patch, wrapper_depth
 
-from conftest import build_model, features, greedy, rel_diff
+from conftest import (assert_same_snapshot, build_model, features, greedy, register_group, rel_diff,
+                      stock_snapshot)
 
 
 def encode(model, feats):
@@ -66,7 +67,7 @@ def test_model_built_after_patch_uses_it_and_unpatch_returns_it_to_stock(feats):
 def test_unpatch_restores_exact_originals():
     mw = whisper_module()
     registry = mw.ALL_ATTENTION_FUNCTIONS
-    forward = vars(mw.WhisperAttention)["forward"]
+    before = stock_snapshot()
     whisper_accel.patch()
     touched = list(_api.originals())
     assert touched, "nothing was patched"
@@ -78,24 +79,27 @@ def test_unpatch_restores_exact_originals():
         else:
             assert vars(owner)[attribute] is original
     assert mw.ALL_ATTENTION_FUNCTIONS is registry
-    assert vars(mw.WhisperAttention)["forward"] is forward
+    assert_same_snapshot(before)
 
 
 def test_repeated_patch_warns_and_wraps_nothing_twice():
     whisper_accel.patch()
     with pytest.warns(WhisperAccelWarning, match="already patched"):
-        whisper_accel._api._warned.clear()
+        whisper_accel._errors.forget_warnings()
         whisper_accel.patch()
     for owner, attribute, _ in _api.originals():
         assert wrapper_depth(vars(owner)[attribute]) == 1
 
 
-def test_strict_raises_for_a_group_asked_for_by_name_that_cannot_apply():
-    with pytest.raises(whisper_accel.WhisperAccelError, match="Conv1DExt"):
-        whisper_accel.patch(strict=True, conv1d=True)
+def test_strict_raises_for_a_group_asked_for_by_name_that_cannot_apply(monkeypatch):
+    from whisper_accel._environment import Gates
+
+    register_group(monkeypatch, "needs_npu", lambda env: [], gates=Gates(backends=("NPU",)))
+    with pytest.raises(whisper_accel.WhisperAccelError, match="validated on NPU only"):
+        whisper_accel.patch(strict=True, needs_npu=True)
     assert not whisper_accel.is_patched()
-    report = whisper_accel.patch(strict=True)  # conv1d only by default: reported, not raised
-    assert [e.group for e in report.skipped] == ["conv1d"]
+    report = whisper_accel.patch(strict=True)  # enabled only by default: reported, not raised
+    assert "needs_npu" in [e.group for e in report.skipped]
 
 
 def test_groups_can_be_disabled():
@@ -110,14 +114,15 @@ def test_groups_can_be_disabled():
 def test_half_way_failure_leaves_everything_stock(monkeypatch):
     mw = whisper_module()
     registry = mw.ALL_ATTENTION_FUNCTIONS
+    before = stock_snapshot()
 
     def broken(env):
         def boom(original):
             raise RuntimeError("injected failure")
         return [Patch("broken", mw.WhisperAttention, "forward", boom)]
 
-    monkeypatch.setitem(_api.GROUPS, "broken", broken)  # runs after attention was built
-    _api._warned.clear()
+    register_group(monkeypatch, "broken", broken)  # its factory runs after every real group's
+    whisper_accel._errors.forget_warnings()
     with pytest.warns(WhisperAccelWarning, match="injected failure"):
         report = whisper_accel.patch()
     assert report.applied == []
@@ -126,6 +131,7 @@ def test_half_way_failure_leaves_everything_stock(monkeypatch):
     with pytest.raises(whisper_accel.WhisperAccelError, match="injected failure"):
         whisper_accel.patch(strict=True, conv1d=False)
     assert mw.ALL_ATTENTION_FUNCTIONS is registry
+    assert_same_snapshot(before)
 
 
 def test_patched_context_restores_on_exception():
@@ -140,12 +146,12 @@ def test_patched_context_restores_on_exception():
 
 
 def test_compiled_group_is_really_used(tiny_model, feats):
-    from whisper_accel.targets import compiled_glue
+    from whisper_accel.runtime.binding import ATTR
 
     report = whisper_accel.patch()
     assert "compiled" in report.groups_applied
     encode(tiny_model, feats)
-    assert tiny_model.model.encoder.__dict__.get(compiled_glue.ATTR)  # graphs built and used
+    assert tiny_model.model.encoder.__dict__.get(ATTR)  # graphs built and used
 
 
 def test_output_attentions_falls_back_to_stock(tiny_model, feats):

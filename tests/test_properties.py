@@ -164,7 +164,7 @@ def test_kernel_default_blocks_on_whisper_lengths():
 # ----------------------------------------------------------------------------- adapter vs stock sdpa
 def _check_adapter_vs_sdpa(p, is_causal_arg, extra_cols, module_causal):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from whisper_accel.targets.hf_attention import flash_attention_forward
+    from whisper_accel.groups.attention import flash_attention_forward
 
     add, boolean = _masks(p)
     if p["mask_kind"] == "bool":
@@ -217,7 +217,7 @@ def test_sdpa_causal_with_more_keys_keeps_stock_meaning():
     """Regression: torch's sdpa aligns ``is_causal`` top-left when Lq != Lk; the kernel aligns
     bottom-right. The adapter used to return the kernel's answer (off by ~100%)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from whisper_accel.targets.hf_attention import flash_attention_forward
+    from whisper_accel.groups.attention import flash_attention_forward
 
     rng = np.random.default_rng(0)
     q = rng.standard_normal((2, 3, 5, 8)).astype(np.float32)
@@ -233,7 +233,7 @@ def test_sdpa_causal_with_more_keys_keeps_stock_meaning():
 
 # ----------------------------------------------------------------------------- flash_attention_2 key
 def _check_fa2(p):
-    from whisper_accel.targets.hf_attention import flash_attention_forward
+    from whisper_accel.groups.attention import flash_attention_forward
 
     keep = (np.arange(p["lk"])[None, :] < np.asarray(p["lengths"])[:, None])
     use_mask = p["mask_kind"] != "none"
@@ -265,7 +265,7 @@ def test_half_precision_within_1e2_of_fp32(p, dtype, q_block, kv_block):
     import mindspore
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from whisper_accel.kernels import attention as kernel
-    from whisper_accel.targets.hf_attention import flash_attention_forward
+    from whisper_accel.groups.attention import flash_attention_forward
 
     ms_dtype = getattr(mindspore, dtype)
     add, _ = _masks(p)
@@ -391,7 +391,7 @@ def _qkv(lq=4, lk=6):
     (dict(position_ids="x"), False),
 ])
 def test_adapter_fallbacks_call_stock_and_return_its_result(kwargs, training):
-    from whisper_accel.targets.hf_attention import flash_attention_forward
+    from whisper_accel.groups.attention import flash_attention_forward
 
     sentinel = (object(), object())
     seen = []
@@ -408,7 +408,7 @@ def test_adapter_fallbacks_call_stock_and_return_its_result(kwargs, training):
 
 
 def test_dropout_in_eval_mode_uses_the_kernel():
-    from whisper_accel.targets.hf_attention import flash_attention_forward
+    from whisper_accel.groups.attention import flash_attention_forward
 
     def stock(*a, **k):
         raise AssertionError("dropout outside training must not fall back")

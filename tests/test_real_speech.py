@@ -64,8 +64,8 @@ def test_patched_transcript_equals_stock_and_the_reference(tiny_en_dir):
 
 def test_timestamps_in_the_greedy_loop_equal_stock(tiny_en_dir, monkeypatch):
     """return_timestamps=True: WhisperTimeStampLogitsProcessor runs in numpy inside the greedy
-    loop (targets/timestamps.py); token ids, timestamps included, must equal stock's."""
-    from whisper_accel.targets import timestamps
+    loop (runtime/timestamps.py); token ids, timestamps included, must equal stock's."""
+    from whisper_accel.runtime import timestamps
 
     calls = []
     real = timestamps.timestamp_scores

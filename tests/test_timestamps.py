@@ -1,4 +1,4 @@
-"""``targets/timestamps.py`` against transformers' own ``WhisperTimeStampLogitsProcessor``.
+"""``runtime/timestamps.py`` against transformers' own ``WhisperTimeStampLogitsProcessor``.
 
 Small vocabulary: text ids 0..29, EOS 30, <|notimestamps|> 40, timestamps 41..63; prompts of
 ``begin_index`` = 3 tokens followed by random mixes of text and timestamp ids, so every rule of
@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import WhisperTimeStampLogitsProcessor
 
-from whisper_accel.targets import timestamps as T
+from whisper_accel.runtime import timestamps as T
 
 V, EOS, NO_TS, BEGIN = 64, 30, 40, 3
 

@@ -9,18 +9,17 @@ consistent state and the last call wins.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, List, Optional
 
-from . import _environment
-from ._errors import Unsupported, WhisperAccelError, WhisperAccelWarning
-from ._patcher import Patcher
-from .targets import GROUPS
+from . import _environment, _errors
+from ._errors import Unsupported
+from ._patcher import Patch, Patcher
+from .groups import NAMES, load
 
 _PATCHER = Patcher()
 _last_report: Optional["Report"] = None
-_warned: set = set()
+_request: Optional[Dict[str, bool]] = None  # the group arguments of the patch now applied
 
 
 @dataclass
@@ -64,72 +63,110 @@ class Report:
         return "\n".join(lines)
 
 
-def _problem(message: str, strict: bool) -> None:
-    if strict:
-        raise WhisperAccelError(message)
-    if message not in _warned:  # one warning per distinct problem per process
-        _warned.add(message)
-        warnings.warn(message, WhisperAccelWarning, stacklevel=3)
-
-
 def _requested(groups: Dict[str, bool]) -> List[str]:
-    unknown = sorted(set(groups) - set(GROUPS))
+    unknown = sorted(set(groups) - set(NAMES))
     if unknown:
-        raise ValueError(f"unknown patch group(s) {unknown}; valid: {sorted(GROUPS)}")
-    return [name for name in GROUPS if groups.get(name, True)]
+        raise ValueError(f"unknown patch group(s) {unknown}; valid: {list(NAMES)}")
+    return [name for name in NAMES if groups.get(name, True)]
+
+
+def group_patches(name: str, env: _environment.Environment) -> List[Patch]:
+    """Group ``name``'s patches for ``env``: import its module, check its gates, build, and
+    check each patch fits the installed code. Raises :class:`Unsupported` with the reason;
+    any other exception is a fault of the plugin (the caller reports it)."""
+    module = load(name)
+    reason = _environment.check_gates(module.GATES, env)
+    if reason:
+        raise Unsupported(reason)
+    patches = module.patches(env)
+    for p in patches:
+        why = p.problem()
+        if why:
+            raise Unsupported(why)
+    return patches
+
+
+def _stock_report(env: Dict, groups: Iterable[str], reason: str) -> "Report":
+    return Report(environment=env, entries=[Entry(g, "*", "skipped", reason) for g in groups])
 
 
 def patch(*, strict: bool = False, **groups: bool) -> Report:
     """Patch MindNLP's Whisper in this process. Idempotent, thread-safe, all or nothing.
 
+    Never raises for a problem of the stack or of the plugin itself unless ``strict``: an
+    unsupported stack, a group whose gates fail, and any exception while a group module is
+    imported or builds its patches each become one :class:`WhisperAccelWarning`, and the
+    groups concerned stay stock.
+
     :param strict: raise :class:`WhisperAccelError` instead of warning when the stack is
-        unsupported, a group named ``=True`` by the caller cannot apply, or patching fails.
-        (A group enabled only by default that has no kernel here -- ``conv1d`` on CPU -- is
-        reported as skipped, not raised.)
+        unsupported, a group named ``=True`` by the caller cannot apply, a group fails, or
+        patching fails; also makes faults met later at run time raise. (A group enabled only by
+        default that has no kernel here -- ``conv1d`` on CPU -- is reported as skipped.)
     :param groups: ``attention=``, ``conv1d=``, ... ``False`` leaves that group stock.
     :returns: a :class:`Report` of each patch applied and each group skipped, with reasons.
     """
-    global _last_report
+    global _last_report, _request
     wanted = _requested(groups)
     with _PATCHER.lock:
         if _PATCHER.applied():
-            _problem("whisper_accel is already patched; call unpatch() first to change groups "
-                     "(nothing was wrapped twice)", strict)
+            _errors.problem("whisper_accel is already patched; call unpatch() first to change "
+                            "groups (nothing was wrapped twice)", strict)
             return _last_report or Report()
-        env = _environment.detect()
+        _errors.set_strict(strict)
+        try:
+            env = _environment.detect()
+        except Exception as exc:  # noqa: BLE001  a fault of ours must not break the caller
+            _errors.problem(f"whisper_accel left Whisper stock: detecting the stack failed: {exc!r}",
+                            strict, exc)
+            _last_report = _stock_report({}, wanted, f"detection failed: {exc!r}")
+            return _last_report
         report = Report(environment=env.as_dict())
         if not env.supported:
             for reason in env.problems:
-                _problem(f"whisper_accel left Whisper stock: {reason}", strict)
-            report.entries = [Entry(g, "*", "skipped", "; ".join(env.problems)) for g in wanted]
-            _last_report = report
-            return report
-        patches = []
-        for name in GROUPS:
+                _errors.problem(f"whisper_accel left Whisper stock: {reason}", strict)
+            _last_report = _stock_report(env.as_dict(), wanted, "; ".join(env.problems))
+            return _last_report
+        patches: List[Patch] = []
+        for name in NAMES:
             if name not in wanted:
                 report.entries.append(Entry(name, "*", "skipped", "disabled by caller"))
                 continue
             try:
-                patches.extend(GROUPS[name](env))
+                patches.extend(group_patches(name, env))
             except Unsupported as exc:
                 report.entries.append(Entry(name, "*", "skipped", str(exc)))
                 if groups.get(name):  # asked for by name: the caller wants to know
-                    _problem(f"whisper_accel could not apply {name!r}: {exc}", strict)
+                    _errors.problem(f"whisper_accel could not apply {name!r}: {exc}", strict, exc)
+            except Exception as exc:  # noqa: BLE001  import/builder fault: this group stays stock
+                report.entries.append(Entry(name, "*", "skipped", f"internal error: {exc!r}"))
+                _errors.problem(f"whisper_accel left group {name!r} stock after an internal "
+                                f"error: {exc!r}", strict, exc)
         try:
             applied = _PATCHER.apply(patches)
         except Exception as exc:
             _last_report = Report(environment=env.as_dict(), entries=[
                 Entry(p.group, p.target, "skipped", f"rolled back: {exc!r}") for p in patches])
-            _problem(f"whisper_accel could not patch and restored stock Whisper: {exc!r}", strict)
+            _errors.problem(f"whisper_accel could not patch and restored stock Whisper: {exc!r}",
+                            strict, exc)
             return _last_report
         report.entries[:0] = [Entry(p.group, p.target, "applied", p.description) for p in applied]
         _last_report = report
+        _request = {name: name in wanted for name in NAMES} if applied else None
         return report
+
+
+def requested() -> Optional[Dict[str, bool]]:
+    """The group arguments of the patch applied now (``None`` when unpatched): what a caller
+    that unpatches temporarily (the bench) passes to ``patch()`` to restore the same state."""
+    with _PATCHER.lock:
+        return dict(_request) if _request is not None and _PATCHER.applied() else None
 
 
 def unpatch() -> List[str]:
     """Restore every original object. Returns the targets restored (empty if none)."""
+    global _request
     with _PATCHER.lock:
+        _request = None
         return [p.target for p in _PATCHER.undo()]
 
 

@@ -4,6 +4,9 @@ Versions come from ``importlib.metadata`` (MindNLP 0.5.1's ``__version__`` says 
 Kernels are found by probing -- running a tiny input through them -- not by version numbers:
 MindSpore 2.7 ships ``Conv1DExt`` and ``FlashAttentionScore`` for Ascend only.
 Nothing here imports MindSpore until a function that needs it is called.
+
+Each patch group declares its :class:`Gates` as data (backends, version specifiers, probes);
+:func:`check_gates` is the one place they are checked.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import functools
 import importlib.metadata as metadata
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
@@ -155,5 +158,47 @@ def has_fused_attention() -> bool:
     return fused_available()
 
 
+#: Probe name -> (function, what a failed probe means). Groups name probes in their gates.
+PROBES: Dict[str, Tuple[Callable[[], bool], str]] = {
+    "native_conv1d": (has_native_conv1d, "no native conv1d kernel (MindSpore's Conv1DExt, an "
+                      "Ascend kernel in MindSpore 2.7)"),
+    "fused_flash_attention": (has_fused_attention, "no fused FlashAttentionScore kernel (Ascend)"),
+}
+
+
 def capabilities() -> Dict[str, bool]:
-    return {"native_conv1d": has_native_conv1d(), "fused_flash_attention": has_fused_attention()}
+    return {name: probe() for name, (probe, _) in PROBES.items()}
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Where a patch group may apply, as data.
+
+    :param backends: MindSpore device targets it is validated on (empty: every backend).
+    :param versions: ``(package, specifier)`` pairs narrowing :data:`SUPPORTED` for this group.
+    :param probes: names in :data:`PROBES` that must succeed.
+    """
+
+    backends: Tuple[str, ...] = ()
+    versions: Tuple[Tuple[str, str], ...] = ()
+    probes: Tuple[str, ...] = ()
+
+
+def check_gates(gates: Gates, env: Environment) -> Optional[str]:
+    """Why a group with ``gates`` cannot apply in ``env`` (``None``: it can). Probes run last,
+    and only when the cheaper gates pass."""
+    if gates.backends and env.backend not in gates.backends:
+        return f"validated on {', '.join(gates.backends)} only, not {env.backend}"
+    for package, spec in gates.versions:
+        found = env.versions.get(package)
+        try:
+            ok = found is not None and SpecifierSet(spec).contains(Version(found), prereleases=True)
+        except InvalidVersion:
+            ok = False
+        if not ok:
+            return f"needs {package} {spec}, found {found or 'none'}"
+    for name in gates.probes:
+        probe, missing = PROBES[name]
+        if not probe():
+            return f"probe {name!r} failed on {env.backend or 'this backend'}: {missing}"
+    return None

@@ -1,23 +1,32 @@
 """The patch ledger: apply a set of attribute replacements all or nothing, undo exactly.
 
-A :class:`Patch` names an owner (class or module), an attribute and a factory that builds the
-replacement from the original. :class:`Patcher` records ``(owner, attribute, original)`` read
-from ``vars(owner)`` -- never ``getattr``, which would hand back a bound or inherited object --
-and restores those very objects on :meth:`Patcher.undo`. One re-entrant lock serialises every
-state change, so concurrent ``patch()``/``unpatch()`` calls end in the state of the last call.
+A :class:`Patch` names an owner (class or module), an attribute, a factory that builds the
+replacement from the original, and its kind: :data:`REPLACE` an attribute the owner has (its
+own or inherited) or :data:`ADD` one it lacks. :meth:`Patch.problem` says when the kind does not
+fit what is there (a replace target renamed upstream must not be *added* and reported as
+applied). :class:`Patcher` records ``(owner, attribute, original)`` read from ``vars(owner)`` --
+never ``getattr``, which would hand back a bound or inherited object -- and restores those very
+objects on :meth:`Patcher.undo`. Every replacement goes through :func:`wrap` (the one wrapper
+convention: ``__wrapped__``, name, qualname, doc, module, and the mark that refuses a second
+wrap). One re-entrant lock serialises every state change, so concurrent ``patch()``/``unpatch()``
+calls end in the state of the last call.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, List, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 #: Stands for "the owner had no such attribute of its own" in records and :meth:`Patcher.originals`.
 MISSING = object()
 
 #: Attribute set on every replacement so a second wrap can be detected and refused.
 MARKER = "__whisper_accel__"
+
+#: :attr:`Patch.kind` values.
+REPLACE = "replace"
+ADD = "add"
 
 
 @dataclass(frozen=True)
@@ -28,8 +37,10 @@ class Patch:
     :param owner: the class or module whose attribute is replaced.
     :param attribute: the attribute name.
     :param make: builds the replacement from the original: the owner's own attribute, else
-        the inherited one, else ``None`` (an added attribute).
+        the inherited one (``REPLACE``), or ``None`` (``ADD``). The result goes through
+        :func:`wrap`; factories need not copy names or set ``__wrapped__`` themselves.
     :param description: one line for reports.
+    :param kind: :data:`REPLACE` (the attribute must exist) or :data:`ADD` (it must not).
     """
 
     group: str
@@ -37,6 +48,19 @@ class Patch:
     attribute: str
     make: Callable[[Any], Any]
     description: str = ""
+    kind: str = REPLACE
+
+    def problem(self) -> Optional[str]:
+        """Why this patch does not fit the installed code (``None``: it fits)."""
+        exists = _defined(self.owner, self.attribute)
+        if self.kind == REPLACE and not exists:
+            return (f"{self.target} does not exist in the installed version (renamed or removed "
+                    f"upstream?); nothing to replace")
+        if self.kind == ADD and exists:
+            return f"{self.target} already exists; whisper_accel only adds it where it is missing"
+        if self.kind not in (REPLACE, ADD):
+            return f"{self.target}: unknown patch kind {self.kind!r}"
+        return None
 
     @property
     def target(self) -> str:
@@ -45,6 +69,14 @@ class Patch:
         if isinstance(self.owner, type) and module:
             name = f"{module}.{name}"
         return f"{name}.{self.attribute}"
+
+
+def _defined(owner: Any, attribute: str) -> bool:
+    """``owner`` defines ``attribute``: for a class, itself or a base class (not its metaclass:
+    every class "has" ``__call__`` through ``type``); for anything else, ``hasattr``."""
+    if isinstance(owner, type):
+        return any(attribute in vars(k) for k in owner.__mro__)
+    return hasattr(owner, attribute)
 
 
 @dataclass
@@ -89,8 +121,7 @@ class Patcher:
                     # an inherited attribute: wrap what the owner resolves to now, and on undo
                     # delete the override so inheritance is back exactly as it was
                     base = getattr(p.owner, p.attribute, None) if original is MISSING else original
-                    replacement = p.make(base)
-                    _mark(replacement)
+                    replacement = wrap(p.make(base), base)
                     setattr(p.owner, p.attribute, replacement)
                     done.append(_Record(p, original, replacement))
             except BaseException:
@@ -115,11 +146,29 @@ def _has_dict(owner: Any) -> bool:
         return False
 
 
-def _mark(obj: Any) -> None:
+def _set(obj: Any, name: str, value: Any) -> None:
     try:
-        setattr(obj, MARKER, True)
-    except (AttributeError, TypeError):  # builtins, slots: nothing to mark
+        setattr(obj, name, value)
+    except (AttributeError, TypeError):  # builtins, slots: leave as is
         pass
+
+
+_NAMES = ("__module__", "__name__", "__qualname__", "__doc__")
+
+
+def wrap(replacement: Any, original: Any) -> Any:
+    """The one wrapper convention: ``replacement`` takes ``original``'s module, name, qualname
+    and doc (functions only), ``__wrapped__ = original`` (so ``inspect.signature`` and
+    unwrapping reach the stock object) and the whisper_accel mark. ``original`` is ``None`` for
+    an added attribute. Returns ``replacement``."""
+    if original is not None:
+        if callable(replacement) and hasattr(replacement, "__code__"):
+            for name in _NAMES:
+                if hasattr(original, name):
+                    _set(replacement, name, getattr(original, name))
+        _set(replacement, "__wrapped__", original)
+    _set(replacement, MARKER, True)
+    return replacement
 
 
 def is_ours(obj: Any) -> bool:

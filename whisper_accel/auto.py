@@ -30,7 +30,7 @@ def parse(value: Optional[str]) -> Optional[Dict[str, bool]]:
 
     :raises ValueError: naming the valid values, for anything else.
     """
-    from .targets import GROUPS
+    from .groups import NAMES as GROUPS
 
     text = (value or "").strip().lower()
     if text in _OFF:
@@ -69,14 +69,31 @@ def install() -> bool:
         return False
     if groups is None or _installed:
         return False
-    import wrapt
+    try:
+        import wrapt
+    except Exception as exc:  # noqa: BLE001  a broken install must not stop the user's program
+        return _fault(f"whisper_accel could not register its import hook: {exc!r}; Whisper stays "
+                      "stock", strict, exc)
 
     def on_import(module):
-        from . import _api
+        # Runs inside the user's own `import transformers...`: nothing may escape it unless strict.
+        try:
+            from . import _api
 
-        if not _api.is_patched():
-            _api.patch(strict=strict, **groups)
+            if not _api.is_patched():
+                _api.patch(strict=strict, **groups)
+        except Exception as exc:  # noqa: BLE001
+            if strict:
+                raise
+            _fault(f"whisper_accel left Whisper stock after an internal error: {exc!r}", False, exc)
 
     wrapt.register_post_import_hook(on_import, WHISPER_MODULE)
     _installed = True
     return True
+
+
+def _fault(message: str, strict: bool, exc: BaseException) -> bool:
+    if strict:
+        raise SystemExit(f"whisper_accel: {message}") from exc
+    warnings.warn(message, UserWarning, stacklevel=3)
+    return False

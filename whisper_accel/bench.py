@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from . import _api
-from .targets import GROUPS
+from .groups import NAMES as GROUPS
 
 STAGES = ("encoder", "generate", "transcribe")
 
@@ -98,7 +98,7 @@ def compare(model, features, *, stages: Sequence[str] = ("encoder", "generate"),
             progress: Optional[Callable[[str], None]] = None) -> List[Row]:
     """Time each stage under each variant, interleaved; return one :class:`Row` per pair.
 
-    Leaves whisper_accel unpatched (call ``patch()`` again afterwards if you want it on).
+    Leaves whisper_accel as it found it: unpatched, or patched with the caller's groups.
     """
     variants = list(variants)
     if "stock" not in variants:
@@ -114,7 +114,7 @@ def compare(model, features, *, stages: Sequence[str] = ("encoder", "generate"),
     if repeats < 1:
         raise ValueError("repeats must be at least 1")
     say = progress or (lambda msg: None)
-    was_patched = _api.is_patched()
+    was_patched = _api.requested()
     _api.unpatch()
     rows: List[Row] = []
     try:
@@ -154,8 +154,8 @@ def compare(model, features, *, stages: Sequence[str] = ("encoder", "generate"),
                     applied=applied[v]))
     finally:
         _api.unpatch()
-        if was_patched:
-            _api.patch()
+        if was_patched is not None:
+            _api.patch(**was_patched)
     return rows
 
 

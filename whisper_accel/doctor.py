@@ -6,8 +6,9 @@ import json
 import platform
 import sys
 
-from . import _environment
+from . import _api, _environment
 from ._errors import Unsupported
+from .groups import NAMES
 
 
 def diagnose() -> dict:
@@ -16,17 +17,13 @@ def diagnose() -> dict:
     result = {"python": platform.python_version(), "environment": env.as_dict(),
               "capabilities": {}, "groups": {}}
     if not env.supported:
-        from .targets import GROUPS
-
         result["groups"] = {g: {"would_apply": False, "reason": "; ".join(env.problems)}
-                            for g in GROUPS}
+                            for g in NAMES}
         return result
     result["capabilities"] = _environment.capabilities()
-    from .targets import GROUPS
-
-    for name, build in GROUPS.items():
+    for name in NAMES:
         try:
-            patches = build(env)
+            patches = _api.group_patches(name, env)
             result["groups"][name] = {"would_apply": True,
                                       "targets": [f"{p.target}: {p.description}" for p in patches]}
         except Unsupported as exc:

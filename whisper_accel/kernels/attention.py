@@ -161,22 +161,33 @@ def _tile(mask, qs: int, qe: int, ks: int, ke: int):
 
 
 def fused(q, k, v, mask=None, scale: Optional[float] = None, causal: bool = False):
-    """Ascend's fused ``FlashAttentionScore`` (BNSD layout). Only where :func:`has_fused`."""
+    """Ascend's fused ``FlashAttentionScore`` (BNSD layout). Only where :func:`has_fused`.
+
+    ``mask`` (additive, broadcastable to ``(B, H, Lq, Lk)``) and ``causal`` (bottom-right
+    aligned) are combined into the operator's one ``attn_mask`` (uint8, 1 = masked out):
+    causal attention keeps a padding mask too."""
     from mindspore.ops.operations.nn_ops import FlashAttentionScore
 
     head_num = q.shape[1]
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    attn_mask = None
-    sparse_mode = 0
-    if causal:
-        lq, lk = q.shape[2], k.shape[2]
-        attn_mask = ops.triu(ops.ones((lq, lk), mindspore.uint8), 1 + lk - lq)
-    elif mask is not None:
-        attn_mask = (mask < -1.0).astype(mindspore.uint8)  # 1 = masked out
+    attn_mask = combined_mask(mask, causal, q.shape[2], k.shape[2])
     op = FlashAttentionScore(head_num=head_num, scale_value=float(scale), input_layout="BNSD",
-                             sparse_mode=sparse_mode)
+                             sparse_mode=0)
     return op(q, k, v, None, None, None, attn_mask)[3]
+
+
+def combined_mask(mask, causal: bool, lq: int, lk: int):
+    """``None``, or a uint8 mask (1 = masked out) of the additive ``mask`` OR-ed with the
+    bottom-right aligned causal mask: ``(Lq, Lk)`` for causal alone, else ``mask``'s shape
+    broadcast over the query and key axes (``(B, 1|H, Lq, Lk)``)."""
+    masked = None
+    if mask is not None:
+        masked = ops.less(_f32(mask), -1.0)
+    if causal:
+        upper = ops.cast(ops.triu(ops.ones((lq, lk), mindspore.uint8), 1 + lk - lq), mindspore.bool_)
+        masked = upper if masked is None else ops.logical_or(masked, upper)
+    return None if masked is None else ops.cast(masked, mindspore.uint8)
 
 
 def to_blhd(out):

@@ -1,14 +1,18 @@
-"""Graph-compiled (``mindspore.jit``) Whisper encoder and decoder step -- pure MindSpore.
+"""The compiled Whisper model: one model's weights arranged for the ``mindspore.jit`` graphs,
+and the launches that use them.
 
 Why: in PyNative every CPU op pays ~1-5 ms of dispatch, and ``linear`` against the
 51865-row vocabulary matrix pays ~150 ms (it transposes the weight on every call). Inside one
 ``mindspore.jit`` graph the same ops cost ~0.1 ms each and ``MatMul(transpose_b=True)`` reads
 the weight as stored. See ``benchmarks/PROFILE_NOTES.md`` for the numbers.
 
-:class:`CompiledWhisper` holds detached *views* of the model's weights (no copies). Building
-one costs ~10 ms and never recompiles, but it does not follow later in-place updates of the
-parameters (those rebind the buffer): rebuild it per generation. :meth:`matches` tells whether
-the parameter objects/dtypes are still the ones captured. It exposes:
+:class:`CompiledWhisper` holds detached *views* of a float32 model's weights (no copies) and
+one float32 compute copy of a float16/bfloat16 model's. It is built once per module and kept
+(:mod:`whisper_accel.runtime.binding`) while :meth:`CompiledWhisper.matches` holds: the same
+parameter objects, dtypes and buffers. mindtorch's in-place updates (``param.add_``,
+``copy_``, ``load_state_dict``) give a parameter a new buffer, so its ``data_ptr`` changes; the
+captured views (or, for half precision, the kept detached originals) hold the old buffers alive,
+so an address cannot come back while captured. It exposes:
 
 * :meth:`encode` -- conv1/conv2/positions, every layer, final norm (one graph launch per layer,
   or one graph with :data:`WHOLE_ENCODER_GRAPH`).
@@ -17,11 +21,10 @@ the parameter objects/dtypes are still the ones captured. It exposes:
   projection on a static-shape self-attention KV cache of ``bucket`` positions;
   :meth:`decode_next` the same for greedy search, with the suppression mask and argmax in-graph.
 
-The graphs themselves are in :mod:`whisper_accel.kernels.graphs`.
-
-MindSpore's jit cache keys the graphs on argument shapes/dtypes (one graph per
-(batch, tokens-per-step, bucket) for the decoder, per (batch, frames) for the encoder);
-:attr:`CompiledWhisper.compiled_shapes` records the keys seen, for reports.
+The graphs themselves are in :mod:`whisper_accel.kernels.graphs`. MindSpore's jit cache keys
+them on argument shapes/dtypes (one graph per (batch, tokens-per-step, bucket) for the decoder,
+per (batch, frames) for the encoder); :attr:`CompiledWhisper.compiled_shapes` records the keys
+seen, for reports.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import ops
 
-from . import graphs as G
+from ..kernels import graphs as G
 
 #: Static self-attention cache sizes; a generation uses the smallest that fits.
 BUCKETS = (64, 128, 256, 448)
@@ -53,9 +56,9 @@ WHOLE_ENCODER_GRAPH = False
 def _t(p):
     # Graph args must be plain tensors: a mindtorch Parameter fails with "Parameter[i] has no
     # default param". ``detach()`` shares the buffer (no copy) -- but an in-place update of the
-    # parameter later gives the parameter a new buffer, so rebuild this object to see it.
-    # float16/bfloat16 weights are copied to float32: the graphs compute in float32 (MindSpore
-    # CPU lacks bf16 Conv2D and mixes f16/f32 in Dense; see CompiledWhisper).
+    # parameter later gives the parameter a new buffer: ``matches`` sees that and the binding
+    # rebuilds. float16/bfloat16 weights are copied to float32: the graphs compute in float32
+    # (MindSpore CPU lacks bf16 Conv2D and mixes f16/f32 in Dense; see CompiledWhisper).
     t = p.detach()
     return t if t.dtype == ms.float32 else ops.cast(t, ms.float32)
 
@@ -69,7 +72,8 @@ def _ln_p(m):
 
 
 #: Parameter dtypes the graphs accept. They always compute in float32: float16/bfloat16 weights
-#: are upcast once per build (a float32 copy), inputs are upcast and outputs cast back by the glue.
+#: are upcast once per build (one float32 copy, kept while the weights do not change), inputs are
+#: upcast and outputs cast back by the glue.
 MODEL_DTYPES = (ms.float32, ms.float16, ms.bfloat16)
 
 
@@ -77,11 +81,13 @@ class CompiledWhisper:
     """Weights of one Whisper model arranged for the compiled graphs (references, not copies,
     for float32 models; float32 copies for float16/bfloat16 ones).
 
-    Either half may be absent: ``encoder=None`` gives a decoder-only object and vice versa.
-    :attr:`model_dtype` is the parameters' dtype; :attr:`dtype` (float32) the compute dtype.
+    Either half may be absent: ``encoder=None`` gives a decoder-only object and vice versa
+    (:meth:`from_encoder` / :meth:`from_model`: the encoder and the decoder each have theirs, so
+    no weight is arranged twice). :attr:`model_dtype` is the parameters' dtype; :attr:`dtype`
+    (float32) the compute dtype.
     """
 
-    def __init__(self, encoder=None, decoder=None, proj_weight=None):
+    def __init__(self, encoder=None, decoder=None, proj_weight=None, params=()):
         self.has_encoder, self.has_decoder = encoder is not None, decoder is not None
         first = (encoder if encoder is not None else decoder).embed_positions.weight
         self.model_dtype = first.dtype
@@ -119,32 +125,34 @@ class CompiledWhisper:
             self.max_positions = int(self.dec_pos.shape[0])
             self.head_dim = int(self.embed.shape[1]) // self.n_heads_dec
             self.dtype = self.embed.dtype
-        self._fingerprint: Tuple = ()
+        params = tuple(params)
+        self._fingerprint: Tuple = self.fingerprint(params)
+        # Half precision: the compute copies do not hold the parameters' buffers; these views do,
+        # so a buffer address seen in the fingerprint cannot be reused while this object lives.
+        self._keep = tuple(p.detach() for p in params) if self.model_dtype != ms.float32 else ()
         self.compiled_shapes: List[Tuple] = []
         self.lock = _GRAPH_LOCK
 
     @classmethod
     def from_model(cls, model) -> "CompiledWhisper":
-        """WhisperForConditionalGeneration -> decoder + vocab projection (+ encoder)."""
-        base = model.model
-        self = cls(base.encoder, base.decoder, model.proj_out.weight)
-        self._fingerprint = cls.fingerprint(model)
-        return self
+        """WhisperForConditionalGeneration -> decoder + vocab projection (the encoder has its own)."""
+        return cls(decoder=model.model.decoder, proj_weight=model.proj_out.weight,
+                   params=decoder_params(model))
 
     @classmethod
     def from_encoder(cls, encoder) -> "CompiledWhisper":
-        self = cls(encoder=encoder)
-        self._fingerprint = cls.fingerprint(encoder)
-        return self
+        return cls(encoder=encoder, params=tuple(encoder.parameters()))
 
     @staticmethod
-    def fingerprint(model) -> Tuple:
-        """Identity and dtype of every parameter: changes when weights are replaced or cast."""
-        return tuple((id(p), p.dtype) for p in model.parameters())
+    def fingerprint(params) -> Tuple:
+        """Identity, dtype and buffer address of every parameter: changes when weights are
+        replaced, cast, or updated in place (mindtorch gives the parameter a new buffer)."""
+        return tuple((id(p), p.dtype, p.data_ptr()) for p in params)
 
-    def matches(self, model) -> bool:
-        """True while ``model``'s parameters are the very objects (and dtypes) captured."""
-        return self._fingerprint == CompiledWhisper.fingerprint(model)
+    def matches(self, module) -> bool:
+        """True while ``module``'s weights are the very objects, dtypes and buffers captured."""
+        params = decoder_params(module) if self.has_decoder else tuple(module.parameters())
+        return self._fingerprint == self.fingerprint(params)
 
     def _note(self, key):
         if key not in self.compiled_shapes:
@@ -222,6 +230,12 @@ class CompiledWhisper:
         if cols is None:
             cols = _COLS[s] = ms.Tensor(np.arange(s, dtype=np.int32))
         return pos, cols
+
+
+def decoder_params(model) -> Tuple:
+    """What the decoder graphs read of a WhisperForConditionalGeneration: the decoder's
+    parameters and the vocabulary projection."""
+    return tuple(model.model.decoder.parameters()) + (model.proj_out.weight,)
 
 
 def _attn(a) -> Tuple:

@@ -1,4 +1,12 @@
-"""Adapter from transformers' attention-interface signature to the FlashAttention-2 kernel.
+"""The ``attention`` group: Whisper's ``sdpa`` and ``flash_attention_2`` attention run the
+FlashAttention-2 kernel (:mod:`whisper_accel.kernels.attention`), or Ascend's fused
+``FlashAttentionScore`` where the probe finds it.
+
+``modeling_whisper.ALL_ATTENTION_FUNCTIONS`` -- the name ``WhisperAttention.forward`` looks up on
+every call -- becomes a read-through view of the global registry in which the ``sdpa`` and
+``flash_attention_2`` entries run the kernel. Only Whisper sees it; the global registry and every
+other model stay untouched, and ``eager`` stays stock (it is what users choose to read attention
+weights).
 
 transformers calls ``fn(module, query, key, value, attention_mask, dropout=, scaling=, **kw)``
 with ``query`` ``(B, H, Lq, D)`` and expects ``((B, Lq, H, D) output, weights or None)``.
@@ -17,10 +25,15 @@ broadcast) raise :class:`ValueError` naming the shapes, never a silent wrong ans
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
+from .._environment import Gates
+from .._patcher import Patch, wrap
 from ..kernels import attention as kernel
-from .mindnlp05 import adopt
+from ..runtime.interop import adopt, import_whisper
+
+GATES = Gates()
+SUMMARY = "Whisper's sdpa / flash_attention_2 -> FlashAttention-2 kernel (fused on Ascend)"
 
 #: Registry keys whose Whisper calls are routed to the kernel.
 ACCELERATED = ("sdpa", "flash_attention_2")
@@ -73,9 +86,13 @@ def _bind(stock: Callable, key: str) -> Callable:
         return flash_attention_forward(module, query, key_states, value, attention_mask,
                                        stock=stock, implementation=key, **kwargs)
 
-    forward.__wrapped__ = stock
-    forward.__name__ = f"whisper_accel_{key}_forward"
-    return forward
+    return wrap(forward, stock)
+
+
+def patches(env) -> List[Patch]:
+    mw = import_whisper()
+    return [Patch("attention", mw, "ALL_ATTENTION_FUNCTIONS", make_whisper_registry,
+                  "Whisper's sdpa / flash_attention_2 -> FlashAttention-2 kernel")]
 
 
 def flash_attention_forward(module, query, key, value, attention_mask, *, stock: Callable,

@@ -26,26 +26,28 @@ Falls back to the original ``_sample`` (nothing skipped, nothing half-done) for:
 chunking, model kwargs other than ``encoder_outputs`` / ``past_key_values`` (empty or None) /
 ``use_cache`` / ``attention_mask`` (the encoder's, which Whisper's decoder does not read),
 a decoder attention mask, training mode, weights or encoder output other than float32 /
-float16 / bfloat16 (half precision computes in float32, see ``compiled_glue``), a
-``max_length`` beyond the model's positions, or a compile error (then the model stops trying).
+float16 / bfloat16 (half precision computes in float32, see the ``compiled`` group), or a
+``max_length`` beyond the model's positions. An exception inside the loop (a graph that fails
+to compile or launch) is a fault: one warning, the stock ``_sample`` runs the generation from
+the start (nothing of the failed attempt is visible), and that model uses stock code from then on.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-from typing import Any
+from typing import Any, List
 
 import numpy as np
 
-from ..kernels.compiled import CompiledWhisper
-from .compiled_glue import INFERENCE_LOCK, _compiled_for, _disable, _graph_dtype, to_compute
-from .decode_step import _DecodeState, _empty
-from .greedy_rules import Processors, criteria_np, max_length
-from .mindnlp05 import adopt
+from .._environment import Gates
+from .._patcher import Patch
+from ..runtime.binding import INFERENCE_LOCK, compiled_for, fault, graph_dtype, to_compute
+from ..runtime.decode_state import DecodeState, is_empty
+from ..runtime.interop import adopt, import_whisper
+from ..runtime.model import CompiledWhisper
+from ..runtime.rules import Processors, criteria_np, max_length
 
-logger = logging.getLogger(__name__)
-GROUP = "greedy"
+GATES = Gates(backends=("CPU",))
+SUMMARY = "greedy decode loop in numpy around one graph per step (argmax in-graph)"
 _KWARGS = frozenset({"encoder_outputs", "past_key_values", "use_cache", "attention_mask"})
 
 
@@ -55,7 +57,7 @@ def _encoder_hidden(model, model_kwargs, batch):
         return None
     hidden = enc[0] if hasattr(enc, "__getitem__") else None
     if getattr(hidden, "ndim", 0) != 3 or hidden.shape[0] != batch \
-            or not _graph_dtype(hidden, model.proj_out.weight):
+            or not graph_dtype(hidden, model.proj_out.weight):
         return None
     return hidden
 
@@ -76,7 +78,7 @@ def _eligible(self, input_ids, logits_processor, stopping_criteria, gc, synced_g
     cache = kw.get("past_key_values")
     if cache is not None and (type(cache) is not EncoderDecoderCache
                               or type(cache.self_attention_cache) is not DynamicCache
-                              or type(cache.cross_attention_cache) is not DynamicCache or not _empty(cache)):
+                              or type(cache.cross_attention_cache) is not DynamicCache or not is_empty(cache)):
         return False
     has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
     if has_eos and gc._pad_token_tensor is None:
@@ -87,20 +89,23 @@ def _eligible(self, input_ids, logits_processor, stopping_criteria, gc, synced_g
 def make_sample(original):
     """Replacement ``_sample``: the numpy-driven greedy loop, or ``original`` when ineligible."""
 
-    @functools.wraps(original)
     def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
                 streamer=None, **model_kwargs):
         with INFERENCE_LOCK:
             out = None
             if _eligible(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus,
                          streamer, model_kwargs):
-                out = _greedy(self, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs)
+                try:
+                    out = _greedy(self, input_ids, logits_processor, stopping_criteria, generation_config,
+                                  model_kwargs)
+                except Exception as exc:  # noqa: BLE001  a fault of ours: stock runs it from the start
+                    fault(self, "the greedy decode loop", exc)
+                    out = None
             if out is None:
                 return original(self, input_ids, logits_processor, stopping_criteria, generation_config,
                                 synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
             return out
 
-    _sample.__wrapped__ = original
     return _sample
 
 
@@ -113,18 +118,14 @@ def _greedy(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any
     hidden = _encoder_hidden(self, kw, batch)
     if hidden is None:
         return None
-    cw = _compiled_for(self, CompiledWhisper.from_model)
+    cw = compiled_for(self, CompiledWhisper.from_model)
     if cw is None or cw.model_dtype != hidden.dtype:
         return None
     max_len = max_length(stopping_criteria)
     if max_len > cw.max_positions:
         return None
-    try:
-        kx, vx = cw.cross_kv(to_compute(hidden))
-        k, v = cw.new_cache(batch, CompiledWhisper.bucket_for(cur_len, cw.max_positions))
-    except Exception as exc:  # noqa: BLE001  compile problem: stock from now on
-        _disable(self, exc)
-        return None
+    kx, vx = cw.cross_kv(to_compute(hidden))
+    k, v = cw.new_cache(batch, CompiledWhisper.bucket_for(cur_len, cw.max_positions))
 
     processors = Processors(logits_processor, int(cw.proj.shape[0]))
     done_np = criteria_np(stopping_criteria)
@@ -189,24 +190,24 @@ def _greedy(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
     from transformers.generation.utils import GenerateEncoderDecoderOutput
 
+    # Spill into a fresh cache first: should that fail, the caller's cache is still empty and
+    # the stock loop can run the generation again from the start.
+    filled = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    state = DecodeState(cw, k, v, kx, vx, batch)
+    state.length, state.like = fed, input_ids
+    state.spill(filled)
     cache = kw.get("past_key_values")
     if cache is None:
-        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-    state = _DecodeState(cw, k, v, kx, vx, batch)
-    state.length, state.like = fed, input_ids
-    state.spill(cache)
+        cache = filled
+    else:
+        cache.self_attention_cache = filled.self_attention_cache
+        cache.cross_attention_cache = filled.cross_attention_cache
+        cache.is_updated = filled.is_updated
     return GenerateEncoderDecoderOutput(sequences=sequences, scores=scores, logits=raw_logits,
                                         past_key_values=cache)
 
 
-def patches(env):
-    """The ``greedy`` group's patch (CPU only, like the compiled graphs it drives)."""
-    from .._errors import Unsupported
-    from .._patcher import Patch
-    from .mindnlp05 import import_whisper
-
-    if env.backend != "CPU":
-        raise Unsupported(f"the greedy loop is validated on CPU only, not {env.backend}")
+def patches(env) -> List[Patch]:
     mw = import_whisper()
-    return [Patch(GROUP, mw.WhisperForConditionalGeneration, "_sample", make_sample,
+    return [Patch("greedy", mw.WhisperForConditionalGeneration, "_sample", make_sample,
                   "greedy decode loop in numpy around one graph per step (argmax in-graph)")]

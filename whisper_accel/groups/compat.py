@@ -25,19 +25,23 @@ float16 model fail (``TypeError: For primitive[Conv2D], the input type must be s
 PyTorch refuses that too, so it is left alone. ``ffmpeg`` decoding of a file path works as is.
 
 Each fix is a factory ``make_xxx(original) -> replacement`` (``original`` is ``None`` when the
-attribute is added) and :func:`build` lists them as :class:`~whisper_accel._patcher.Patch`.
+attribute is added) and :func:`patches` lists them as :class:`~whisper_accel._patcher.Patch`.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import math
 from typing import Any, List, Optional
 
-from .._patcher import Patch
+from .._environment import Gates
+from .._patcher import ADD, Patch
+from ..runtime.interop import import_whisper
 
 GROUP = "compat"
+GATES = Gates()
+SUMMARY = ("flash_attention_2 loads without the flash_attn package; torch.hann_window; "
+           "log-mel features via transformers' numpy path")
 
 
 def _flash_attn_installed() -> bool:
@@ -60,7 +64,6 @@ def make_flash_attn_2_can_dispatch(original):
     original unchanged (only Whisper's attention is served by whisper_accel).
     """
 
-    @functools.wraps(original)
     def _flash_attn_2_can_dispatch(self, is_init_check: bool = False) -> bool:
         if _flash_attn_installed() or not _is_whisper(self):
             return original(self, is_init_check)  # other models: stock checks, stock errors
@@ -85,7 +88,6 @@ def make_lazy_import_flash_attention(original):
     is nothing to preload.
     """
 
-    @functools.wraps(original)
     def lazy_import_flash_attention(implementation=None, force_import=False):
         if implementation == "flash_attention_2" and not _flash_attn_installed():
             return (None, None, None, None), None
@@ -121,7 +123,7 @@ def make_hann_window(original):
     """``mindtorch.hann_window`` (added): ``hann_window(window_length, periodic=True, *, dtype=None,
     layout=None, device=None, requires_grad=False)`` like torch, default dtype float32.
 
-    ``original`` is ``None`` (the attribute is added); :func:`build` leaves this patch out when
+    ``original`` is ``None`` (the attribute is added); :func:`patches` leaves this patch out when
     mindtorch already exports one.
     """
 
@@ -150,7 +152,6 @@ def make_torch_extract_fbank_features(original):
     path (``_np_extract_fbank_features``) is transformers' own, matching to ~1e-5.
     """
 
-    @functools.wraps(original)
     def _torch_extract_fbank_features(self, waveform, device: str = "cpu"):
         import numpy as np
 
@@ -171,16 +172,14 @@ def make_torch_extract_fbank_features(original):
 # --------------------------------------------------------------------------------------------
 
 
-def build(env: Optional[Any] = None) -> List[Patch]:
+def patches(env: Optional[Any] = None) -> List[Patch]:
     """The compat patches for the installed MindNLP/transformers, in application order."""
-    from .mindnlp05 import import_whisper
-
     import_whisper()  # mindnlp first: torch -> mindtorch
     import mindtorch
     import transformers.modeling_utils as mu
     from transformers.models.whisper.feature_extraction_whisper import WhisperFeatureExtractor
 
-    patches = [
+    out = [
         Patch(GROUP, mu.PreTrainedModel, "_flash_attn_2_can_dispatch", make_flash_attn_2_can_dispatch,
               "accept attn_implementation='flash_attention_2' without the flash_attn package"),
         Patch(GROUP, mu, "lazy_import_flash_attention", make_lazy_import_flash_attention,
@@ -188,7 +187,7 @@ def build(env: Optional[Any] = None) -> List[Patch]:
         Patch(GROUP, WhisperFeatureExtractor, "_torch_extract_fbank_features", make_torch_extract_fbank_features,
               "log-mel features via transformers' numpy path (mindtorch has no stft)"),
     ]
-    if "hann_window" not in vars(mindtorch):
-        patches.insert(2, Patch(GROUP, mindtorch, "hann_window", make_hann_window,
-                                "add torch.hann_window (periodic Hann window) to mindtorch"))
-    return patches
+    if not hasattr(mindtorch, "hann_window"):
+        out.insert(2, Patch(GROUP, mindtorch, "hann_window", make_hann_window,
+                            "add torch.hann_window (periodic Hann window) to mindtorch", kind=ADD))
+    return out

@@ -1,8 +1,8 @@
-"""The greedy loop's per-step rules in numpy: logits processors and stopping criteria.
+"""The decode loops' per-step rules in numpy: logits processors and stopping criteria.
 
 :class:`Processors` turns transformers' processor list into a cached -inf mask for the graph, a
 numpy pipeline (with :mod:`.timestamps`), or the stock call; :func:`criteria_np` turns
-``MaxLengthCriteria`` / ``EosTokenCriteria`` into a numpy check. Used by :mod:`.greedy`.
+``MaxLengthCriteria`` / ``EosTokenCriteria`` into a numpy check. Used by the ``greedy`` group.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from .generation import _ids_np, _mask, _plans, processor_ids
+from .interop import ids_np
+from .masks import processor_ids, suppressed, vocab_mask
 
 
 class Processors:
@@ -47,9 +48,6 @@ class Processors:
             self.mode = "host" if any(isinstance(t, str) for t in self.ids) else "graph"
         self._by_len: Dict[int, Any] = {}
 
-    def _suppressed(self, p, tokens, cur_len: int):
-        return _plans()[type(p)][0](p, cur_len, tokens)[0]
-
     def mask(self, cur_len: int):
         """(V,) bool Tensor for the graph: the ids to set to -inf at this length (graph mode;
         none in the other modes, where the graph's scores are the raw logits)."""
@@ -58,24 +56,24 @@ class Processors:
             ids = [np.empty(0, np.int64)]
             if self.mode == "graph":
                 for p, tokens in zip(self.processors, self.ids):
-                    got = self._suppressed(p, tokens, cur_len)
+                    got = suppressed(p, cur_len, tokens)[0]
                     if got is not None:
                         ids.append(got)
-            m = self._by_len[cur_len] = _mask(self.vocab, np.concatenate(ids))
+            m = self._by_len[cur_len] = vocab_mask(self.vocab, np.concatenate(ids))
         return m
 
-    def host(self, ids_np: np.ndarray, logits_np: np.ndarray) -> Optional[np.ndarray]:
+    def host(self, ids: np.ndarray, logits_np: np.ndarray) -> Optional[np.ndarray]:
         """Host mode: the processed scores (B, V) float32, or None to run stock this step."""
         from .timestamps import timestamp_scores
 
         s = logits_np
         for p, tokens in zip(self.processors, self.ids):
             if isinstance(tokens, str):
-                s = timestamp_scores(p, ids_np, s)
+                s = timestamp_scores(p, ids, s)
                 if s is None:
                     return None
             else:
-                got = self._suppressed(p, tokens, ids_np.shape[1])
+                got = suppressed(p, ids.shape[1], tokens)[0]
                 if got is not None:
                     s = s.copy() if s is logits_np else s
                     s[:, got] = -np.inf
@@ -93,7 +91,7 @@ def criteria_np(criteria):
         if type(c) is sc.MaxLengthCriteria:
             checks.append(functools.partial(lambda ids, n: np.full(ids.shape[0], ids.shape[1] >= n), n=c.max_length))
         elif type(c) is sc.EosTokenCriteria and isinstance(c.eos_token_id, mindspore.Tensor):
-            eos = _ids_np(c.eos_token_id)
+            eos = ids_np(c.eos_token_id)
             if eos is None:
                 return None
             checks.append(functools.partial(lambda ids, e: np.isin(ids[:, -1], e), e=eos))

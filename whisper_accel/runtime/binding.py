@@ -1,0 +1,92 @@
+"""Which :class:`~whisper_accel.runtime.model.CompiledWhisper` serves a Whisper module, one
+inference at a time, and what happens when the fast path fails.
+
+* :func:`compiled_for` builds a module's compiled model once and keeps it on the module
+  (``module.__dict__[ATTR]``) while :meth:`CompiledWhisper.matches` holds; weights changed in
+  place, reloaded or cast are seen on the next call and the model is rebuilt (no recompilation:
+  graphs are keyed on shapes and dtypes).
+* :func:`fault` is the run-time fault path: an unexpected exception in the fast path (a graph
+  that fails to compile or launch, an unexpected module layout) turns that module's fast path
+  off for good and reports one warning (:func:`whisper_accel._errors.problem`; an error in
+  strict mode); the caller then runs the stock code.
+* :data:`INFERENCE_LOCK` and :func:`serialised`: one inference at a time across threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Optional
+
+import mindspore as ms
+from mindspore import ops
+
+from .._errors import problem
+from .model import MODEL_DTYPES, CompiledWhisper
+
+ATTR = "_whisper_accel_compiled"  # on the module: CompiledWhisper, or False after a fault
+_build_lock = threading.Lock()
+
+#: One process-wide re-entrant lock around every patched Whisper entry point (``generate``,
+#: ``WhisperForConditionalGeneration.forward``, ``WhisperEncoder.forward``, the decode loops):
+#: MindSpore 2.7's PyNative executor on CPU gives wrong results when several Python threads run
+#: operator streams at once (seen up to 2.6e-4 relative on logits with 8 threads), so concurrent
+#: inference is serialised rather than raced. Re-entrant: generate -> forward -> encoder.
+INFERENCE_LOCK = threading.RLock()
+
+
+def compiled_for(module, build: Callable) -> Optional[CompiledWhisper]:
+    """``module``'s compiled model (built by ``build(module)`` when missing or stale), or
+    ``None`` when the fast path is off for this module."""
+    cw = module.__dict__.get(ATTR)
+    if cw is False:
+        return None
+    if cw is not None and cw.matches(module):
+        return cw
+    with _build_lock:
+        try:
+            cw = build(module)
+        except Exception as exc:  # noqa: BLE001  unexpected module layout: stock from now on
+            fault(module, "arranging the weights for the compiled graphs", exc)
+            return None
+        module.__dict__[ATTR] = cw
+    return cw
+
+
+def fault(module, what: str, exc: BaseException) -> None:
+    """The fast path failed at ``what``: this module runs stock code from now on; one warning
+    (or, strict, :class:`WhisperAccelError` from ``exc``)."""
+    module.__dict__[ATTR] = False
+    problem(f"whisper_accel: {what} failed ({exc!r}); this {type(module).__name__} runs stock "
+            "Whisper code from now on", cause=exc)
+
+
+def graph_dtype(t, weight) -> bool:
+    """``t`` may enter the graphs: float32/float16/bfloat16 and the dtype of the model's
+    ``weight`` (a mismatch is left to stock code, which raises its own error)."""
+    return getattr(t, "dtype", None) in MODEL_DTYPES and t.dtype == weight.dtype
+
+
+def to_compute(t):
+    """Input for the graphs: they compute in float32."""
+    return t if t.dtype == ms.float32 else ops.cast(t, ms.float32)
+
+
+def to_model(t, cw: CompiledWhisper):
+    """A graph output in the model's dtype, as stock code would return it."""
+    return t if cw.model_dtype == ms.float32 else ops.cast(t, cw.model_dtype)
+
+
+def serialised(make: Optional[Callable]) -> Callable:
+    """A patch factory whose replacement holds :data:`INFERENCE_LOCK` around ``make(original)``
+    (or around ``original`` itself when ``make`` is None)."""
+
+    def factory(original):
+        inner = original if make is None else make(original)
+
+        def locked(*args, **kwargs):
+            with INFERENCE_LOCK:
+                return inner(*args, **kwargs)
+
+        return locked
+
+    return factory

@@ -1,0 +1,70 @@
+"""The static KV cache of one generation, attached to the ``EncoderDecoderCache`` that
+``generate`` threads through the steps.
+
+The compiled decoder keeps self-attention K/V in per-layer static-shape buffers (buckets of
+64/128/256/448 slots) and cross-attention K/V computed once. :class:`DecodeState` holds them on
+the HF cache object (:func:`attach`). When code outside the forward needs the HF cache
+contents (``reorder_cache`` for beam search, ``crop``, ``batch_*``, ``to_legacy_cache``) the
+static cache is first *spilled* into the HF cache, so the remaining steps run stock and stay
+correct.
+"""
+
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import ops
+
+from .binding import to_model
+from .interop import adopt
+
+STATE = "_whisper_accel_state"  # on the EncoderDecoderCache: DecodeState
+_SPILL_METHODS = ("reorder_cache", "crop", "batch_split", "batch_repeat_interleave",
+                  "batch_select_indices", "to_legacy_cache", "reset")
+
+
+class DecodeState:
+    """Static KV cache of one generation, attached to its EncoderDecoderCache."""
+
+    def __init__(self, cw, k, v, kx, vx, batch):
+        self.cw, self.k, self.v, self.kx, self.vx, self.batch = cw, k, v, kx, vx, batch
+        self.length = 0
+        self.like = None  # a mindtorch tensor to copy ``_device`` from
+
+    def spill(self, cache) -> None:
+        """Copy the static cache into the HF cache objects and detach, so stock code continues."""
+        d = cache.__dict__
+        d.pop(STATE, None)
+        for name in ("get_seq_length",) + _SPILL_METHODS:
+            d.pop(name, None)
+        n = self.length
+        idx = ms.Tensor(list(range(n)), ms.int32)
+        cw = self.cw
+
+        def out(t):
+            return adopt(to_model(t, cw), self.like)
+
+        for i in range(len(self.k)):
+            cache.self_attention_cache.update(out(ops.gather(self.k[i], idx, 2)), out(ops.gather(self.v[i], idx, 2)), i)
+            cache.cross_attention_cache.update(out(ops.transpose(self.kx[i], (0, 1, 3, 2))), out(self.vx[i]), i)
+            cache.is_updated[i] = True
+
+
+def attach(cache, state: DecodeState) -> None:
+    """Put ``state`` on ``cache``: its length answers ``get_seq_length``, and the methods that
+    read or edit the HF cache spill the static cache into it first."""
+    d = cache.__dict__
+    d[STATE] = state
+    d["get_seq_length"] = lambda layer_idx=0: state.length
+    for name in _SPILL_METHODS:
+        bound = getattr(type(cache), name).__get__(cache)
+
+        def spill_then(*a, _bound=bound, **kw):
+            state.spill(cache)
+            return _bound(*a, **kw)
+        d[name] = spill_then
+
+
+def is_empty(cache) -> bool:
+    """The HF cache holds nothing yet (a fresh generation)."""
+    # DynamicCache(config=...) pre-creates (unfilled) layers, so ask for lengths, not layers.
+    return cache.self_attention_cache.get_seq_length() == 0 and cache.cross_attention_cache.get_seq_length() == 0
