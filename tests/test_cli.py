@@ -115,3 +115,13 @@ def test_bench_profile_writes_a_mindspore_trace(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "profiler trace of the patched run" in proc.stderr
     assert any(out.iterdir()), "the profiler wrote nothing"
+
+
+def test_run_warns_when_the_activation_hook_is_not_installed(monkeypatch, capsys):
+    """An editable install has no whisper_accel.pth: `run` must say so, not silently run stock."""
+    from whisper_accel import cli as cli_module
+
+    assert cli_module.hook_installed()  # the suite runs on a regular install
+    monkeypatch.setattr(cli_module, "hook_installed", lambda: False)
+    assert cli_module.main(["run", "--", sys.executable, "-c", "pass"]) == 0
+    assert "whisper_accel.pth is not installed" in capsys.readouterr().err

@@ -169,3 +169,59 @@ def test_inplace_weight_update_is_seen(model, feats, patched):
             w.mul_(-1.0)
     assert not np.array_equal(want, before)  # the update matters...
     assert np.array_equal(got, want)  # ...and the compiled path saw it
+
+
+def test_compiled_model_is_kept_across_calls(model, feats, patched):
+    """Weights are arranged once per module, not per call (no per-call copies or views)."""
+    _gen(model, feats, n=4)
+    enc_cw, dec_cw = model.model.encoder.__dict__[ATTR], model.__dict__[ATTR]
+    _gen(model, feats, n=4)
+    assert model.model.encoder.__dict__[ATTR] is enc_cw and model.__dict__[ATTR] is dec_cw
+    assert enc_cw.has_encoder and not enc_cw.has_decoder  # the encoder is arranged once, by itself
+    assert dec_cw.has_decoder and not dec_cw.has_encoder
+
+
+def test_inplace_encoder_update_is_seen(model, feats, stock, patched):
+    with torch.no_grad():
+        model.model.encoder(feats)
+        w = model.model.encoder.layer_norm.bias
+        try:
+            w.add_(0.25)
+            got = model.model.encoder(feats).last_hidden_state.asnumpy()
+            patched.undo()
+            want = model.model.encoder(feats).last_hidden_state.asnumpy()
+        finally:
+            w.sub_(0.25)
+    assert _rel(want, stock["enc"]) > 1e-3  # the update matters...
+    assert _rel(got, want) < 1e-4  # ...and the compiled encoder saw it
+
+
+def test_load_state_dict_is_seen(feats, patched):
+    model = mini_model(seed=5, begin_suppress_tokens=None, suppress_tokens=None)
+    other = mini_model(seed=6, begin_suppress_tokens=None, suppress_tokens=None)
+    _gen(model, feats, n=6)
+    model.load_state_dict(other.state_dict())
+    got = _gen(model, feats, n=6)
+    patched.undo()
+    assert np.array_equal(got, _gen(other, feats, n=6))
+
+
+def test_dtype_moves_are_seen(feats, patched):
+    model = mini_model(seed=7, begin_suppress_tokens=None, suppress_tokens=None)
+    want = _gen(model, feats, n=6)
+    model.to(torch.float16)
+    with torch.no_grad():
+        half = model.model.encoder(feats.to(torch.float16)).last_hidden_state
+    assert half.dtype == torch.float16
+    assert model.model.encoder.__dict__[ATTR].model_dtype == torch.float16
+    half_cw = model.model.encoder.__dict__[ATTR]
+    with torch.no_grad():
+        model.model.encoder(feats.to(torch.float16))
+    assert model.model.encoder.__dict__[ATTR] is half_cw  # one compute copy, kept
+    model.to(torch.float32)
+    got = _gen(model, feats, n=6)
+    assert model.model.encoder.__dict__[ATTR].model_dtype == torch.float32
+    # fp16 round trip rounds the weights: compare with stock on the same (rounded) weights
+    patched.undo()
+    assert np.array_equal(got, _gen(model, feats, n=6))
+    assert want.shape == got.shape

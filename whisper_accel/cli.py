@@ -28,7 +28,25 @@ def _command(args: List[str]) -> List[str]:
     return args
 
 
+def hook_installed() -> bool:
+    """Is ``whisper_accel.pth`` (what reads ``WHISPER_ACCEL`` at start-up) in a site-packages of
+    this interpreter? An editable install (``pip install -e``) does not put it there."""
+    import site
+
+    dirs = list(site.getsitepackages()) + [site.getusersitepackages()]
+    return any(os.path.isfile(os.path.join(d, "whisper_accel.pth")) for d in dirs)
+
+
+def _check_hook() -> None:
+    if not hook_installed():
+        print("whisper-accel: the activation hook whisper_accel.pth is not installed in this "
+              "interpreter's site-packages (an editable `pip install -e` leaves it out), so "
+              "WHISPER_ACCEL has no effect and the command runs stock. Install with "
+              "`pip install -c constraints.txt .` (not -e).", file=sys.stderr)
+
+
 def cmd_run(ns) -> int:
+    _check_hook()
     env = dict(os.environ)
     env[auto.ENV] = ns.groups
     try:
@@ -40,6 +58,7 @@ def cmd_run(ns) -> int:
 
 def cmd_ab(ns) -> int:
     command = _command(ns.command)
+    _check_hook()
     arms = {"stock": "0", "patched": ns.groups}
     times = {a: [] for a in arms}
     outputs = {a: [] for a in arms}

@@ -20,7 +20,7 @@ from types import ModuleType
 from typing import Tuple
 
 #: Registered groups, in the order they are applied. ``patch()`` enables all by default.
-NAMES: Tuple[str, ...] = ("compat", "attention", "conv1d", "compiled", "generation", "greedy")
+NAMES: Tuple[str, ...] = ("compat", "attention", "conv1d", "compiled", "generation", "greedy", "beam")
 
 
 def load(name: str) -> ModuleType:

@@ -112,10 +112,25 @@ def cross_kv(enc, p, n_heads):
     return k, _heads(_linear(enc, p[1], p[2]), n_heads)
 
 
-def _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers, final_ln, n_heads, scaling):
+def _cross(q, k_x, v_x, beams):
+    """Cross-attention of ``q`` (N,H,T,Dh), N = B * beams, against one audio's K^T (B,H,Dh,S)
+    and V (B,H,S,Dh) shared by its ``beams`` consecutive rows: the beams' queries are stacked
+    along the query axis, so the encoder states are never copied per beam."""
+    if beams == 1:
+        return _attend(q, k_x, v_x, None, True)
+    n, h, t, dh = q.shape
+    b = n // beams
+    qg = q.reshape(b, beams, h, t, dh).transpose(0, 2, 1, 3, 4).reshape(b, h, beams * t, dh)
+    o = _attend(qg, k_x, v_x, None, True)
+    return o.reshape(b, h, beams, t, dh).transpose(0, 2, 1, 3, 4).reshape(n, h, t, dh)
+
+
+def _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers, final_ln, n_heads, scaling,
+             beams=1):
     """ids (B,T); positions (T,) int32 = pos0..pos0+T-1; cols (S,) int32 = 0..S-1;
-    caches: per-layer tuples of (B,H,S,Dh). Returns the final-norm hidden states (B,T,D) and
-    the updated caches. Traced inside the jit functions below (not a graph of its own)."""
+    caches: per-layer tuples of (B,H,S,Dh); cross K/V per audio (``beams`` rows share one).
+    Returns the final-norm hidden states (B,T,D) and the updated caches. Traced inside the jit
+    functions below (not a graph of its own)."""
     t = ids.shape[1]
     s = k_cache[0].shape[2]
     x = ops.gather(embed, ids, 0) + ops.gather(pos_table, positions, 0)
@@ -136,7 +151,7 @@ def _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table,
         x = x + _linear(_merge(_attend(q, k, v, bias)), sa[5], sa[6])
         ca = lw[3]
         q = _heads(_linear(_layer_norm(x, lw[2]), ca[0], ca[1]) * scaling, n_heads)
-        x = x + _linear(_merge(_attend(q, k_x[i], v_x[i], None, True)), ca[2], ca[3])
+        x = x + _linear(_merge(_cross(q, k_x[i], v_x[i], beams)), ca[2], ca[3])
         h = _gelu(_linear(_layer_norm(x, lw[4]), lw[5], lw[6]))
         x = x + _linear(h, lw[7], lw[8])
     return _layer_norm(x, final_ln), tuple(new_k), tuple(new_v)
@@ -161,3 +176,19 @@ def decode_next(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, proj, p
     logits = _mm_t(x[:, ids.shape[1] - 1, :], proj)
     scores = ops.masked_fill(logits, suppress, float("-inf"))
     return ops.argmax(scores, -1), scores, logits, new_k, new_v
+
+
+@ms.jit
+def decode_beams(ids, positions, cols, k_cache, v_cache, beam_idx, k_x, v_x, embed, proj, pos_table, layers,
+                 final_ln, n_heads, scaling, beams):
+    """Beam-search step for N = B * beams rows: first the self-attention caches are reordered by
+    ``beam_idx`` (N,) int32 (the row each new row continues), then the decoder runs on ``ids``
+    (N,T) with cross-attention K/V shared per audio; returns the last position's logits (N,V),
+    their log-softmax (MindSpore's LogSoftmax kernel, what stock beam search applies) and the
+    caches."""
+    k_cache = tuple(ops.gather(c, beam_idx, 0) for c in k_cache)
+    v_cache = tuple(ops.gather(c, beam_idx, 0) for c in v_cache)
+    x, new_k, new_v = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
+                               final_ln, n_heads, scaling, beams)
+    logits = _mm_t(x[:, ids.shape[1] - 1, :], proj)
+    return logits, ops.log_softmax(logits, -1), new_k, new_v

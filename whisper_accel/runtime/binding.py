@@ -14,6 +14,7 @@ inference at a time, and what happens when the fast path fails.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Callable, Optional
 
@@ -23,6 +24,7 @@ from mindspore import ops
 from .._errors import problem
 from .model import MODEL_DTYPES, CompiledWhisper
 
+logger = logging.getLogger(__name__)
 ATTR = "_whisper_accel_compiled"  # on the module: CompiledWhisper, or False after a fault
 _build_lock = threading.Lock()
 
@@ -54,9 +56,11 @@ def compiled_for(module, build: Callable) -> Optional[CompiledWhisper]:
 
 def fault(module, what: str, exc: BaseException) -> None:
     """The fast path failed at ``what``: this module runs stock code from now on; one warning
-    (or, strict, :class:`WhisperAccelError` from ``exc``)."""
+    per distinct failure (the encoder's and the decoder's launch failing alike are one), or,
+    strict, :class:`WhisperAccelError` from ``exc``."""
     module.__dict__[ATTR] = False
-    problem(f"whisper_accel: {what} failed ({exc!r}); this {type(module).__name__} runs stock "
+    logger.debug("whisper_accel: %s failed for %s", what, type(module).__name__, exc_info=exc)
+    problem(f"whisper_accel: the compiled fast path failed ({exc!r}); this model runs stock "
             "Whisper code from now on", cause=exc)
 
 

@@ -223,6 +223,19 @@ class CompiledWhisper:
                 self.dec_layers, self.dec_ln, self.n_heads_dec, self.scaling_dec, suppress)
         return nxt, scores, logits, ms.mutable(tuple(k)), ms.mutable(tuple(v))
 
+    def decode_beams(self, ids, pos0: int, k_cache, v_cache, beam_idx, k_x, v_x, beams: int):
+        """Beam step: reorder the caches by ``beam_idx`` (N,) int32, run ``ids`` (N, T) at
+        pos0.., cross K/V shared by each audio's ``beams`` rows. Returns (logits (N,V) of the
+        last position, their log-softmax, k_cache, v_cache)."""
+        t, s = int(ids.shape[1]), int(k_cache[0].shape[2])
+        self._note(("beams",) + tuple(ids.shape) + (s, beams))
+        pos, cols = self._positions(pos0, t, s)
+        with self.lock:
+            logits, logp, k, v = G.decode_beams(
+                ids, pos, cols, k_cache, v_cache, beam_idx, k_x, v_x, self.embed, self.proj, self.dec_pos,
+                self.dec_layers, self.dec_ln, self.n_heads_dec, self.scaling_dec, beams)
+        return logits, logp, ms.mutable(tuple(k)), ms.mutable(tuple(v))
+
     @staticmethod
     def _positions(pos0: int, t: int, s: int):
         pos = ms.Tensor(np.arange(pos0, pos0 + t, dtype=np.int32))

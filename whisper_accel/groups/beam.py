@@ -1,0 +1,169 @@
+"""The ``beam`` group: Whisper's beam search (``num_beams`` > 1, the ASR pipeline's default)
+driven from numpy around one graph launch per step for all beams.
+
+What: ``WhisperForConditionalGeneration._beam_search`` (inherited from ``GenerationMixin``; what
+``generate`` runs for ``num_beams > 1`` without sampling) is replaced by
+:func:`whisper_accel.runtime.beam_search.beam_search`, transformers 4.57's algorithm in numpy
+(log-probs, processors, top-k in the kernel's own tie order, finished hypotheses, length
+penalty, ``early_stopping``, ``num_return_sequences``), around a step that launches one graph
+(:meth:`CompiledWhisper.decode_beams`): the static self-attention KV cache of all N = batch x
+beams rows is reordered by beam index inside the graph, and cross-attention K/V are computed
+once per audio and shared by its beams (their queries are stacked; nothing is copied per beam).
+The masking logits processors and ``WhisperTimeStampLogitsProcessor`` run in numpy
+(:mod:`whisper_accel.runtime.rules`); others run as stock code on the step's log-probs.
+
+Returns what stock returns: the sequences, or ``GenerateBeamEncoderDecoderOutput`` with
+``sequences_scores``, ``scores``, ``logits``, ``beam_indices`` and ``past_key_values`` (the
+static cache spilled in stock's final beam order).
+
+Falls back to the stock ``_beam_search`` for: beam sampling (``do_sample=True``), ``synced_gpus``,
+``output_attentions`` / ``output_hidden_states``, prefill chunking, ``low_memory`` (stock raises
+its own error), model kwargs other than ``encoder_outputs`` / ``past_key_values`` (empty) /
+``use_cache`` / ``attention_mask``, a decoder attention mask, training mode, weights or encoder
+output other than float32/float16/bfloat16, or a ``max_length`` beyond the model's positions.
+An exception inside the loop is a fault: one warning, stock runs the search from the start.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List
+
+import numpy as np
+
+from .._environment import Gates
+from .._patcher import Patch
+from ..runtime.beam_search import beam_search
+from ..runtime.binding import INFERENCE_LOCK, compiled_for, fault, graph_dtype, to_compute
+from ..runtime.decode_state import DecodeState, is_empty
+from ..runtime.interop import import_whisper
+from ..runtime.model import CompiledWhisper
+from ..runtime.rules import Processors, max_length
+
+GATES = Gates(backends=("CPU",))
+SUMMARY = "beam search in numpy around one graph per step for all beams (cache reordered in-graph)"
+_KWARGS = frozenset({"encoder_outputs", "past_key_values", "use_cache", "attention_mask"})
+
+
+def _eligible(self, input_ids, stopping_criteria, gc, synced_gpus, kw) -> bool:
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    if self.training or synced_gpus or gc.do_sample or getattr(gc, "low_memory", False):
+        return False
+    if gc.return_dict_in_generate and (gc.output_attentions or gc.output_hidden_states):
+        return False
+    if getattr(gc, "prefill_chunk_size", None) is not None or not set(kw) <= _KWARGS:
+        return False
+    if not (kw.get("use_cache") if kw.get("use_cache") is not None else self.config.use_cache):
+        return False
+    if getattr(input_ids, "ndim", 0) != 2 or str(input_ids.dtype).split(".")[-1] not in ("int64", "int32"):
+        return False
+    if int(input_ids.shape[0]) % int(gc.num_beams):
+        return False
+    cache = kw.get("past_key_values")
+    if cache is not None and (type(cache) is not EncoderDecoderCache
+                              or type(cache.self_attention_cache) is not DynamicCache
+                              or type(cache.cross_attention_cache) is not DynamicCache or not is_empty(cache)):
+        return False
+    return max_length(stopping_criteria) is not None
+
+
+def make_beam_search(original):
+    """Replacement ``_beam_search``: the numpy-driven loop, or ``original`` when ineligible."""
+
+    def _beam_search(self, input_ids, logits_processor, stopping_criteria, generation_config,
+                     synced_gpus=False, **model_kwargs):
+        with INFERENCE_LOCK:
+            out = None
+            if _eligible(self, input_ids, stopping_criteria, generation_config, synced_gpus, model_kwargs):
+                try:
+                    out = _beams(self, input_ids, logits_processor, stopping_criteria, generation_config,
+                                 model_kwargs)
+                except Exception as exc:  # noqa: BLE001  a fault of ours: stock runs it from the start
+                    fault(self, "the beam search loop", exc)
+                    out = None
+            if out is None:
+                return original(self, input_ids, logits_processor, stopping_criteria, generation_config,
+                                synced_gpus=synced_gpus, **model_kwargs)
+            return out
+
+    return _beam_search
+
+
+def _shared_rows(hidden, beams: int):
+    """Encoder states of one row per audio when each audio's ``beams`` rows are copies (as
+    ``generate`` expands them), else None."""
+    h = hidden.asnumpy()
+    grouped = h.reshape((h.shape[0] // beams, beams) + h.shape[1:])
+    if not (grouped == grouped[:, :1]).all():
+        return None
+    import mindspore
+
+    return mindspore.Tensor(np.ascontiguousarray(grouped[:, 0]))
+
+
+def _beams(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any:
+    """The search, or None (before anything ran) to let the original run."""
+    import mindspore
+    from mindspore import ops
+
+    n, cur_len = int(input_ids.shape[0]), int(input_ids.shape[1])
+    beams = int(gc.num_beams)
+    enc = kw.get("encoder_outputs")
+    hidden = enc[0] if enc is not None and hasattr(enc, "__getitem__") else None
+    if getattr(hidden, "ndim", 0) != 3 or hidden.shape[0] != n or not graph_dtype(hidden, self.proj_out.weight):
+        return None
+    cw = compiled_for(self, CompiledWhisper.from_model)
+    if cw is None or cw.model_dtype != hidden.dtype or max_length(stopping_criteria) > cw.max_positions:
+        return None
+    per_audio = _shared_rows(hidden, beams)
+    group = beams if per_audio is not None else 1
+    kx, vx = cw.cross_kv(to_compute(per_audio if per_audio is not None else hidden))
+    cache = {"k": None, "v": None}
+    cache["k"], cache["v"] = cw.new_cache(n, CompiledWhisper.bucket_for(cur_len, cw.max_positions))
+    identity = np.arange(n, dtype=np.int32)
+    want_logits = gc.return_dict_in_generate and gc.output_logits
+
+    def step(feed, pos0, beam_idx):
+        k, v = cache["k"], cache["v"]
+        need = pos0 + feed.shape[1]
+        if need > k[0].shape[2]:
+            k, v = cw.grow_cache(k, v, CompiledWhisper.bucket_for(need, cw.max_positions))
+        order = identity if beam_idx is None else beam_idx.astype(np.int32)
+        logits, logp, cache["k"], cache["v"] = cw.decode_beams(
+            mindspore.Tensor(np.ascontiguousarray(feed), mindspore.int64), pos0, k, v,
+            mindspore.Tensor(order), kx, vx, group)
+        cache["fed"] = need
+        return (logits.asnumpy() if want_logits else None), logp.asnumpy()
+
+    processors = Processors(logits_processor, int(cw.proj.shape[0]))
+    process = None if processors.mode == "stock" else processors.host
+
+    def finish(beam_idx):
+        """The HF cache stock returns: the static cache after the last step, in the last order."""
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        idx = mindspore.Tensor(beam_idx.astype(np.int32))
+        per_row = mindspore.Tensor((np.arange(n) // group).astype(np.int32))
+        state = DecodeState(cw, tuple(ops.gather(c, idx, 0) for c in cache["k"]),
+                            tuple(ops.gather(c, idx, 0) for c in cache["v"]),
+                            tuple(ops.gather(c, per_row, 0) for c in kx),
+                            tuple(ops.gather(c, per_row, 0) for c in vx), n)
+        state.length, state.like = cache["fed"], input_ids
+        filled = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        state.spill(filled)
+        given = kw.get("past_key_values")
+        if given is None:
+            return filled
+        given.self_attention_cache = filled.self_attention_cache
+        given.cross_attention_cache = filled.cross_attention_cache
+        given.is_updated = filled.is_updated
+        return given
+
+    return beam_search(step, input_ids.asnumpy(), logits_processor, stopping_criteria, gc, process=process,
+                       like=input_ids, finish=finish)
+
+
+def patches(env) -> List[Patch]:
+    mw = import_whisper()
+    return [Patch("beam", mw.WhisperForConditionalGeneration, "_beam_search", make_beam_search,
+                  "beam search in numpy around one graph per step for all beams")]
