@@ -75,6 +75,8 @@ class Processors:
             else:
                 got = suppressed(p, ids.shape[1], tokens)[0]
                 if got is not None:
+                    # stock masks isin(arange(V), ids): ids outside [0, V) mask nothing
+                    got = got[(got >= 0) & (got < s.shape[-1])]
                     s = s.copy() if s is logits_np else s
                     s[:, got] = -np.inf
         return s
