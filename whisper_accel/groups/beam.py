@@ -33,38 +33,20 @@ import numpy as np
 from .._environment import Gates
 from .._patcher import Patch
 from ..runtime.beam_search import beam_search
-from ..runtime.binding import INFERENCE_LOCK, compiled_for, fault, graph_dtype, to_compute
-from ..runtime.decode_state import DecodeState, is_empty
+from ..runtime.binding import INFERENCE_LOCK, compiled_for, fault, to_compute
+from ..runtime.decode_state import DecodeState
 from ..runtime.interop import import_whisper
+from ..runtime.loops import eligible, encoder_hidden
 from ..runtime.model import CompiledWhisper
 from ..runtime.rules import Processors, max_length
 
 GATES = Gates(backends=("CPU",))
 SUMMARY = "beam search in numpy around one graph per step for all beams (cache reordered in-graph)"
-_KWARGS = frozenset({"encoder_outputs", "past_key_values", "use_cache", "attention_mask"})
 
 
 def _eligible(self, input_ids, stopping_criteria, gc, synced_gpus, kw) -> bool:
-    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-
-    if self.training or synced_gpus or gc.do_sample or getattr(gc, "low_memory", False):
-        return False
-    if gc.return_dict_in_generate and (gc.output_attentions or gc.output_hidden_states):
-        return False
-    if getattr(gc, "prefill_chunk_size", None) is not None or not set(kw) <= _KWARGS:
-        return False
-    if not (kw.get("use_cache") if kw.get("use_cache") is not None else self.config.use_cache):
-        return False
-    if getattr(input_ids, "ndim", 0) != 2 or str(input_ids.dtype).split(".")[-1] not in ("int64", "int32"):
-        return False
-    if int(input_ids.shape[0]) % int(gc.num_beams):
-        return False
-    cache = kw.get("past_key_values")
-    if cache is not None and (type(cache) is not EncoderDecoderCache
-                              or type(cache.self_attention_cache) is not DynamicCache
-                              or type(cache.cross_attention_cache) is not DynamicCache or not is_empty(cache)):
-        return False
-    return max_length(stopping_criteria) is not None
+    return (not getattr(gc, "low_memory", False) and int(input_ids.shape[0]) % int(gc.num_beams) == 0
+            and eligible(self, input_ids, stopping_criteria, gc, synced_gpus, kw))
 
 
 def make_beam_search(original):
@@ -108,9 +90,8 @@ def _beams(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any:
 
     n, cur_len = int(input_ids.shape[0]), int(input_ids.shape[1])
     beams = int(gc.num_beams)
-    enc = kw.get("encoder_outputs")
-    hidden = enc[0] if enc is not None and hasattr(enc, "__getitem__") else None
-    if getattr(hidden, "ndim", 0) != 3 or hidden.shape[0] != n or not graph_dtype(hidden, self.proj_out.weight):
+    hidden = encoder_hidden(self, kw, n)
+    if hidden is None:
         return None
     cw = compiled_for(self, CompiledWhisper.from_model)
     if cw is None or cw.model_dtype != hidden.dtype or max_length(stopping_criteria) > cw.max_positions:

@@ -40,50 +40,21 @@ import numpy as np
 
 from .._environment import Gates
 from .._patcher import Patch
-from ..runtime.binding import INFERENCE_LOCK, compiled_for, fault, graph_dtype, to_compute
-from ..runtime.decode_state import DecodeState, is_empty
+from ..runtime.binding import INFERENCE_LOCK, compiled_for, fault, to_compute
+from ..runtime.decode_state import DecodeState
 from ..runtime.interop import adopt, import_whisper
+from ..runtime.loops import eligible, encoder_hidden
 from ..runtime.model import CompiledWhisper
 from ..runtime.rules import Processors, criteria_np, max_length
 
 GATES = Gates(backends=("CPU",))
 SUMMARY = "greedy decode loop in numpy around one graph per step (argmax in-graph)"
-_KWARGS = frozenset({"encoder_outputs", "past_key_values", "use_cache", "attention_mask"})
 
 
-def _encoder_hidden(model, model_kwargs, batch):
-    enc = model_kwargs.get("encoder_outputs")
-    if enc is None:
-        return None
-    hidden = enc[0] if hasattr(enc, "__getitem__") else None
-    if getattr(hidden, "ndim", 0) != 3 or hidden.shape[0] != batch \
-            or not graph_dtype(hidden, model.proj_out.weight):
-        return None
-    return hidden
-
-
-def _eligible(self, input_ids, logits_processor, stopping_criteria, gc, synced_gpus, streamer, kw) -> bool:
-    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-
-    if self.training or synced_gpus or streamer is not None or gc.do_sample:
-        return False
-    if gc.return_dict_in_generate and (gc.output_attentions or gc.output_hidden_states):
-        return False
-    if getattr(gc, "prefill_chunk_size", None) is not None or not set(kw) <= _KWARGS:
-        return False
-    if not (kw.get("use_cache") if kw.get("use_cache") is not None else self.config.use_cache):
-        return False
-    if getattr(input_ids, "ndim", 0) != 2 or str(input_ids.dtype).split(".")[-1] not in ("int64", "int32"):
-        return False
-    cache = kw.get("past_key_values")
-    if cache is not None and (type(cache) is not EncoderDecoderCache
-                              or type(cache.self_attention_cache) is not DynamicCache
-                              or type(cache.cross_attention_cache) is not DynamicCache or not is_empty(cache)):
-        return False
+def _eligible(self, input_ids, stopping_criteria, gc, synced_gpus, streamer, kw) -> bool:
     has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
-    if has_eos and gc._pad_token_tensor is None:
-        return False
-    return max_length(stopping_criteria) is not None
+    return (streamer is None and eligible(self, input_ids, stopping_criteria, gc, synced_gpus, kw)
+            and not (has_eos and gc._pad_token_tensor is None))
 
 
 def make_sample(original):
@@ -93,8 +64,8 @@ def make_sample(original):
                 streamer=None, **model_kwargs):
         with INFERENCE_LOCK:
             out = None
-            if _eligible(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus,
-                         streamer, model_kwargs):
+            if _eligible(self, input_ids, stopping_criteria, generation_config, synced_gpus, streamer,
+                         model_kwargs):
                 try:
                     out = _greedy(self, input_ids, logits_processor, stopping_criteria, generation_config,
                                   model_kwargs)
@@ -115,7 +86,7 @@ def _greedy(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any
     import torch
 
     batch, cur_len = int(input_ids.shape[0]), int(input_ids.shape[1])
-    hidden = _encoder_hidden(self, kw, batch)
+    hidden = encoder_hidden(self, kw, batch)
     if hidden is None:
         return None
     cw = compiled_for(self, CompiledWhisper.from_model)

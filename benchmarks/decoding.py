@@ -1,0 +1,117 @@
+"""Decoding modes users run, stock vs patched, on one model and clip.
+
+    .venv/bin/python tests/fixtures/ct2_to_hf.py /tmp/tinyen          # real tiny.en weights, offline
+    .venv/bin/python benchmarks/decoding.py --model /tmp/tinyen --audio tests/data/stella.wav \\
+        --modes greedy,beam5,beam5_timestamps,pipeline --repeats 3 [--json out.json]
+    .venv/bin/python benchmarks/decoding.py --config tiny --modes greedy,beam5   # random weights
+
+Modes: ``greedy`` (``generate``), ``beam5`` (``num_beams=5``), ``beam5_timestamps`` (the same
+with ``return_timestamps=True``), ``pipeline`` (transformers' ASR pipeline with
+``return_timestamps=True`` and its default decoding, ``num_beams=5``: the seed script's call).
+``generate`` modes time ``model.generate(features)`` on features computed once with
+transformers' numpy log-mel path; in ``pipeline`` mode the stock arm is stock MindNLP plus the
+``compat`` group only, because bare stock MindNLP cannot compute log-mel features (no
+``torch.stft`` in mindtorch). Arms run interleaved (stock, patched, stock, ...) after a
+warm-up round whose time is reported as ``first s``; medians. The outputs (token ids, or the
+pipeline's text and chunks) of both arms must be identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+MODES = {
+    "greedy": dict(),
+    "beam5": dict(num_beams=5),
+    "beam5_timestamps": dict(num_beams=5, return_timestamps=True),
+}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="local Hugging Face Whisper folder")
+    p.add_argument("--config", default="tiny", help="random-weight dimensions when no --model")
+    p.add_argument("--audio", help="audio file (default: 30 s of seeded synthetic audio)")
+    p.add_argument("--modes", default="greedy,beam5")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="force this many tokens in generate modes (random weights)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json")
+    a = p.parse_args()
+    os.environ.setdefault("GLOG_v", "3")
+    import mindnlp  # noqa: F401
+    import torch
+    from transformers import WhisperProcessor, pipeline
+    from transformers.utils import logging
+
+    import whisper_accel
+    from whisper_accel import bench, models
+    from whisper_accel.groups import NAMES
+
+    logging.set_verbosity_error()
+    if a.model:
+        model = models.load_model(a.model)
+        processor = WhisperProcessor.from_pretrained(a.model, local_files_only=True)
+        label = os.path.basename(os.path.abspath(a.model))
+    else:
+        model, processor, label = models.random_model(a.config), None, f"{a.config} (random weights)"
+    audio = models.read_audio(a.audio) if a.audio else models.synthetic_audio(30.0)
+    feats = bench.log_mel(processor, audio, mels=model.config.num_mel_bins)
+    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+
+    def run_mode(mode):
+        if mode == "pipeline":
+            asr = pipeline("automatic-speech-recognition", model=model, tokenizer=processor.tokenizer,
+                           feature_extractor=processor.feature_extractor, return_timestamps=True)
+            out = asr({"raw": audio, "sampling_rate": models.SAMPLE_RATE})
+            return json.dumps(out, sort_keys=True, default=str)
+        kw = dict(MODES[mode])
+        if a.max_new_tokens:
+            kw.update(max_new_tokens=a.max_new_tokens, min_new_tokens=a.max_new_tokens)
+        with torch.no_grad():
+            return model.generate(feats, **kw).asnumpy().tolist()
+
+    rows = []
+    for mode in modes:
+        stock_groups = {g: g == "compat" for g in NAMES} if mode == "pipeline" else None
+        arms = {"stock": stock_groups, "patched": {}}
+        times, outputs, first = {n: [] for n in arms}, {}, {}
+        for r in range(a.repeats + 1):
+            for name, groups in arms.items():
+                if groups is not None:
+                    whisper_accel.patch(**groups)
+                try:
+                    t0 = time.perf_counter()
+                    outputs[name] = run_mode(mode)
+                    elapsed = time.perf_counter() - t0
+                finally:
+                    whisper_accel.unpatch()
+                if r:
+                    times[name].append(elapsed)
+                else:
+                    first[name] = elapsed
+                print(f"[{r}/{a.repeats}] {mode:<18}{name:<8}{elapsed:8.2f} s", file=sys.stderr, flush=True)
+        med = {n: statistics.median(t) for n, t in times.items()}
+        rows.append({"mode": mode, "stock_median_s": med["stock"], "patched_median_s": med["patched"],
+                     "stock_first_s": first["stock"], "patched_first_s": first["patched"],
+                     "speedup": med["stock"] / med["patched"], "outputs_equal": outputs["stock"] == outputs["patched"],
+                     "times_s": times})
+    print(f"decoding modes, {label}, {a.audio or 'synthetic 30 s'}, medians of {a.repeats} (first call apart)")
+    print(f"{'mode':<18}{'stock s':>9}{'patched s':>11}{'speedup':>9}{'first s (stock/patched)':>26}  outputs")
+    for r in rows:
+        print(f"{r['mode']:<18}{r['stock_median_s']:>9.2f}{r['patched_median_s']:>11.2f}{r['speedup']:>8.1f}x"
+              f"{r['stock_first_s']:>14.2f} / {r['patched_first_s']:<9.2f}  "
+              + ("equal" if r["outputs_equal"] else "DIFFER!"))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"model": label, "audio": a.audio, "repeats": a.repeats, "rows": rows}, f, indent=2)
+    return 0 if all(r["outputs_equal"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
