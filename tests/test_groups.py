@@ -288,8 +288,14 @@ def test_bench_restores_the_callers_groups(mini):
 
     model, feats, _ = mini
     whisper_accel.patch(attention=False)
-    before = _api.requested()
-    bench.compare(model, feats, stages=("encoder",), variants=("stock", "compiled"), repeats=1,
-                  warmup=1)
-    assert whisper_accel.is_patched() and _api.requested() == before
-    assert before["attention"] is False
+    assert _api.requested() == {"attention": False}  # what the caller said, nothing added
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", WhisperAccelWarning)  # restoring must not name other groups
+        bench.compare(model, feats, stages=("encoder",), variants=("stock", "compiled"), repeats=1,
+                      warmup=1)
+    assert whisper_accel.is_patched() and _api.requested() == {"attention": False}
+    entries = whisper_accel.status()["last_report"]["entries"]
+    applied = {e["group"] for e in entries if e["status"] == "applied"}
+    assert "attention" not in applied and "compiled" in applied

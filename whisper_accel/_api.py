@@ -19,7 +19,7 @@ from .groups import NAMES, load
 
 _PATCHER = Patcher()
 _last_report: Optional["Report"] = None
-_request: Optional[Dict[str, bool]] = None  # the group arguments of the patch now applied
+_request: Optional[Dict[str, bool]] = None  # the caller's group arguments of the patch now applied
 
 
 @dataclass
@@ -151,7 +151,7 @@ def patch(*, strict: bool = False, **groups: bool) -> Report:
             return _last_report
         report.entries[:0] = [Entry(p.group, p.target, "applied", p.description) for p in applied]
         _last_report = report
-        _request = {name: name in wanted for name in NAMES} if applied else None
+        _request = dict(groups) if applied else None  # as the caller said it (not expanded)
         return report
 
 
