@@ -7,7 +7,9 @@
 
 Modes: ``greedy`` (``generate``), ``beam5`` (``num_beams=5``), ``beam5_timestamps`` (the same
 with ``return_timestamps=True``), ``pipeline`` (transformers' ASR pipeline with
-``return_timestamps=True`` and its default decoding, ``num_beams=5``: the seed script's call).
+``return_timestamps=True`` and its default decoding, ``num_beams=5``: the seed script's call),
+``chunked`` (the same pipeline with ``chunk_length_s=30, batch_size=2``: a batch of windows,
+each decoded with 5 beams).
 ``generate`` modes time ``model.generate(features)`` on features computed once with
 transformers' numpy log-mel path; in ``pipeline`` mode the stock arm is stock MindNLP plus the
 ``compat`` group only, because bare stock MindNLP cannot compute log-mel features (no
@@ -65,9 +67,10 @@ def main() -> int:
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
 
     def run_mode(mode):
-        if mode == "pipeline":
+        if mode in ("pipeline", "chunked"):
+            extra = dict(chunk_length_s=30, batch_size=2) if mode == "chunked" else {}
             asr = pipeline("automatic-speech-recognition", model=model, tokenizer=processor.tokenizer,
-                           feature_extractor=processor.feature_extractor, return_timestamps=True)
+                           feature_extractor=processor.feature_extractor, return_timestamps=True, **extra)
             out = asr({"raw": audio, "sampling_rate": models.SAMPLE_RATE})
             return json.dumps(out, sort_keys=True, default=str)
         kw = dict(MODES[mode])
@@ -78,7 +81,7 @@ def main() -> int:
 
     rows = []
     for mode in modes:
-        stock_groups = {g: g == "compat" for g in NAMES} if mode == "pipeline" else None
+        stock_groups = {g: g == "compat" for g in NAMES} if mode in ("pipeline", "chunked") else None
         arms = {"stock": stock_groups, "patched": {}}
         times, outputs, first = {n: [] for n in arms}, {}, {}
         for r in range(a.repeats + 1):
