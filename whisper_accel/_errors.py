@@ -38,10 +38,6 @@ def set_strict(strict: bool) -> None:
     _strict = bool(strict)
 
 
-def strict() -> bool:
-    return _strict
-
-
 def problem(message: str, strict: Optional[bool] = None, cause: Optional[BaseException] = None,
             stacklevel: int = 3) -> None:
     """Report ``message``: raise :class:`WhisperAccelError` when ``strict`` (default: the process

@@ -33,10 +33,10 @@ import numpy as np
 from .._environment import Gates
 from .._patcher import Patch
 from ..runtime.beam_search import beam_search
-from ..runtime.binding import INFERENCE_LOCK, compiled_for, fault, to_compute
+from ..runtime.binding import compiled_for, to_compute
 from ..runtime.decode_state import DecodeState
 from ..runtime.interop import import_whisper
-from ..runtime.loops import eligible, encoder_hidden
+from ..runtime.loops import eligible, encoder_hidden, fast_or_stock
 from ..runtime.model import CompiledWhisper
 from ..runtime.rules import Processors, max_length
 
@@ -54,19 +54,14 @@ def make_beam_search(original):
 
     def _beam_search(self, input_ids, logits_processor, stopping_criteria, generation_config,
                      synced_gpus=False, **model_kwargs):
-        with INFERENCE_LOCK:
-            out = None
-            if _eligible(self, input_ids, stopping_criteria, generation_config, synced_gpus, model_kwargs):
-                try:
-                    out = _beams(self, input_ids, logits_processor, stopping_criteria, generation_config,
-                                 model_kwargs)
-                except Exception as exc:  # noqa: BLE001  a fault of ours: stock runs it from the start
-                    fault(self, "the beam search loop", exc)
-                    out = None
-            if out is None:
-                return original(self, input_ids, logits_processor, stopping_criteria, generation_config,
-                                synced_gpus=synced_gpus, **model_kwargs)
-            return out
+        def fast():
+            if not _eligible(self, input_ids, stopping_criteria, generation_config, synced_gpus, model_kwargs):
+                return None
+            return _beams(self, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs)
+
+        return fast_or_stock(self, "the beam search loop", fast, lambda: original(
+            self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=synced_gpus,
+            **model_kwargs))
 
     return _beam_search
 
@@ -121,8 +116,6 @@ def _beams(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any:
 
     def finish(beam_idx):
         """The HF cache stock returns: the static cache after the last step, in the last order."""
-        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-
         idx = mindspore.Tensor(beam_idx.astype(np.int32))
         per_row = mindspore.Tensor((np.arange(n) // group).astype(np.int32))
         state = DecodeState(cw, tuple(ops.gather(c, idx, 0) for c in cache["k"]),
@@ -130,15 +123,7 @@ def _beams(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any:
                             tuple(ops.gather(c, per_row, 0) for c in kx),
                             tuple(ops.gather(c, per_row, 0) for c in vx), n)
         state.length, state.like = cache["fed"], input_ids
-        filled = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        state.spill(filled)
-        given = kw.get("past_key_values")
-        if given is None:
-            return filled
-        given.self_attention_cache = filled.self_attention_cache
-        given.cross_attention_cache = filled.cross_attention_cache
-        given.is_updated = filled.is_updated
-        return given
+        return state.spill_for_output(kw.get("past_key_values"))
 
     return beam_search(step, input_ids.asnumpy(), logits_processor, stopping_criteria, gc, process=process,
                        like=input_ids, finish=finish)

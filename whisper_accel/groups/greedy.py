@@ -40,10 +40,10 @@ import numpy as np
 
 from .._environment import Gates
 from .._patcher import Patch
-from ..runtime.binding import INFERENCE_LOCK, compiled_for, fault, to_compute
+from ..runtime.binding import compiled_for, to_compute
 from ..runtime.decode_state import DecodeState
-from ..runtime.interop import adopt, import_whisper
-from ..runtime.loops import eligible, encoder_hidden
+from ..runtime.interop import adopt, as_tensor, import_whisper
+from ..runtime.loops import eligible, encoder_hidden, fast_or_stock
 from ..runtime.model import CompiledWhisper
 from ..runtime.rules import Processors, criteria_np, max_length
 
@@ -62,27 +62,21 @@ def make_sample(original):
 
     def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
                 streamer=None, **model_kwargs):
-        with INFERENCE_LOCK:
-            out = None
-            if _eligible(self, input_ids, stopping_criteria, generation_config, synced_gpus, streamer,
-                         model_kwargs):
-                try:
-                    out = _greedy(self, input_ids, logits_processor, stopping_criteria, generation_config,
-                                  model_kwargs)
-                except Exception as exc:  # noqa: BLE001  a fault of ours: stock runs it from the start
-                    fault(self, "the greedy decode loop", exc)
-                    out = None
-            if out is None:
-                return original(self, input_ids, logits_processor, stopping_criteria, generation_config,
-                                synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
-            return out
+        def fast():
+            if not _eligible(self, input_ids, stopping_criteria, generation_config, synced_gpus, streamer,
+                             model_kwargs):
+                return None
+            return _greedy(self, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs)
+
+        return fast_or_stock(self, "the greedy decode loop", fast, lambda: original(
+            self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=synced_gpus,
+            streamer=streamer, **model_kwargs))
 
     return _sample
 
 
 def _greedy(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any:
     """The loop, or None (before any step ran) to let the original run."""
-    import mindspore
     import torch
 
     batch, cur_len = int(input_ids.shape[0]), int(input_ids.shape[1])
@@ -113,10 +107,7 @@ def _greedy(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any
     feed, fed = input_ids, 0
 
     def as_ids(arr):
-        return adopt(mindspore.Tensor(np.ascontiguousarray(arr), dtype=out_dtype), input_ids)
-
-    def as_tensor(arr):
-        return adopt(mindspore.Tensor(np.ascontiguousarray(arr)), input_ids)
+        return as_tensor(arr, input_ids, out_dtype)
 
     while True:
         need = fed + int(feed.shape[1])
@@ -133,7 +124,7 @@ def _greedy(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any
             step_scores = adopt(step_scores, input_ids)
         elif host is not None:
             next_np = host.argmax(-1).astype(np.int64)
-            step_scores = as_tensor(host)
+            step_scores = as_tensor(host, input_ids)
         else:  # stock processors on the step's logits, then mindtorch's argmax
             step_logits = adopt(step_logits, input_ids)
             step_scores = logits_processor(as_ids(ids_np), step_logits)
@@ -158,24 +149,12 @@ def _greedy(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any
     sequences = as_ids(ids_np)
     if not gc.return_dict_in_generate:
         return sequences
-    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
     from transformers.generation.utils import GenerateEncoderDecoderOutput
 
-    # Spill into a fresh cache first: should that fail, the caller's cache is still empty and
-    # the stock loop can run the generation again from the start.
-    filled = EncoderDecoderCache(DynamicCache(), DynamicCache())
     state = DecodeState(cw, k, v, kx, vx, batch)
     state.length, state.like = fed, input_ids
-    state.spill(filled)
-    cache = kw.get("past_key_values")
-    if cache is None:
-        cache = filled
-    else:
-        cache.self_attention_cache = filled.self_attention_cache
-        cache.cross_attention_cache = filled.cross_attention_cache
-        cache.is_updated = filled.is_updated
     return GenerateEncoderDecoderOutput(sequences=sequences, scores=scores, logits=raw_logits,
-                                        past_key_values=cache)
+                                        past_key_values=state.spill_for_output(kw.get("past_key_values")))
 
 
 def patches(env) -> List[Patch]:

@@ -48,6 +48,21 @@ class DecodeState:
             cache.cross_attention_cache.update(out(ops.transpose(self.kx[i], (0, 1, 3, 2))), out(self.vx[i]), i)
             cache.is_updated[i] = True
 
+    def spill_for_output(self, given=None):
+        """The HF cache a finished generation returns: the static cache spilled into a fresh
+        ``EncoderDecoderCache`` first (should that fail, ``given`` is untouched and the stock loop
+        can run the generation again), then handed to ``given`` (the cache ``generate`` passed)."""
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        filled = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        self.spill(filled)
+        if given is None:
+            return filled
+        given.self_attention_cache = filled.self_attention_cache
+        given.cross_attention_cache = filled.cross_attention_cache
+        given.is_updated = filled.is_updated
+        return given
+
 
 def attach(cache, state: DecodeState) -> None:
     """Put ``state`` on ``cache``: its length answers ``get_seq_length``, and the methods that

@@ -8,7 +8,9 @@ the loops reproduce exactly runs the stock loop (:func:`eligible` says False).
 
 from __future__ import annotations
 
-from .binding import graph_dtype
+from typing import Any, Callable
+
+from .binding import INFERENCE_LOCK, fault, graph_dtype
 from .decode_state import is_empty
 from .rules import max_length
 
@@ -38,6 +40,19 @@ def eligible(model, input_ids, stopping_criteria, gc, synced_gpus, kw) -> bool:
                               or type(cache.cross_attention_cache) is not DynamicCache or not is_empty(cache)):
         return False
     return max_length(stopping_criteria) is not None
+
+
+def fast_or_stock(model, what: str, fast: Callable[[], Any], stock: Callable[[], Any]) -> Any:
+    """Under the inference lock: ``fast()`` (``None`` means "not eligible"), else ``stock()``.
+    An exception inside ``fast`` is a fault of ours (:func:`binding.fault`, naming ``what``):
+    nothing of it is visible, so ``stock()`` runs the call from the start."""
+    with INFERENCE_LOCK:
+        try:
+            out = fast()
+        except Exception as exc:  # noqa: BLE001
+            fault(model, what, exc)
+            out = None
+        return stock() if out is None else out
 
 
 def encoder_hidden(model, kw, rows: int):
