@@ -85,6 +85,8 @@ def test_ab_on_the_plain_example(tmp_path):
     assert data["stdout_equal"] is True
     assert data["stock"]["exit_codes"] == [0] and data["patched"]["exit_codes"] == [0]
     assert "whisper_accel active: True" not in proc.stdout  # stderr only, stdout compares tokens
+    counts = data["patched_calls"]  # the last patched run's fast-path / stock calls
+    assert counts["encoder"]["fast"] >= 1 and "whisper_accel entry point" in proc.stdout
 
 
 @pytest.mark.slow

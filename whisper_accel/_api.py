@@ -16,6 +16,7 @@ from . import _environment, _errors
 from ._errors import Unsupported
 from ._patcher import Patch, Patcher
 from .groups import NAMES, load
+from .runtime import calls
 
 _PATCHER = Patcher()
 _last_report: Optional["Report"] = None
@@ -175,7 +176,9 @@ def is_patched() -> bool:
 
 
 def status() -> Dict:
-    """What is patched now, the last report (with skip reasons), and the environment."""
+    """What is patched now, the last report (with skip reasons), the environment, and ``calls``:
+    per patched entry point, how many calls took the fast path and how many ran stock code, and
+    why (``{"greedy loop": {"fast": 3, "stock": 1, "reasons": {"do_sample=True: ...": 1}}}``)."""
     with _PATCHER.lock:
         env = _last_report.environment if _last_report else _environment.detect().as_dict()
         return {
@@ -183,6 +186,7 @@ def status() -> Dict:
             "applied": [f"[{p.group}] {p.target}" for p in _PATCHER.applied()],
             "last_report": _last_report.as_dict() if _last_report else None,
             "environment": env,
+            "calls": calls.snapshot(),
         }
 
 

@@ -8,6 +8,8 @@ order -- or at once if it already is. Unset, nothing is imported at start-up.
 
 ``WHISPER_ACCEL``: ``1``/``true``/``yes``/``on``/``all`` (every group) or a comma list of groups
 (``attention,conv1d``). ``WHISPER_ACCEL_STRICT=1`` raises instead of warning.
+``WHISPER_ACCEL_STATS=1`` prints, at exit, how many calls of each patched entry point took the
+fast path or ran stock code and why (to stderr; a path instead of ``1`` receives them as JSON).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Dict, Optional
 
 ENV = "WHISPER_ACCEL"
 ENV_STRICT = "WHISPER_ACCEL_STRICT"
+ENV_STATS = "WHISPER_ACCEL_STATS"
 WHISPER_MODULE = "transformers.models.whisper.modeling_whisper"
 _ON = {"1", "true", "yes", "on", "all"}
 _OFF = {"", "0", "false", "no", "off"}
@@ -88,6 +91,13 @@ def install() -> bool:
             _fault(f"whisper_accel left Whisper stock after an internal error: {exc!r}", False, exc)
 
     wrapt.register_post_import_hook(on_import, WHISPER_MODULE)
+    stats = os.environ.get(ENV_STATS, "").strip()
+    if stats and stats.lower() not in _OFF:
+        import atexit
+
+        from .runtime import calls
+
+        atexit.register(calls.report_at_exit, stats)
     _installed = True
     return True
 

@@ -1,8 +1,10 @@
 """``whisper-accel`` (also ``python -m whisper_accel``).
 
 * ``bench``  -- A/B table of stock vs patched variants on the built-in default or a local model.
-* ``ab``     -- run a script alternately stock and patched; time, ratio, stdout equality.
-* ``run``    -- run any command with activation on (like ``ddtrace-run``).
+* ``ab``     -- run a script alternately stock and patched; time, ratio, stdout equality, and
+  the patched run's fast-path / stock calls with reasons.
+* ``run``    -- run any command with activation on (like ``ddtrace-run``); ``--stats`` prints
+  the fast-path / stock calls with reasons at exit.
 * ``doctor`` -- versions, backend, probes, and what would be patched and why not.
 """
 
@@ -14,10 +16,12 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import List, Optional
 
 from . import auto
+from .runtime import calls
 
 
 def _command(args: List[str]) -> List[str]:
@@ -49,6 +53,8 @@ def cmd_run(ns) -> int:
     _check_hook()
     env = dict(os.environ)
     env[auto.ENV] = ns.groups
+    if ns.stats:
+        env[auto.ENV_STATS] = "1"
     try:
         return subprocess.call(_command(ns.command), env=env)
     except FileNotFoundError as exc:
@@ -63,12 +69,20 @@ def cmd_ab(ns) -> int:
     times = {a: [] for a in arms}
     outputs = {a: [] for a in arms}
     codes = {a: [] for a in arms}
+    counts = None
     for r in range(ns.repeats):
         for arm, value in arms.items():
             env = dict(os.environ, **{auto.ENV: value})
+            stats_file = None
+            if arm == "patched" and r == ns.repeats - 1:  # the last patched run reports its calls
+                fd, stats_file = tempfile.mkstemp(prefix="whisper_accel_calls_", suffix=".json")
+                os.close(fd)
+                env[auto.ENV_STATS] = stats_file
             t0 = time.perf_counter()
             proc = subprocess.run(command, env=env, capture_output=True, text=True)
             times[arm].append(time.perf_counter() - t0)
+            if stats_file:
+                counts = _read_counts(stats_file)
             outputs[arm].append(proc.stdout)
             codes[arm].append(proc.returncode)
             print(f"[{r + 1}/{ns.repeats}] {arm:<8} {times[arm][-1]:8.2f} s  exit {proc.returncode}",
@@ -82,17 +96,34 @@ def cmd_ab(ns) -> int:
               "patched": {"median_s": med["patched"], "runs_s": times["patched"],
                           "exit_codes": codes["patched"]},
               "speedup": med["stock"] / med["patched"] if med["patched"] else None,
-              "stdout_equal": same}
+              "stdout_equal": same, "patched_calls": counts}
     print(f"{'arm':<9}{'median s':>10}{'min s':>9}{'max s':>9}")
     for a in arms:
         print(f"{a:<9}{med[a]:>10.2f}{min(times[a]):>9.2f}{max(times[a]):>9.2f}")
     print(f"speed-up {result['speedup']:.2f}x; stdout "
           + ("identical in every run" if same else "DIFFERS between runs or arms!"))
+    if counts is not None:
+        print(calls.format_table(counts))
     if ns.json:
         with open(ns.json, "w") as f:
             json.dump(result, f, indent=2)
     failed = any(c != 0 for cs in codes.values() for c in cs)
     return 1 if failed or not same else 0
+
+
+def _read_counts(path: str):
+    """The call counts a patched run wrote at exit (None when it wrote none: e.g. it crashed)."""
+    try:
+        with open(path) as f:
+            text = f.read()
+        return json.loads(text) if text.strip() else None
+    except (OSError, ValueError):
+        return None
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def cmd_bench(ns) -> int:
@@ -135,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=helptext)
         s.add_argument("--groups", default="1",
                        help="value for WHISPER_ACCEL in the patched run (default 1 = all)")
+        if name == "run":
+            s.add_argument("--stats", action="store_true",
+                           help="print, at exit, fast-path and stock calls per entry point and why")
         if name == "ab":
             s.add_argument("--repeats", type=int, default=3)
             s.add_argument("--json", help="write the results as JSON to this path")

@@ -26,17 +26,18 @@ An exception inside the loop is a fault: one warning, stock runs the search from
 
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any, List, Optional
 
 import numpy as np
 
 from .._environment import Gates
 from .._patcher import Patch
 from ..runtime.beam_search import beam_search
-from ..runtime.binding import compiled_for, to_compute
+from ..runtime.binding import to_compute
 from ..runtime.decode_state import DecodeState
 from ..runtime.interop import import_whisper
-from ..runtime.loops import eligible, encoder_hidden, fast_or_stock
+from ..runtime.loops import (ENCODER_OUTPUT, beyond_positions, compiled_or_reason, encoder_hidden, fast_or_stock,
+                             why_stock)
 from ..runtime.model import CompiledWhisper
 from ..runtime.rules import Processors, max_length
 
@@ -44,9 +45,17 @@ GATES = Gates(backends=("CPU",))
 SUMMARY = "beam search in numpy around one graph per step for all beams (cache reordered in-graph)"
 
 
-def _eligible(self, input_ids, stopping_criteria, gc, synced_gpus, kw) -> bool:
-    return (not getattr(gc, "low_memory", False) and int(input_ids.shape[0]) % int(gc.num_beams) == 0
-            and eligible(self, input_ids, stopping_criteria, gc, synced_gpus, kw))
+ENTRY = "beam search loop"
+
+
+def _why_stock(self, input_ids, stopping_criteria, gc, synced_gpus, kw) -> Optional[str]:
+    if gc.do_sample:
+        return "beam sampling (do_sample=True with num_beams > 1) is not on the fast path"
+    if getattr(gc, "low_memory", False):
+        return "low_memory=True (stock raises its own error)"
+    if int(input_ids.shape[0]) % int(gc.num_beams):
+        return "the batch is not a multiple of num_beams"
+    return why_stock(self, input_ids, stopping_criteria, gc, synced_gpus, kw)
 
 
 def make_beam_search(original):
@@ -55,11 +64,12 @@ def make_beam_search(original):
     def _beam_search(self, input_ids, logits_processor, stopping_criteria, generation_config,
                      synced_gpus=False, **model_kwargs):
         def fast():
-            if not _eligible(self, input_ids, stopping_criteria, generation_config, synced_gpus, model_kwargs):
-                return None
+            why = _why_stock(self, input_ids, stopping_criteria, generation_config, synced_gpus, model_kwargs)
+            if why is not None:
+                return why
             return _beams(self, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs)
 
-        return fast_or_stock(self, "the beam search loop", fast, lambda: original(
+        return fast_or_stock(self, ENTRY, fast, lambda: original(
             self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=synced_gpus,
             **model_kwargs))
 
@@ -79,7 +89,7 @@ def _shared_rows(hidden, beams: int):
 
 
 def _beams(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any:
-    """The search, or None (before anything ran) to let the original run."""
+    """The search's result, or (before anything ran) a ``str``: why the original must run."""
     import mindspore
     from mindspore import ops
 
@@ -87,10 +97,14 @@ def _beams(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any:
     beams = int(gc.num_beams)
     hidden = encoder_hidden(self, kw, n)
     if hidden is None:
-        return None
-    cw = compiled_for(self, CompiledWhisper.from_model)
-    if cw is None or cw.model_dtype != hidden.dtype or max_length(stopping_criteria) > cw.max_positions:
-        return None
+        return ENCODER_OUTPUT
+    cw, why = compiled_or_reason(self, CompiledWhisper.from_model)
+    if cw is None:
+        return why
+    if cw.model_dtype != hidden.dtype:
+        return ENCODER_OUTPUT
+    if max_length(stopping_criteria) > cw.max_positions:
+        return beyond_positions(max_length(stopping_criteria), cw.max_positions)
     per_audio = _shared_rows(hidden, beams)
     group = beams if per_audio is not None else 1
     kx, vx = cw.cross_kv(to_compute(per_audio if per_audio is not None else hidden))

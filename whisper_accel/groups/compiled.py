@@ -27,13 +27,16 @@ The compiled model is built once per module and rebuilt only when its weights ch
 from __future__ import annotations
 
 import inspect
-from typing import Any, List
+from typing import Any, List, Optional
 
 from .._environment import Gates
 from .._patcher import Patch
-from ..runtime.binding import compiled_for, fault, graph_dtype, serialised, to_compute, to_model
+from ..runtime import calls
+from ..runtime.binding import (OFF_AFTER_FAULT, compiled_for, fault, graph_dtype, serialised, to_compute,
+                               to_model)
 from ..runtime.decode_state import STATE, DecodeState, attach, is_empty
 from ..runtime.interop import adopt, import_whisper
+from ..runtime.loops import ENCODER_OUTPUT, beyond_positions
 from ..runtime.model import CompiledWhisper
 
 GATES = Gates(backends=("CPU",))
@@ -80,6 +83,24 @@ def check_features(encoder, input_features, expected_frames: int) -> None:
                         f"{input_features.dtype}. Cast them: features.to(model.dtype).")
 
 
+ENCODER = "encoder"
+DECODER = "decoder step"
+
+
+def _encoder_why_stock(self, input_features, head_mask, oa, oh, expected: int) -> Optional[str]:
+    if self.training:
+        return "the model is in training mode"
+    if head_mask is not None:
+        return "head_mask is set"
+    if oa or oh:
+        return "output_attentions / output_hidden_states"
+    if getattr(input_features, "ndim", 0) != 3 or input_features.shape[-1] != expected:
+        return f"input_features are not (batch, mels, {expected})"
+    if not graph_dtype(input_features, self.conv1.weight):
+        return "input_features / weights not float32/float16/bfloat16 of one dtype"
+    return None
+
+
 def make_encoder_forward(original):
     def new_forward(self, input_features, attention_mask=None, head_mask=None, output_attentions=None,
                     output_hidden_states=None, return_dict=None):
@@ -88,20 +109,25 @@ def make_encoder_forward(original):
         oh = output_hidden_states if output_hidden_states is not None else cfg.output_hidden_states
         expected = cfg.max_source_positions * self.conv1.stride[0] * self.conv2.stride[0]
         check_features(self, input_features, expected)
-        if (self.training or head_mask is not None or oa or oh or getattr(input_features, "ndim", 0) != 3
-                or input_features.shape[-1] != expected or not graph_dtype(input_features, self.conv1.weight)):
+
+        def stock(why):
+            calls.stock(ENCODER, why)
             return original(self, input_features, attention_mask, head_mask, output_attentions,
                             output_hidden_states, return_dict)
+
+        why = _encoder_why_stock(self, input_features, head_mask, oa, oh, expected)
+        if why is not None:
+            return stock(why)
         cw = compiled_for(self, CompiledWhisper.from_encoder)
-        if cw is None or cw.model_dtype != input_features.dtype:
-            return original(self, input_features, attention_mask, head_mask, output_attentions,
-                            output_hidden_states, return_dict)
+        if cw is None:
+            return stock(OFF_AFTER_FAULT)
+        if cw.model_dtype != input_features.dtype:
+            return stock("input_features not in the model's dtype")
         try:
             hidden = adopt(to_model(cw.encode(to_compute(input_features)), cw), input_features)
         except Exception as exc:  # noqa: BLE001  compile/launch fault: stock from now on
-            fault(self, "the compiled encoder", exc)
-            return original(self, input_features, attention_mask, head_mask, output_attentions,
-                            output_hidden_states, return_dict)
+            return stock(fault(self, "the compiled encoder", exc))
+        calls.fast(ENCODER)
         if not (return_dict if return_dict is not None else cfg.use_return_dict):
             return (hidden,)
         from transformers.modeling_outputs import BaseModelOutput
@@ -120,9 +146,12 @@ def make_generation_forward(original):
             bound = sig.bind(self, *args, **kwargs)
         except TypeError:
             return original(self, *args, **kwargs)
-        a = bound.arguments
-        out = _fast_forward(self, a)
-        return original(self, *args, **kwargs) if out is None else out
+        out = _fast_forward(self, bound.arguments)
+        if isinstance(out, str):
+            calls.stock(DECODER, out)
+            return original(self, *args, **kwargs)
+        calls.fast(DECODER)
+        return out
 
     return new_forward
 
@@ -132,54 +161,58 @@ _MUST_BE_NONE = ("decoder_attention_mask", "head_mask", "decoder_head_mask", "cr
 
 
 def _fast_forward(self, a) -> Any:
-    """The compiled step, or None to let the original run."""
+    """The compiled step, or a ``str``: why the original must run."""
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
     cfg = self.config
     g = a.get
-    if self.training or any(g(n) is not None for n in _MUST_BE_NONE) or a.get("kwargs"):
-        return None
+    if self.training:
+        return "the model is in training mode"
+    given = [n for n in _MUST_BE_NONE if g(n) is not None] + sorted(a.get("kwargs") or ())
+    if given:
+        return f"{', '.join(given)} given"
     if (g("output_attentions") if g("output_attentions") is not None else cfg.output_attentions) or \
             (g("output_hidden_states") if g("output_hidden_states") is not None else cfg.output_hidden_states):
-        return None
+        return "output_attentions / output_hidden_states"
     if not (g("use_cache") if g("use_cache") is not None else cfg.use_cache):
-        return None
+        return "use_cache=False"
     ids = g("decoder_input_ids")
     cache = g("past_key_values")
     if ids is None or getattr(ids, "ndim", 0) != 2:
-        return None
+        return "decoder_input_ids missing or not 2-D"
     cache_position = g("cache_position")
     if cache_position is not None and cache_position.shape[0] != ids.shape[1]:
-        return None
+        return "cache_position does not match decoder_input_ids"
     if cache is None:
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
     elif type(cache) is not EncoderDecoderCache or type(cache.self_attention_cache) is not DynamicCache \
             or type(cache.cross_attention_cache) is not DynamicCache:
-        return None
+        return "past_key_values is not an EncoderDecoderCache of DynamicCaches"
     state = cache.__dict__.get(STATE)
     enc = g("encoder_outputs")
     if state is None:  # first step: the cache must be empty, and we need encoder output
         if not is_empty(cache):
-            return None
+            return "past_key_values filled by stock code"
         if enc is None:
             if g("input_features") is None:
-                return None
+                return "neither encoder_outputs nor input_features given"
             enc = self.model.encoder(g("input_features"), return_dict=True)
         hidden = enc[0]
         if getattr(hidden, "ndim", 0) != 3 or hidden.shape[0] != ids.shape[0] \
                 or not graph_dtype(hidden, self.proj_out.weight):
-            return None
+            return ENCODER_OUTPUT
         cw = compiled_for(self, CompiledWhisper.from_model)
-        if cw is None or cw.model_dtype != hidden.dtype:
-            return None
+        if cw is None:
+            return OFF_AFTER_FAULT
+        if cw.model_dtype != hidden.dtype:
+            return ENCODER_OUTPUT
         t = int(ids.shape[1])
         if t > cw.max_positions:
-            return None
+            return beyond_positions(t, cw.max_positions)
         try:
             kx, vx = cw.cross_kv(to_compute(hidden))
             k, v = cw.new_cache(int(ids.shape[0]), CompiledWhisper.bucket_for(t, cw.max_positions))
         except Exception as exc:  # noqa: BLE001  compile/launch fault: stock from now on
-            fault(self, "the compiled decoder (cross-attention K/V)", exc)
-            return None
+            return fault(self, "the compiled decoder (cross-attention K/V)", exc)
         state = DecodeState(cw, k, v, kx, vx, int(ids.shape[0]))
         state.like = ids
         attach(cache, state)
@@ -188,7 +221,8 @@ def _fast_forward(self, a) -> Any:
     cw, t = state.cw, int(ids.shape[1])
     if ids.shape[0] != state.batch or state.length + t > cw.max_positions:
         state.spill(cache)  # stock code takes over (and raises what it raises)
-        return None
+        return ("the batch changed within a generation" if ids.shape[0] != state.batch
+                else beyond_positions(state.length + t, cw.max_positions))
     need = state.length + t
     try:
         k, v = state.k, state.v
@@ -196,9 +230,9 @@ def _fast_forward(self, a) -> Any:
             k, v = cw.grow_cache(k, v, CompiledWhisper.bucket_for(need, cw.max_positions))
         logits, k, v = cw.decode_step(ids, state.length, k, v, state.kx, state.vx)
     except Exception as exc:  # noqa: BLE001  the state is untouched: stock continues from it
-        fault(self, "the compiled decoder step", exc)
+        why = fault(self, "the compiled decoder step", exc)
         state.spill(cache)
-        return None
+        return why
     state.k, state.v, state.length = k, v, need
     logits = adopt(to_model(logits, cw), ids)
     from transformers.modeling_outputs import Seq2SeqLMOutput

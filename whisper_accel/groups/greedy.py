@@ -21,7 +21,12 @@ whose timestamp-vs-text decision is a near-tie runs the stock list instead). Oth
 processors run as stock code on the step's logits, followed by mindtorch's ``argmax``; stopping
 criteria other than ``MaxLengthCriteria`` / ``EosTokenCriteria`` run as stock code on the ids.
 
-Falls back to the original ``_sample`` (nothing skipped, nothing half-done) for: sampling,
+Sampling (``do_sample``; Whisper samples when ``temperature`` > 0, e.g. in temperature
+fallback) runs in the same loop: the temperature / top-k / top-p warpers in numpy, then one draw
+per row from the processed scores (:mod:`whisper_accel.runtime.sampling`: same per-step
+distributions as stock; seeded by ``transformers.set_seed`` / ``numpy.random.seed``).
+
+Falls back to the original ``_sample`` (nothing skipped, nothing half-done) for:
 ``synced_gpus``, a streamer, ``output_attentions`` / ``output_hidden_states``, prefill
 chunking, model kwargs other than ``encoder_outputs`` / ``past_key_values`` (empty or None) /
 ``use_cache`` / ``attention_mask`` (the encoder's, which Whisper's decoder does not read),
@@ -34,27 +39,35 @@ the start (nothing of the failed attempt is visible), and that model uses stock 
 
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any, List, Optional
 
 import numpy as np
 
 from .._environment import Gates
 from .._patcher import Patch
-from ..runtime.binding import compiled_for, to_compute
+from ..runtime.binding import to_compute
 from ..runtime.decode_state import DecodeState
 from ..runtime.interop import adopt, as_tensor, import_whisper
-from ..runtime.loops import eligible, encoder_hidden, fast_or_stock
+from ..runtime.loops import (ENCODER_OUTPUT, beyond_positions, compiled_or_reason, encoder_hidden, fast_or_stock,
+                             why_stock)
 from ..runtime.model import CompiledWhisper
 from ..runtime.rules import Processors, criteria_np, max_length
+from ..runtime.sampling import draw
 
 GATES = Gates(backends=("CPU",))
 SUMMARY = "greedy decode loop in numpy around one graph per step (argmax in-graph)"
 
 
-def _eligible(self, input_ids, stopping_criteria, gc, synced_gpus, streamer, kw) -> bool:
-    has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
-    return (streamer is None and eligible(self, input_ids, stopping_criteria, gc, synced_gpus, kw)
-            and not (has_eos and gc._pad_token_tensor is None))
+ENTRY = "greedy loop"
+
+
+def _why_stock(self, input_ids, stopping_criteria, gc, synced_gpus, streamer, kw) -> Optional[str]:
+    if streamer is not None:
+        return "a streamer is attached"
+    why = why_stock(self, input_ids, stopping_criteria, gc, synced_gpus, kw)
+    if why is None and any(hasattr(c, "eos_token_id") for c in stopping_criteria) and gc._pad_token_tensor is None:
+        why = "an EOS criterion without a pad token id"
+    return why
 
 
 def make_sample(original):
@@ -63,12 +76,13 @@ def make_sample(original):
     def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
                 streamer=None, **model_kwargs):
         def fast():
-            if not _eligible(self, input_ids, stopping_criteria, generation_config, synced_gpus, streamer,
-                             model_kwargs):
-                return None
+            why = _why_stock(self, input_ids, stopping_criteria, generation_config, synced_gpus, streamer,
+                             model_kwargs)
+            if why is not None:
+                return why
             return _greedy(self, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs)
 
-        return fast_or_stock(self, "the greedy decode loop", fast, lambda: original(
+        return fast_or_stock(self, ENTRY, fast, lambda: original(
             self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=synced_gpus,
             streamer=streamer, **model_kwargs))
 
@@ -76,23 +90,26 @@ def make_sample(original):
 
 
 def _greedy(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any:
-    """The loop, or None (before any step ran) to let the original run."""
+    """The loop's result, or (before any step ran) a ``str``: why the original must run."""
     import torch
 
     batch, cur_len = int(input_ids.shape[0]), int(input_ids.shape[1])
     hidden = encoder_hidden(self, kw, batch)
     if hidden is None:
-        return None
-    cw = compiled_for(self, CompiledWhisper.from_model)
-    if cw is None or cw.model_dtype != hidden.dtype:
-        return None
+        return ENCODER_OUTPUT
+    cw, why = compiled_or_reason(self, CompiledWhisper.from_model)
+    if cw is None:
+        return why
+    if cw.model_dtype != hidden.dtype:
+        return ENCODER_OUTPUT
     max_len = max_length(stopping_criteria)
     if max_len > cw.max_positions:
-        return None
+        return beyond_positions(max_len, cw.max_positions)
     kx, vx = cw.cross_kv(to_compute(hidden))
     k, v = cw.new_cache(batch, CompiledWhisper.bucket_for(cur_len, cw.max_positions))
 
-    processors = Processors(logits_processor, int(cw.proj.shape[0]))
+    sampling = bool(gc.do_sample)
+    processors = Processors(logits_processor, int(cw.proj.shape[0]), need_scores=sampling)
     done_np = criteria_np(stopping_criteria)
     has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
     pad = int(gc._pad_token_tensor.asnumpy()) if has_eos else 0
@@ -123,12 +140,13 @@ def _greedy(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any
             next_np = nxt.asnumpy().astype(np.int64)
             step_scores = adopt(step_scores, input_ids)
         elif host is not None:
-            next_np = host.argmax(-1).astype(np.int64)
+            next_np = draw(host) if sampling else host.argmax(-1).astype(np.int64)
             step_scores = as_tensor(host, input_ids)
-        else:  # stock processors on the step's logits, then mindtorch's argmax
+        else:  # stock processors on the step's logits, then mindtorch's argmax (or the draw)
             step_logits = adopt(step_logits, input_ids)
             step_scores = logits_processor(as_ids(ids_np), step_logits)
-            next_np = torch.argmax(step_scores, dim=-1).asnumpy().astype(np.int64)
+            next_np = (draw(step_scores.asnumpy()) if sampling
+                       else torch.argmax(step_scores, dim=-1).asnumpy().astype(np.int64))
         if want_scores:
             scores += (step_scores,)
         if want_logits:

@@ -26,6 +26,8 @@ from .model import MODEL_DTYPES, CompiledWhisper
 
 logger = logging.getLogger(__name__)
 ATTR = "_whisper_accel_compiled"  # on the module: CompiledWhisper, or False after a fault
+#: Why a module runs stock code once :func:`fault` turned its fast path off (counted in ``calls``).
+OFF_AFTER_FAULT = "the fast path is off for this model after an earlier fault"
 _build_lock = threading.Lock()
 
 #: One process-wide re-entrant lock around every patched Whisper entry point (``generate``,
@@ -54,14 +56,15 @@ def compiled_for(module, build: Callable) -> Optional[CompiledWhisper]:
     return cw
 
 
-def fault(module, what: str, exc: BaseException) -> None:
+def fault(module, what: str, exc: BaseException) -> str:
     """The fast path failed at ``what``: this module runs stock code from now on; one warning
     per distinct failure (the encoder's and the decoder's launch failing alike are one), or,
-    strict, :class:`WhisperAccelError` from ``exc``."""
+    strict, :class:`WhisperAccelError` from ``exc``. Returns the reason to count the call under."""
     module.__dict__[ATTR] = False
     logger.debug("whisper_accel: %s failed for %s", what, type(module).__name__, exc_info=exc)
     problem(f"whisper_accel: the compiled fast path failed ({exc!r}); this model runs stock "
             "Whisper code from now on", cause=exc)
+    return f"fault in {what}: {exc!r} (stock from now on for this model)"
 
 
 def graph_dtype(t, weight) -> bool:

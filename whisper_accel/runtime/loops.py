@@ -3,14 +3,15 @@ take the fast path, and the encoder states it decodes against.
 
 The loops replace ``GenerationMixin._sample`` / ``_beam_search``, whose arguments are the
 prepared ids, processors, criteria, generation config and model kwargs. Anything outside what
-the loops reproduce exactly runs the stock loop (:func:`eligible` says False).
+the loops reproduce exactly runs the stock loop (:func:`why_stock` says why); each call is counted in :mod:`.calls`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Tuple
 
-from .binding import INFERENCE_LOCK, fault, graph_dtype
+from . import calls
+from .binding import INFERENCE_LOCK, OFF_AFTER_FAULT, compiled_for, fault, graph_dtype
 from .decode_state import is_empty
 from .rules import max_length
 
@@ -18,41 +19,69 @@ from .rules import max_length
 KWARGS = frozenset({"encoder_outputs", "past_key_values", "use_cache", "attention_mask"})
 
 
-def eligible(model, input_ids, stopping_criteria, gc, synced_gpus, kw) -> bool:
-    """The checks common to both loops: inference, no sampling, no per-step attentions or
-    hidden states, plain kwargs, a usable cache (none, or an empty ``EncoderDecoderCache`` of
-    ``DynamicCache``s), integer 2-D ids and a ``MaxLengthCriteria``."""
+#: Why a loop declines encoder states it cannot take (see :func:`encoder_hidden`).
+ENCODER_OUTPUT = ("encoder_outputs missing, not (rows, frames, d), or not float32/float16/bfloat16 in the "
+                  "model's dtype")
+
+
+def beyond_positions(length: int, positions: int) -> str:
+    return f"max_length {length} is beyond the model's {positions} decoder positions"
+
+
+def why_stock(model, input_ids, stopping_criteria, gc, synced_gpus, kw) -> Optional[str]:
+    """The checks common to both loops: why this call must run the stock loop, or None when the
+    fast loop may take it (inference, no per-step attentions or hidden states,
+    plain kwargs, a usable cache -- none, or an empty ``EncoderDecoderCache`` of
+    ``DynamicCache``s --, integer 2-D ids and a ``MaxLengthCriteria``)."""
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-    if model.training or synced_gpus or gc.do_sample:
-        return False
+    if model.training:
+        return "the model is in training mode"
+    if synced_gpus:
+        return "synced_gpus=True"
     if gc.return_dict_in_generate and (gc.output_attentions or gc.output_hidden_states):
-        return False
-    if getattr(gc, "prefill_chunk_size", None) is not None or not set(kw) <= KWARGS:
-        return False
+        return ("output_attentions / output_hidden_states (also set by return_token_timestamps): the fast "
+                "loop does not return per-step attentions")
+    if getattr(gc, "prefill_chunk_size", None) is not None:
+        return "prefill_chunk_size is set"
+    extra = sorted(set(kw) - KWARGS)
+    if extra:
+        return f"model kwargs {', '.join(extra)} are not on the fast path"
     if not (kw.get("use_cache") if kw.get("use_cache") is not None else model.config.use_cache):
-        return False
+        return "use_cache=False"
     if getattr(input_ids, "ndim", 0) != 2 or str(input_ids.dtype).split(".")[-1] not in ("int64", "int32"):
-        return False
+        return "decoder input ids are not a 2-D integer tensor"
     cache = kw.get("past_key_values")
     if cache is not None and (type(cache) is not EncoderDecoderCache
                               or type(cache.self_attention_cache) is not DynamicCache
                               or type(cache.cross_attention_cache) is not DynamicCache or not is_empty(cache)):
-        return False
-    return max_length(stopping_criteria) is not None
+        return "past_key_values is not an empty EncoderDecoderCache of DynamicCaches"
+    if max_length(stopping_criteria) is None:
+        return "no MaxLengthCriteria among the stopping criteria"
+    return None
 
 
-def fast_or_stock(model, what: str, fast: Callable[[], Any], stock: Callable[[], Any]) -> Any:
-    """Under the inference lock: ``fast()`` (``None`` means "not eligible"), else ``stock()``.
-    An exception inside ``fast`` is a fault of ours (:func:`binding.fault`, naming ``what``):
-    nothing of it is visible, so ``stock()`` runs the call from the start."""
+def fast_or_stock(model, entry: str, fast: Callable[[], Any], stock: Callable[[], Any]) -> Any:
+    """Under the inference lock: ``fast()``, else ``stock()``, counted in :mod:`.calls` under
+    ``entry``. ``fast()`` returns the result, or a ``str``: why stock code must run instead
+    (nothing of the call has run yet). An exception inside ``fast`` is a fault of ours
+    (:func:`binding.fault`): nothing of it is visible, so ``stock()`` runs the call from the start."""
     with INFERENCE_LOCK:
         try:
             out = fast()
         except Exception as exc:  # noqa: BLE001
-            fault(model, what, exc)
-            out = None
-        return stock() if out is None else out
+            out = fault(model, entry, exc)
+        if isinstance(out, str):
+            calls.stock(entry, out)
+            return stock()
+        calls.fast(entry)
+        return out
+
+
+def compiled_or_reason(model, build) -> Tuple[Optional[Any], Optional[str]]:
+    """``(compiled model, None)``, or ``(None, why)`` when the fast path is off for ``model``."""
+    cw = compiled_for(model, build)
+    return (cw, None) if cw is not None else (None, OFF_AFTER_FAULT)
 
 
 def encoder_hidden(model, kw, rows: int):
