@@ -21,22 +21,29 @@ class Processors:
 
     * ``graph``: all are known masking types -- a cached (V,) -inf mask, applied in the graph
       together with the argmax;
-    * ``host``: known masking types plus ``WhisperTimeStampLogitsProcessor`` -- applied in
-      list order in numpy on the step's logits (:mod:`.timestamps`), argmax in numpy; a step
-      whose timestamp decision is a near-tie runs the stock list instead;
+    * ``host``: known masking types plus ``WhisperTimeStampLogitsProcessor`` and the sampling
+      warpers (:mod:`.sampling`) -- applied in list order in numpy on the step's logits
+      (:mod:`.timestamps`), argmax or draw in numpy; a step whose timestamp decision is a
+      near-tie runs the stock list instead. ``need_scores`` (sampling) turns graph mode into
+      host mode: the draw needs the processed scores, not the in-graph argmax;
     * ``stock``: anything else -- the stock list on the step's logits, mindtorch's argmax.
     """
 
-    def __init__(self, processors, vocab: int):
+    def __init__(self, processors, vocab: int, need_scores: bool = False):
         from transformers.generation.logits_process import WhisperTimeStampLogitsProcessor
 
+        from .sampling import warper
         from .timestamps import supported
 
         self.processors, self.vocab = processors, vocab
-        self.ids = []  # per processor: its token ids (numpy, read once), or "ts"
+        self.ids = []  # per processor: its token ids (numpy, read once), "ts", or a numpy warper
         for p in processors:
             if type(p) is WhisperTimeStampLogitsProcessor and supported(p):
                 self.ids.append("ts")
+                continue
+            warp = warper(p)
+            if warp is not None:
+                self.ids.append(warp)
                 continue
             tokens = processor_ids(p)
             if tokens is None:
@@ -44,8 +51,10 @@ class Processors:
             self.ids.append(tokens)
         if len(self.ids) != len(processors):
             self.mode = "stock"
+        elif need_scores or any(isinstance(t, str) or callable(t) for t in self.ids):
+            self.mode = "host"
         else:
-            self.mode = "host" if any(isinstance(t, str) for t in self.ids) else "graph"
+            self.mode = "graph"
         self._by_len: Dict[int, Any] = {}
 
     def mask(self, cur_len: int):
@@ -72,6 +81,8 @@ class Processors:
                 s = timestamp_scores(p, ids, s)
                 if s is None:
                     return None
+            elif callable(tokens):
+                s = tokens(s)
             else:
                 got = suppressed(p, ids.shape[1], tokens)[0]
                 if got is not None:
