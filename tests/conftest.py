@@ -152,3 +152,11 @@ def _always_unpatched():
     whisper_accel.unpatch()
     _errors.set_strict(False)
     _errors.forget_warnings()
+
+
+@pytest.fixture(scope="session")
+def tiny_en_dir(tmp_path_factory):
+    """Real Whisper tiny.en weights as a Hugging Face folder (tests/fixtures/ct2_to_hf.py)."""
+    from fixtures.ct2_to_hf import convert
+
+    return convert(str(tmp_path_factory.mktemp("whisper-tiny.en")))

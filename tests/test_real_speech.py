@@ -22,13 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TRANSCRIPTS = json.loads((DATA / "transcripts.json").read_text())
 
 
-@pytest.fixture(scope="session")
-def tiny_en_dir(tmp_path_factory):
-    from fixtures.ct2_to_hf import convert
-
-    return convert(str(tmp_path_factory.mktemp("whisper-tiny.en")))
-
-
 def transcribe(model_dir, wav, **generate_kwargs):
     import mindnlp  # noqa: F401
     import torch

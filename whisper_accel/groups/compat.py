@@ -36,12 +36,12 @@ from typing import Any, List, Optional
 
 from .._environment import Gates
 from .._patcher import ADD, Patch
-from ..runtime.interop import import_whisper
+from ..runtime.interop import as_tensor, import_whisper
 
 GROUP = "compat"
 GATES = Gates()
 SUMMARY = ("flash_attention_2 loads without the flash_attn package; torch.hann_window; "
-           "log-mel features via transformers' numpy path")
+           "log-mel features via transformers' numpy path; token timestamps without torch.unique")
 
 
 def _flash_attn_installed() -> bool:
@@ -168,6 +168,56 @@ def make_torch_extract_fbank_features(original):
 
 
 # --------------------------------------------------------------------------------------------
+# 3. token / word timestamps: mindtorch has no CPU ``unique``, no 3-D reflect pad
+# --------------------------------------------------------------------------------------------
+
+
+def make_extract_token_timestamps(original):
+    """``WhisperGenerationMixin._extract_token_timestamps``: ``num_frames`` as numpy.
+
+    With an ``attention_mask`` (the ASR pipeline always passes one), ``num_frames`` is a tensor
+    and stock calls ``torch.unique`` on it, which mindtorch lacks on CPU ("No implementation for
+    function: unique2 on cpu"), so ``return_token_timestamps=True`` and the pipeline's
+    ``return_timestamps="word"`` fail. Stock treats a list / tuple / ndarray ``num_frames`` the
+    same way as a tensor, through ``np.unique``: the values are handed over as an ndarray.
+    """
+
+    def _extract_token_timestamps(self, generate_outputs, alignment_heads, time_precision=0.02, num_frames=None,
+                                  num_input_ids=None):
+        import mindtorch
+        import numpy as np
+
+        if isinstance(num_frames, mindtorch.Tensor):
+            num_frames = np.asarray(num_frames.asnumpy())
+        return original(self, generate_outputs, alignment_heads, time_precision, num_frames, num_input_ids)
+
+    return _extract_token_timestamps
+
+
+def make_median_filter(original):
+    """``generation_whisper._median_filter`` (module function) in numpy: stock reflect-pads a 3-D
+    tensor, which mindtorch's CPU ``PadV3`` refuses ("the input dims when padding's size equal 4
+    must be equal to 4, but got 3": every pipeline call with word timestamps). Same values:
+    reflect padding and the middle of each sorted window are exact in any precision."""
+
+    def _median_filter(inputs, filter_width: int):
+        import numpy as np
+
+        if filter_width <= 0 or filter_width % 2 != 1:
+            raise ValueError("`filter_width` should be an odd number")
+        pad_width = filter_width // 2
+        if inputs.shape[-1] <= pad_width:
+            return inputs
+        x = inputs.asnumpy()
+        padded = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(pad_width, pad_width)], mode="reflect")
+        windows = np.lib.stride_tricks.sliding_window_view(padded, filter_width, axis=-1)
+        out = np.sort(windows, axis=-1)[..., pad_width]
+        return as_tensor(np.ascontiguousarray(out), inputs)
+
+    return _median_filter
+
+
+# --------------------------------------------------------------------------------------------
 # the group
 # --------------------------------------------------------------------------------------------
 
@@ -178,6 +228,7 @@ def patches(env: Optional[Any] = None) -> List[Patch]:
     import mindtorch
     import transformers.modeling_utils as mu
     from transformers.models.whisper.feature_extraction_whisper import WhisperFeatureExtractor
+    from transformers.models.whisper import generation_whisper
 
     out = [
         Patch(GROUP, mu.PreTrainedModel, "_flash_attn_2_can_dispatch", make_flash_attn_2_can_dispatch,
@@ -186,6 +237,10 @@ def patches(env: Optional[Any] = None) -> List[Patch]:
               "do not import flash_attn when preloading flash_attention_2"),
         Patch(GROUP, WhisperFeatureExtractor, "_torch_extract_fbank_features", make_torch_extract_fbank_features,
               "log-mel features via transformers' numpy path (mindtorch has no stft)"),
+        Patch(GROUP, generation_whisper.WhisperGenerationMixin, "_extract_token_timestamps",
+              make_extract_token_timestamps, "token/word timestamps without torch.unique (missing on CPU in mindtorch)"),
+        Patch(GROUP, generation_whisper, "_median_filter", make_median_filter,
+              "timestamp median filter in numpy (mindtorch's CPU reflect pad refuses 3-D input)"),
     ]
     if not hasattr(mindtorch, "hann_window"):
         out.insert(2, Patch(GROUP, mindtorch, "hann_window", make_hann_window,

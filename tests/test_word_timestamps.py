@@ -1,0 +1,104 @@
+"""Word-level timestamps (``return_token_timestamps=True``, pipeline ``return_timestamps="word"``).
+
+Stock MindNLP fails them on CPU (mindtorch has no ``unique`` and refuses a 3-D reflect pad);
+the ``compat`` group fixes both. The reference is real PyTorch + transformers on the same
+weights and audio, in a separate process (tests/fixtures/pytorch_reference.py): same words,
+times within one 20 ms frame.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+mindnlp = pytest.importorskip("mindnlp")  # torch -> mindtorch before anything imports torch
+
+import whisper_accel  # noqa: E402
+from conftest import build_model, features  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
+
+
+def _median_filters():
+    from transformers.models.whisper import generation_whisper as gw
+
+    stock = gw._median_filter
+    with whisper_accel.patched(compat=True):
+        ours = gw._median_filter
+    assert ours is not stock
+    return stock, ours
+
+
+@pytest.mark.parametrize("width", [1, 3, 7])
+def test_median_filter_equals_stock_and_takes_3d(width):
+    import torch
+
+    stock, ours = _median_filters()
+    x = np.random.default_rng(width).standard_normal((2, 3, 5, 40)).astype(np.float32)
+    ref = stock(torch.tensor(x), width).asnumpy()  # stock runs on 4-D input
+    np.testing.assert_array_equal(ours(torch.tensor(x), width).asnumpy(), ref)
+    np.testing.assert_array_equal(ours(torch.tensor(x[0]), width).asnumpy(), ref[0])  # 3-D: stock fails
+    with pytest.raises(ValueError, match="odd"):
+        ours(torch.tensor(x), 4)
+    short = torch.tensor(x[..., :1])
+    assert ours(short, 7) is short  # shorter than the pad: unchanged, as stock
+
+
+def test_token_timestamps_with_an_attention_mask_work_patched():
+    """An attention mask makes ``num_frames`` a tensor: stock calls ``torch.unique`` on it."""
+    import torch
+
+    model = build_model(init_std=0.05)
+    model.generation_config.alignment_heads = [[2, 2], [3, 0]]
+    feats = features(2, seed=3)
+    mask = torch.tensor(np.ones((2, 3000), np.int64))
+    with whisper_accel.patched(compat=True):
+        with torch.no_grad():
+            out = model.generate(feats, attention_mask=mask, max_new_tokens=5, return_token_timestamps=True)
+    ts = out["token_timestamps"].asnumpy()
+    assert ts.shape == out["sequences"].shape and (np.diff(ts, axis=1) >= 0).all()
+
+
+def _pytorch_words(model_dir, wav, beams):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WHISPER_ACCEL")}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "fixtures" / "pytorch_reference.py"), "words",
+                           model_dir, str(DATA / wav), "--num-beams", str(beams)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _mindnlp_words(model_dir, wav, beams):
+    import mindnlp  # noqa: F401
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor, pipeline
+
+    from whisper_accel import models
+
+    model = WhisperForConditionalGeneration.from_pretrained(model_dir, local_files_only=True).eval()
+    proc = WhisperProcessor.from_pretrained(model_dir, local_files_only=True)
+    asr = pipeline("automatic-speech-recognition", model=model, tokenizer=proc.tokenizer,
+                   feature_extractor=proc.feature_extractor)
+    return asr({"raw": models.read_audio(str(DATA / wav)), "sampling_rate": models.SAMPLE_RATE},
+               return_timestamps="word", generate_kwargs={"num_beams": beams})
+
+
+def assert_same_words(got, ref):
+    assert got["text"] == ref["text"]
+    assert [c["text"] for c in got["chunks"]] == [c["text"] for c in ref["chunks"]]
+    times = np.array([c["timestamp"] for c in got["chunks"]], dtype=np.float64)
+    ref_times = np.array([c["timestamp"] for c in ref["chunks"]], dtype=np.float64)
+    assert np.abs(times - ref_times).max() <= 0.02 + 1e-9  # one 20 ms frame
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("beams", [1, 5], ids=["greedy", "beam5-pipeline-default"])
+def test_pipeline_word_timestamps_match_pytorch(tiny_en_dir, beams):
+    ref = _pytorch_words(tiny_en_dir, "stella.wav", beams)
+    with whisper_accel.patched():
+        got = _mindnlp_words(tiny_en_dir, "stella.wav", beams)
+    assert_same_words(got, ref)
