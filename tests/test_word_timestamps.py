@@ -98,7 +98,74 @@ def assert_same_words(got, ref):
 @pytest.mark.slow
 @pytest.mark.parametrize("beams", [1, 5], ids=["greedy", "beam5-pipeline-default"])
 def test_pipeline_word_timestamps_match_pytorch(tiny_en_dir, beams):
+    from whisper_accel.runtime import calls
+
     ref = _pytorch_words(tiny_en_dir, "stella.wav", beams)
+    calls.reset()
     with whisper_accel.patched():
         got = _mindnlp_words(tiny_en_dir, "stella.wav", beams)
     assert_same_words(got, ref)
+    loop = "greedy loop" if beams == 1 else "beam search loop"
+    assert calls.snapshot()[loop] == {"fast": 1, "stock": 0, "reasons": {}}  # on the fast path
+
+
+@pytest.fixture(scope="module")
+def aligned_model():
+    model = build_model(init_std=0.05)
+    model.generation_config.alignment_heads = [[2, 2], [3, 0], [3, 4]]
+    return model
+
+
+def _timestamps(model, feats, **kw):
+    import torch
+
+    with torch.no_grad():
+        return model.generate(feats, attention_mask=torch.tensor(np.ones((feats.shape[0], 3000), np.int64)),
+                              max_new_tokens=6, return_token_timestamps=True, return_dict_in_generate=True,
+                              force_unique_generate_call=True, **kw)
+
+
+@pytest.mark.parametrize("beams", [1, 2], ids=["greedy", "beam2"])
+def test_fast_loops_return_stocks_cross_attentions_and_timestamps(aligned_model, beams):
+    """The loops' graphs return every step's per-layer cross-attentions: same structure and
+    values as stock's (which computes them with output_attentions on), same token timestamps;
+    the encoder and the loop stay on the fast path."""
+    from whisper_accel.runtime import calls
+
+    feats = features(2, seed=3)
+    with whisper_accel.patched(compat=True, attention=False, compiled=False, generation=False, greedy=False,
+                               beam=False, word_timestamps=False):
+        stock = _timestamps(aligned_model, feats, num_beams=beams)
+    calls.reset()
+    with whisper_accel.patched():
+        ours = _timestamps(aligned_model, feats, num_beams=beams)
+    counts = calls.snapshot()
+    loop = "greedy loop" if beams == 1 else "beam search loop"
+    assert counts[loop] == {"fast": 1, "stock": 0, "reasons": {}}
+    assert counts["encoder"]["stock"] == 0
+    np.testing.assert_array_equal(ours["sequences"].asnumpy(), stock["sequences"].asnumpy())
+    np.testing.assert_allclose(ours["token_timestamps"].asnumpy(), stock["token_timestamps"].asnumpy(), atol=1e-6)
+    assert len(ours["cross_attentions"]) == len(stock["cross_attentions"])
+    for ours_step, stock_step in zip(ours["cross_attentions"], stock["cross_attentions"]):
+        assert len(ours_step) == len(stock_step) == aligned_model.config.decoder_layers
+        for a, b in zip(ours_step, stock_step):
+            assert a.shape == b.shape
+            np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-4, atol=1e-6)
+    assert ours.get("decoder_attentions") is None  # not asked for; stock returns them because it forces attentions on
+
+
+def test_asking_for_attentions_keeps_stock(aligned_model):
+    from whisper_accel.runtime import calls
+
+    calls.reset()
+    with whisper_accel.patched():
+        out = _timestamps(aligned_model, features(1, seed=3), output_attentions=True)
+    assert out.get("decoder_attentions") is not None
+    reasons = calls.snapshot()["greedy loop"]["reasons"]
+    assert list(reasons) and "output_attentions" in list(reasons)[0]
+
+
+def test_without_the_loops_the_group_leaves_attentions_to_stock(aligned_model):
+    with whisper_accel.patched(greedy=False, beam=False):
+        out = _timestamps(aligned_model, features(1, seed=3))
+    assert out.get("decoder_attentions") is not None and out["token_timestamps"].shape == out["sequences"].shape

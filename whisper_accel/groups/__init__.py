@@ -20,7 +20,8 @@ from types import ModuleType
 from typing import Tuple
 
 #: Registered groups, in the order they are applied. ``patch()`` enables all by default.
-NAMES: Tuple[str, ...] = ("compat", "attention", "conv1d", "compiled", "generation", "greedy", "beam")
+NAMES: Tuple[str, ...] = ("compat", "attention", "conv1d", "compiled", "generation", "greedy", "beam",
+                          "word_timestamps")
 
 
 def load(name: str) -> ModuleType:

@@ -36,8 +36,8 @@ from ..runtime.beam_search import beam_search
 from ..runtime.binding import to_compute
 from ..runtime.decode_state import DecodeState
 from ..runtime.interop import import_whisper
-from ..runtime.loops import (ENCODER_OUTPUT, beyond_positions, compiled_or_reason, encoder_hidden, fast_or_stock,
-                             why_stock)
+from ..runtime.loops import (ENCODER_OUTPUT, beyond_positions, compiled_or_reason, cross_attentions, encoder_hidden,
+                             fast_or_stock, for_stock, wants_cross, why_stock)
 from ..runtime.model import CompiledWhisper
 from ..runtime.rules import Processors, max_length
 
@@ -70,7 +70,7 @@ def make_beam_search(original):
             return _beams(self, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs)
 
         return fast_or_stock(self, ENTRY, fast, lambda: original(
-            self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=synced_gpus,
+            self, input_ids, logits_processor, stopping_criteria, for_stock(generation_config), synced_gpus=synced_gpus,
             **model_kwargs))
 
     return _beam_search
@@ -112,6 +112,7 @@ def _beams(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any:
     cache["k"], cache["v"] = cw.new_cache(n, CompiledWhisper.bucket_for(cur_len, cw.max_positions))
     identity = np.arange(n, dtype=np.int32)
     want_logits = gc.return_dict_in_generate and gc.output_logits
+    cross = [] if wants_cross(gc) else None  # per step: per layer (N, H, T, S), for token timestamps
 
     def step(feed, pos0, beam_idx):
         k, v = cache["k"], cache["v"]
@@ -121,7 +122,7 @@ def _beams(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any:
         order = identity if beam_idx is None else beam_idx.astype(np.int32)
         logits, logp, cache["k"], cache["v"] = cw.decode_beams(
             mindspore.Tensor(np.ascontiguousarray(feed), mindspore.int64), pos0, k, v,
-            mindspore.Tensor(order), kx, vx, group)
+            mindspore.Tensor(order), kx, vx, group, cross)
         cache["fed"] = need
         return (logits.asnumpy() if want_logits else None), logp.asnumpy()
 
@@ -139,8 +140,11 @@ def _beams(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any:
         state.length, state.like = cache["fed"], input_ids
         return state.spill_for_output(kw.get("past_key_values"))
 
-    return beam_search(step, input_ids.asnumpy(), logits_processor, stopping_criteria, gc, process=process,
-                       like=input_ids, finish=finish)
+    out = beam_search(step, input_ids.asnumpy(), logits_processor, stopping_criteria, gc, process=process,
+                      like=input_ids, finish=finish)
+    if cross is not None:
+        out["cross_attentions"] = cross_attentions(cross, input_ids)
+    return out
 
 
 def patches(env) -> List[Patch]:

@@ -48,8 +48,8 @@ from .._patcher import Patch
 from ..runtime.binding import to_compute
 from ..runtime.decode_state import DecodeState
 from ..runtime.interop import adopt, as_tensor, import_whisper
-from ..runtime.loops import (ENCODER_OUTPUT, beyond_positions, compiled_or_reason, encoder_hidden, fast_or_stock,
-                             why_stock)
+from ..runtime.loops import (ENCODER_OUTPUT, beyond_positions, compiled_or_reason, cross_attentions, encoder_hidden,
+                             fast_or_stock, for_stock, wants_cross, why_stock)
 from ..runtime.model import CompiledWhisper
 from ..runtime.rules import Processors, criteria_np, max_length
 from ..runtime.sampling import draw
@@ -83,7 +83,7 @@ def make_sample(original):
             return _greedy(self, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs)
 
         return fast_or_stock(self, ENTRY, fast, lambda: original(
-            self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=synced_gpus,
+            self, input_ids, logits_processor, stopping_criteria, for_stock(generation_config), synced_gpus=synced_gpus,
             streamer=streamer, **model_kwargs))
 
     return _sample
@@ -115,6 +115,7 @@ def _greedy(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any
     pad = int(gc._pad_token_tensor.asnumpy()) if has_eos else 0
     want_scores = gc.return_dict_in_generate and gc.output_scores
     want_logits = gc.return_dict_in_generate and gc.output_logits
+    cross = [] if wants_cross(gc) else None  # per step: per layer (B, H, T, S), for token timestamps
     scores = () if want_scores else None
     raw_logits = () if want_logits else None
 
@@ -131,7 +132,7 @@ def _greedy(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any
         if need > k[0].shape[2]:  # next bucket (64/128/256/448): one more graph shape
             k, v = cw.grow_cache(k, v, CompiledWhisper.bucket_for(need, cw.max_positions))
         nxt, step_scores, step_logits, k, v = cw.decode_next(
-            feed, fed, k, v, kx, vx, processors.mask(cur_len))
+            feed, fed, k, v, kx, vx, processors.mask(cur_len), cross)
         fed += int(feed.shape[1])
         host = None
         if processors.mode == "host":
@@ -172,6 +173,7 @@ def _greedy(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any
     state = DecodeState(cw, k, v, kx, vx, batch)
     state.length, state.like = fed, input_ids
     return GenerateEncoderDecoderOutput(sequences=sequences, scores=scores, logits=raw_logits,
+                                        cross_attentions=cross_attentions(cross, input_ids),
                                         past_key_values=state.spill_for_output(kw.get("past_key_values")))
 
 

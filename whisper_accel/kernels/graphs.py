@@ -112,25 +112,33 @@ def cross_kv(enc, p, n_heads):
     return k, _heads(_linear(enc, p[1], p[2]), n_heads)
 
 
-def _cross(q, k_x, v_x, beams):
+def _cross(q, k_x, v_x, beams, with_probs=False):
     """Cross-attention of ``q`` (N,H,T,Dh), N = B * beams, against one audio's K^T (B,H,Dh,S)
     and V (B,H,S,Dh) shared by its ``beams`` consecutive rows: the beams' queries are stacked
-    along the query axis, so the encoder states are never copied per beam."""
-    if beams == 1:
-        return _attend(q, k_x, v_x, None, True)
+    along the query axis, so the encoder states are never copied per beam. ``with_probs``:
+    returns ``(out, probabilities (N,H,T,S))`` (for token timestamps)."""
     n, h, t, dh = q.shape
     b = n // beams
-    qg = q.reshape(b, beams, h, t, dh).transpose(0, 2, 1, 3, 4).reshape(b, h, beams * t, dh)
-    o = _attend(qg, k_x, v_x, None, True)
-    return o.reshape(b, h, beams, t, dh).transpose(0, 2, 1, 3, 4).reshape(n, h, t, dh)
+    qg = q if beams == 1 else q.reshape(b, beams, h, t, dh).transpose(0, 2, 1, 3, 4).reshape(b, h, beams * t, dh)
+    if not with_probs:
+        o = _attend(qg, k_x, v_x, None, True)
+        return o if beams == 1 else o.reshape(b, h, beams, t, dh).transpose(0, 2, 1, 3, 4).reshape(n, h, t, dh)
+    p = ops.softmax(_bmm(qg, k_x), -1)
+    o = _bmm(p, v_x)
+    if beams == 1:
+        return o, p
+    s = p.shape[-1]
+    return (o.reshape(b, h, beams, t, dh).transpose(0, 2, 1, 3, 4).reshape(n, h, t, dh),
+            p.reshape(b, h, beams, t, s).transpose(0, 2, 1, 3, 4).reshape(n, h, t, s))
 
 
 def _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers, final_ln, n_heads, scaling,
-             beams=1):
+             beams=1, with_probs=False):
     """ids (B,T); positions (T,) int32 = pos0..pos0+T-1; cols (S,) int32 = 0..S-1;
     caches: per-layer tuples of (B,H,S,Dh); cross K/V per audio (``beams`` rows share one).
-    Returns the final-norm hidden states (B,T,D) and the updated caches. Traced inside the jit
-    functions below (not a graph of its own)."""
+    Returns the final-norm hidden states (B,T,D), the updated caches and (``with_probs``) each
+    layer's cross-attention probabilities, else an empty tuple. Traced inside the jit functions
+    below (not a graph of its own)."""
     t = ids.shape[1]
     s = k_cache[0].shape[2]
     x = ops.gather(embed, ids, 0) + ops.gather(pos_table, positions, 0)
@@ -140,6 +148,7 @@ def _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table,
     visible = cols.reshape(1, s) <= positions.reshape(t, 1)  # causal over the cache
     bias = ops.where(visible, ops.zeros((t, s), x.dtype), ops.fill(x.dtype, (t, s), -3.4028234663852886e38))
     new_k, new_v = [], []
+    probs = ()
     for i, lw in enumerate(layers):  # (ln1, self_attn, ln2, cross(q_w,q_b,o_w,o_b), ln3, fc1w, fc1b, fc2w, fc2b)
         sa = lw[1]
         h = _layer_norm(x, lw[0])
@@ -151,17 +160,22 @@ def _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table,
         x = x + _linear(_merge(_attend(q, k, v, bias)), sa[5], sa[6])
         ca = lw[3]
         q = _heads(_linear(_layer_norm(x, lw[2]), ca[0], ca[1]) * scaling, n_heads)
-        x = x + _linear(_merge(_cross(q, k_x[i], v_x[i], beams)), ca[2], ca[3])
+        if with_probs:
+            o, p = _cross(q, k_x[i], v_x[i], beams, True)
+            probs = probs + (p,)
+        else:
+            o = _cross(q, k_x[i], v_x[i], beams)
+        x = x + _linear(_merge(o), ca[2], ca[3])
         h = _gelu(_linear(_layer_norm(x, lw[4]), lw[5], lw[6]))
         x = x + _linear(h, lw[7], lw[8])
-    return _layer_norm(x, final_ln), tuple(new_k), tuple(new_v)
+    return _layer_norm(x, final_ln), tuple(new_k), tuple(new_v), probs
 
 
 @ms.jit
 def decode(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, proj, pos_table, layers, final_ln, n_heads, scaling):
     """All positions' logits (B,T,V) and the updated caches."""
-    x, new_k, new_v = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
-                               final_ln, n_heads, scaling)
+    x, new_k, new_v, _ = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
+                                  final_ln, n_heads, scaling)
     return _linear(x, proj), new_k, new_v
 
 
@@ -171,11 +185,23 @@ def decode_next(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, proj, p
     """Greedy step: the last position's logits (B,V), the scores with ``suppress`` (V,) bool set
     to -inf (what the masking logits processors return), their argmax (B,), and the caches. The
     vocabulary projection runs for the last position only."""
-    x, new_k, new_v = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
-                               final_ln, n_heads, scaling)
+    x, new_k, new_v, _ = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
+                                  final_ln, n_heads, scaling)
     logits = _mm_t(x[:, ids.shape[1] - 1, :], proj)
     scores = ops.masked_fill(logits, suppress, float("-inf"))
     return ops.argmax(scores, -1), scores, logits, new_k, new_v
+
+
+@ms.jit
+def decode_next_attn(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, proj, pos_table, layers, final_ln,
+                     n_heads, scaling, suppress):
+    """:func:`decode_next` that also returns every layer's cross-attention probabilities
+    (B,H,T,S) (what ``output_attentions`` returns; token timestamps are computed from them)."""
+    x, new_k, new_v, probs = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
+                                      final_ln, n_heads, scaling, 1, True)
+    logits = _mm_t(x[:, ids.shape[1] - 1, :], proj)
+    scores = ops.masked_fill(logits, suppress, float("-inf"))
+    return ops.argmax(scores, -1), scores, logits, new_k, new_v, probs
 
 
 @ms.jit
@@ -188,7 +214,19 @@ def decode_beams(ids, positions, cols, k_cache, v_cache, beam_idx, k_x, v_x, emb
     caches."""
     k_cache = tuple(ops.gather(c, beam_idx, 0) for c in k_cache)
     v_cache = tuple(ops.gather(c, beam_idx, 0) for c in v_cache)
-    x, new_k, new_v = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
-                               final_ln, n_heads, scaling, beams)
+    x, new_k, new_v, _ = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
+                                  final_ln, n_heads, scaling, beams)
     logits = _mm_t(x[:, ids.shape[1] - 1, :], proj)
     return logits, ops.log_softmax(logits, -1), new_k, new_v
+
+
+@ms.jit
+def decode_beams_attn(ids, positions, cols, k_cache, v_cache, beam_idx, k_x, v_x, embed, proj, pos_table, layers,
+                      final_ln, n_heads, scaling, beams):
+    """:func:`decode_beams` that also returns every layer's cross-attention probabilities (N,H,T,S)."""
+    k_cache = tuple(ops.gather(c, beam_idx, 0) for c in k_cache)
+    v_cache = tuple(ops.gather(c, beam_idx, 0) for c in v_cache)
+    x, new_k, new_v, probs = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
+                                      final_ln, n_heads, scaling, beams, True)
+    logits = _mm_t(x[:, ids.shape[1] - 1, :], proj)
+    return logits, ops.log_softmax(logits, -1), new_k, new_v, probs

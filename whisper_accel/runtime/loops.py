@@ -13,10 +13,39 @@ from typing import Any, Callable, Optional, Tuple
 from . import calls
 from .binding import INFERENCE_LOCK, OFF_AFTER_FAULT, compiled_for, fault, graph_dtype
 from .decode_state import is_empty
+from .interop import adopt
 from .rules import max_length
 
 #: Model kwargs the loops understand (``attention_mask`` is the encoder's, unread by the decoder).
 KWARGS = frozenset({"encoder_outputs", "past_key_values", "use_cache", "attention_mask"})
+
+
+#: Set on a generation config (by the ``word_timestamps`` group) when token timestamps need the
+#: cross-attentions but the caller did not ask for attentions: ``output_attentions`` stays off
+#: (the encoder and the loops keep their fast paths) and the loops return the per-step
+#: cross-attention probabilities themselves (:func:`wants_cross`). A loop that runs stock code
+#: instead turns ``output_attentions`` back on first (:func:`for_stock`).
+CROSS_ATTENTIONS = "_whisper_accel_cross_attentions"
+
+
+def wants_cross(gc) -> bool:
+    """Must this generation return its per-step cross-attentions (for token timestamps)?"""
+    return bool(getattr(gc, CROSS_ATTENTIONS, False)) and bool(gc.return_dict_in_generate)
+
+
+def for_stock(gc):
+    """``gc`` ready for the stock loop: ``output_attentions`` on again when :func:`wants_cross`."""
+    if getattr(gc, CROSS_ATTENTIONS, False):
+        gc.output_attentions = True
+    return gc
+
+
+def cross_attentions(steps, like):
+    """The loops' collected per-step cross-attentions as stock returns them: a tuple over steps
+    of tuples over layers of mindtorch tensors; None when none were collected."""
+    if steps is None:
+        return None
+    return tuple(tuple(adopt(p, like) for p in step) for step in steps)
 
 
 #: Why a loop declines encoder states it cannot take (see :func:`encoder_hidden`).

@@ -213,29 +213,39 @@ class CompiledWhisper:
                                    self.dec_pos, self.dec_layers, self.dec_ln, self.n_heads_dec, self.scaling_dec)
         return logits, ms.mutable(tuple(k)), ms.mutable(tuple(v))
 
-    def decode_next(self, ids, pos0: int, k_cache, v_cache, k_x, v_x, suppress):
+    def decode_next(self, ids, pos0: int, k_cache, v_cache, k_x, v_x, suppress, cross=None):
         """Greedy step for tokens ``ids`` (B, T) at pos0..: ``suppress`` is a (V,) bool Tensor of
-        ids to set to -inf. Returns (next ids (B,), scores (B,V), logits (B,V), k_cache, v_cache)."""
+        ids to set to -inf. Returns (next ids (B,), scores (B,V), logits (B,V), k_cache, v_cache).
+        ``cross``: a list that receives this step's per-layer cross-attention probabilities."""
         t, s = int(ids.shape[1]), int(k_cache[0].shape[2])
         self._note(("next",) + tuple(ids.shape) + (s,))
         pos, cols = self._positions(pos0, t, s)
-        with self.lock:
-            nxt, scores, logits, k, v = G.decode_next(
-                ids, pos, cols, k_cache, v_cache, k_x, v_x, self.embed, self.proj, self.dec_pos,
+        args = (ids, pos, cols, k_cache, v_cache, k_x, v_x, self.embed, self.proj, self.dec_pos,
                 self.dec_layers, self.dec_ln, self.n_heads_dec, self.scaling_dec, suppress)
+        with self.lock:
+            if cross is None:
+                nxt, scores, logits, k, v = G.decode_next(*args)
+            else:
+                nxt, scores, logits, k, v, probs = G.decode_next_attn(*args)
+                cross.append(tuple(probs))
         return nxt, scores, logits, ms.mutable(tuple(k)), ms.mutable(tuple(v))
 
-    def decode_beams(self, ids, pos0: int, k_cache, v_cache, beam_idx, k_x, v_x, beams: int):
+    def decode_beams(self, ids, pos0: int, k_cache, v_cache, beam_idx, k_x, v_x, beams: int, cross=None):
         """Beam step: reorder the caches by ``beam_idx`` (N,) int32, run ``ids`` (N, T) at
         pos0.., cross K/V shared by each audio's ``beams`` rows. Returns (logits (N,V) of the
-        last position, their log-softmax, k_cache, v_cache)."""
+        last position, their log-softmax, k_cache, v_cache). ``cross``: a list that receives
+        this step's per-layer cross-attention probabilities (N,H,T,S)."""
         t, s = int(ids.shape[1]), int(k_cache[0].shape[2])
         self._note(("beams",) + tuple(ids.shape) + (s, beams))
         pos, cols = self._positions(pos0, t, s)
-        with self.lock:
-            logits, logp, k, v = G.decode_beams(
-                ids, pos, cols, k_cache, v_cache, beam_idx, k_x, v_x, self.embed, self.proj, self.dec_pos,
+        args = (ids, pos, cols, k_cache, v_cache, beam_idx, k_x, v_x, self.embed, self.proj, self.dec_pos,
                 self.dec_layers, self.dec_ln, self.n_heads_dec, self.scaling_dec, beams)
+        with self.lock:
+            if cross is None:
+                logits, logp, k, v = G.decode_beams(*args)
+            else:
+                logits, logp, k, v, probs = G.decode_beams_attn(*args)
+                cross.append(tuple(probs))
         return logits, logp, ms.mutable(tuple(k)), ms.mutable(tuple(v))
 
     @staticmethod
