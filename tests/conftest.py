@@ -6,13 +6,21 @@ leaves whisper_accel unpatched, whatever it did.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only
 os.environ.pop("WHISPER_ACCEL", None)  # tests patch explicitly; never via the environment
+os.environ.pop("WHISPER_ACCEL_PROBE_CACHE", None)
+# The probe cache of this session (and of its subprocesses): empty at start, never the user's.
+_CACHE_DIR = tempfile.mkdtemp(prefix="whisper_accel_test_cache_")
+os.environ["WHISPER_ACCEL_CACHE_DIR"] = _CACHE_DIR
+atexit.register(shutil.rmtree, _CACHE_DIR, True)
 
 import whisper_accel  # noqa: E402
 
@@ -20,6 +28,15 @@ TINY = dict(vocab_size=51865, d_model=384, encoder_layers=4, decoder_layers=4,
             encoder_attention_heads=6, decoder_attention_heads=6, encoder_ffn_dim=1536,
             decoder_ffn_dim=1536, num_mel_bins=80, max_source_positions=1500,
             max_target_positions=448)
+
+
+def child_env(**extra: str) -> dict:
+    """Environment for a child Python: none of the ``WHISPER_ACCEL*`` activation variables of
+    this process, but this session's probe cache directory (not the user's), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WHISPER_ACCEL")}
+    env["WHISPER_ACCEL_CACHE_DIR"] = _CACHE_DIR
+    env.update(extra)
+    return env
 
 
 def build_model(seed: int = 0, **overrides):

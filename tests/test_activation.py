@@ -5,7 +5,6 @@ user's ``python script.py`` would.
 """
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -14,7 +13,7 @@ import pytest
 
 from whisper_accel import auto
 
-from conftest import stack
+from conftest import child_env, stack
 
 
 def applied_here():
@@ -36,7 +35,7 @@ PROBE = textwrap.dedent("""
 
 
 def run(code: str, value=None, strict=None, timeout=300):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WHISPER_ACCEL")}
+    env = child_env()
     env["GLOG_v"] = "3"
     if value is not None:
         env["WHISPER_ACCEL"] = value

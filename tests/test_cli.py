@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import stack
+from conftest import child_env, stack
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("WHISPER_ACCEL")}, "GLOG_v": "3"}
+ENV = child_env(GLOG_v="3")
 
 
 def cli(*args, timeout=600, **kw):
@@ -62,8 +62,11 @@ def test_doctor_explains_the_stack():
         assert "+ conv1d: would apply" in proc.stdout
     else:
         assert "- conv1d: would NOT apply" in proc.stdout and "Conv1DExt" in proc.stdout
+    assert "probe cache   " + os.environ["WHISPER_ACCEL_CACHE_DIR"] in proc.stdout  # not the user's
     data = json.loads(cli("doctor", "--json").stdout)
     assert data["groups"]["attention"]["would_apply"] is True
+    assert data["probe_cache"]["enabled"] and data["probe_cache"]["sources"] == {
+        name: "from the cache" for name in data["capabilities"]}  # the first doctor stored them
 
 
 def test_run_passes_exit_code_and_sets_the_variable():

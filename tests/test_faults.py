@@ -15,6 +15,8 @@ import textwrap
 
 import pytest
 
+from conftest import child_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: Injections, run after ``import mindspore, mindnlp`` and before the user's Whisper import.
@@ -95,7 +97,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def run_user_script(inject: str, mode: str = "env", strict: bool = False) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WHISPER_ACCEL")}
+    env = child_env()
     env["GLOG_v"] = "3"
     if mode == "env":
         env["WHISPER_ACCEL"] = "1"

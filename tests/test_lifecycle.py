@@ -23,7 +23,7 @@ from whisper_accel._errors import WhisperAccelError, WhisperAccelWarning
 from whisper_accel._patcher import Patch, is_ours, wrapper_depth
 from whisper_accel.groups import NAMES
 
-from conftest import assert_same_snapshot, register_group, stock_snapshot
+from conftest import assert_same_snapshot, child_env, register_group, stock_snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -229,7 +229,7 @@ _PROBE = textwrap.dedent("""
 
 @pytest.mark.parametrize("fake,needle", MATRIX, ids=[json.dumps(f) for f, _ in MATRIX])
 def test_version_matrix_in_a_fresh_interpreter(fake, needle):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WHISPER_ACCEL")}
+    env = child_env()
     proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(fake)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

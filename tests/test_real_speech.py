@@ -7,7 +7,6 @@ touch the model's arithmetic.
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,8 @@ import numpy as np
 import pytest
 
 import whisper_accel
+
+from conftest import child_env
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +75,7 @@ def test_timestamps_in_the_greedy_loop_equal_stock(tiny_en_dir, monkeypatch):
 
 
 def run_seed(model_dir, wav, value):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WHISPER_ACCEL")}
+    env = child_env()
     env["GLOG_v"] = "3"
     if value is not None:
         env["WHISPER_ACCEL"] = value

@@ -20,7 +20,8 @@ def diagnose() -> dict:
         result["groups"] = {g: {"would_apply": False, "reason": "; ".join(env.problems)}
                             for g in NAMES}
         return result
-    result["capabilities"] = _environment.capabilities()
+    result["capabilities"] = _environment.capabilities(env.versions)
+    result["probe_cache"] = _environment.probe_cache_info(env.versions)
     for name in NAMES:
         try:
             patches = _api.group_patches(name, env)
@@ -46,8 +47,15 @@ def doctor(json_out: bool = False) -> int:
         want = _environment.SUPPORTED[pkg]
         print(f"  {pkg:<13} {version or 'not installed':<12} tested: {want}")
     print(f"  backend       {env['backend'] or 'unknown'}")
+    cache = d.get("probe_cache")
     for cap, present in d["capabilities"].items():
-        print(f"  probe         {cap}: {'yes' if present else 'no'}")
+        source = (cache or {}).get("sources", {}).get(cap)
+        print(f"  probe         {cap}: {'yes' if present else 'no'}"
+              + (f" ({source})" if source else ""))
+    if cache:
+        where = cache["file"] or cache["directory"] or "unknown (no cache directory)"
+        print(f"  probe cache   {where}" if cache["enabled"]
+              else "  probe cache   off (WHISPER_ACCEL_PROBE_CACHE)")
     for problem in env["problems"]:
         print(f"  PROBLEM       {problem}")
     print("patch groups:")
