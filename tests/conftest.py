@@ -75,11 +75,14 @@ def rel_diff(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def greedy(model, feats, tokens: int = 8):
+def greedy(model, feats, tokens: int = 8, **kwargs):
+    """Token ids of ``model.generate`` forced to exactly ``tokens`` new tokens, no sampling;
+    ``kwargs`` go to ``generate`` (``num_beams=2`` for beam search)."""
     import torch
 
     with torch.no_grad():
-        out = model.generate(feats, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        out = model.generate(feats, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                             **kwargs)
     return out.asnumpy()
 
 

@@ -51,6 +51,44 @@ def test_bench_rejects_bad_arguments():
     assert proc.returncode != 0 and "unknown variant 'turbo'" in proc.stderr
     proc = cli("bench", "--model", "/nonexistent/model")
     assert proc.returncode != 0 and "does not exist" in proc.stderr
+    proc = cli("bench", "--config", "huge")
+    assert proc.returncode != 0 and "unknown --config 'huge'" in proc.stderr
+    assert "large-v3-turbo" in proc.stderr and "Traceback" not in proc.stderr
+    proc = cli("bench", "--model", "/nonexistent/model", "--encoder-layers", "1")
+    assert proc.returncode != 0 and "--encoder-layers needs --config" in proc.stderr
+
+
+def test_bench_help_lists_every_built_in_config():
+    from whisper_accel.models import CONFIGS
+
+    proc = cli("bench", "--help")
+    assert proc.returncode == 0
+    text = "".join(proc.stdout.split())  # argparse wraps lines at hyphens
+    for name in CONFIGS:
+        assert name in text, name
+
+
+def test_bench_half_precision_reports_stock_failed_and_checks_patched(tmp_path):
+    """Stock MindNLP cannot run a float16 Whisper on CPU: the bench says so and goes on."""
+    out = tmp_path / "bench.json"
+    proc = cli("bench", "--config", "tiny", "--encoder-layers", "1", "--decoder-layers", "2",
+               "--dtype", "float16", "--repeats", "1", "--max-new-tokens", "2", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert "encoder layers 1, decoder layers 2" in data["environment"]["model"]
+    assert data["environment"]["dtype"] == "float16"
+    rows = {(r["variant"], r["stage"]): r for r in data["rows"]}
+    for stage in ("encoder", "generate"):
+        patched = rows["all", stage]
+        assert patched["error"] is None and patched["median_s"] > 0
+        if stack()["backend"] == "CPU":
+            assert rows["stock", stage]["error"] and rows["stock", stage]["median_s"] is None
+            assert patched["reference"] == "stock float32" and patched["speedup_vs_stock"] is None
+    assert rows["all", "generate"]["tokens_equal"] is True
+    assert rows["all", "encoder"]["max_rel_diff"] < 1e-3
+    if stack()["backend"] == "CPU":
+        assert "FAILED" in proc.stdout and "* against stock float32" in proc.stdout
+        assert "stock FAILED (encoder): TypeError" in proc.stdout
 
 
 def test_doctor_explains_the_stack():

@@ -145,13 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="A/B benchmark table (stock vs patched)")
     b.add_argument("--config", default="tiny", help="built-in random-weight dimensions: "
-                   "tiny|base|small|medium|large-v3 (default tiny)")
+                   "tiny|base|small|medium|large-v3|large-v3-turbo|distil-large-v3 (default tiny)")
+    b.add_argument("--encoder-layers", type=int, metavar="N",
+                   help="with --config: build N encoder layers instead of the config's")
+    b.add_argument("--decoder-layers", type=int, metavar="N",
+                   help="with --config: build N decoder layers instead of the config's")
     b.add_argument("--model", help="local Hugging Face Whisper folder (instead of --config)")
     b.add_argument("--audio", help="audio file (WAV, or any format ffmpeg reads)")
     b.add_argument("--stage", default="encoder,generate",
                    help="comma list of encoder|generate|transcribe (default encoder,generate)")
     b.add_argument("--max-new-tokens", type=int, default=16)
-    b.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    b.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="model dtype; where stock cannot run it (float16/bfloat16 on CPU) the stock "
+                   "row says FAILED and the others are checked against stock float32")
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--warmup", type=int, default=1)
     b.add_argument("--variants", default="stock,all",

@@ -1,8 +1,10 @@
 """Models and inputs for benchmarks and examples, without network.
 
 * :func:`random_model`: a seeded random-weight Whisper with the real dimensions of an OpenAI
-  checkpoint (``tiny`` ... ``large-v3``), for speed and equivalence measurements.
+  checkpoint (``tiny`` ... ``large-v3``, ``large-v3-turbo``, ``distil-large-v3``: :data:`CONFIGS`),
+  for speed and equivalence measurements.
 * :func:`load_model`: a local Hugging Face Whisper folder (``from_pretrained`` offline).
+* :func:`float32_copy`: a float32 model with a half-precision model's weights (a reference).
 * :func:`read_audio`: a WAV (standard library) or any format ffmpeg reads, as 16 kHz mono
   float32; :func:`synthetic_audio`: a seeded 30 s signal for the built-in default.
 """
@@ -19,25 +21,39 @@ import numpy as np
 
 SAMPLE_RATE = 16000
 
-#: Dimensions of OpenAI's Whisper checkpoints (d_model, layers, heads, ffn, mel bins, vocab).
+#: Dimensions of Whisper checkpoints: d_model, encoder/decoder layers, heads, ffn, mel bins,
+#: vocabulary. ``large-v3-turbo`` (OpenAI) and ``distil-large-v3`` (Hugging Face distillation)
+#: keep large-v3's 32-layer encoder and shrink the decoder to 4 and 2 layers.
 CONFIGS: Dict[str, Dict[str, int]] = {
-    "tiny": dict(d_model=384, layers=4, heads=6, ffn=1536, mels=80, vocab=51865),
-    "base": dict(d_model=512, layers=6, heads=8, ffn=2048, mels=80, vocab=51865),
-    "small": dict(d_model=768, layers=12, heads=12, ffn=3072, mels=80, vocab=51865),
-    "medium": dict(d_model=1024, layers=24, heads=16, ffn=4096, mels=80, vocab=51865),
-    "large-v3": dict(d_model=1280, layers=32, heads=20, ffn=5120, mels=128, vocab=51866),
+    "tiny": dict(d_model=384, encoder_layers=4, decoder_layers=4, heads=6, ffn=1536, mels=80,
+                 vocab=51865),
+    "base": dict(d_model=512, encoder_layers=6, decoder_layers=6, heads=8, ffn=2048, mels=80,
+                 vocab=51865),
+    "small": dict(d_model=768, encoder_layers=12, decoder_layers=12, heads=12, ffn=3072, mels=80,
+                  vocab=51865),
+    "medium": dict(d_model=1024, encoder_layers=24, decoder_layers=24, heads=16, ffn=4096, mels=80,
+                   vocab=51865),
+    "large-v3": dict(d_model=1280, encoder_layers=32, decoder_layers=32, heads=20, ffn=5120,
+                     mels=128, vocab=51866),
+    "large-v3-turbo": dict(d_model=1280, encoder_layers=32, decoder_layers=4, heads=20, ffn=5120,
+                           mels=128, vocab=51866),
+    "distil-large-v3": dict(d_model=1280, encoder_layers=32, decoder_layers=2, heads=20, ffn=5120,
+                            mels=128, vocab=51866),
 }
 
 
 def whisper_config(name: str, **overrides):
+    """A ``WhisperConfig`` with the dimensions of :data:`CONFIGS` ``[name]``; ``overrides`` are
+    ``WhisperConfig`` fields that replace them (e.g. ``encoder_layers=1`` for a fast test
+    model with the same mel bins, vocabulary and head size)."""
     import mindnlp  # noqa: F401  (torch -> mindtorch before transformers)
     from transformers import WhisperConfig
 
     if name not in CONFIGS:
         raise ValueError(f"unknown config {name!r}; choose one of {', '.join(CONFIGS)}")
     c = CONFIGS[name]
-    kw = dict(vocab_size=c["vocab"], d_model=c["d_model"], encoder_layers=c["layers"],
-              decoder_layers=c["layers"], encoder_attention_heads=c["heads"],
+    kw = dict(vocab_size=c["vocab"], d_model=c["d_model"], encoder_layers=c["encoder_layers"],
+              decoder_layers=c["decoder_layers"], encoder_attention_heads=c["heads"],
               decoder_attention_heads=c["heads"], encoder_ffn_dim=c["ffn"],
               decoder_ffn_dim=c["ffn"], num_mel_bins=c["mels"], max_source_positions=1500,
               max_target_positions=448)
@@ -46,7 +62,8 @@ def whisper_config(name: str, **overrides):
 
 
 def random_model(name: str = "tiny", seed: int = 0, dtype: Optional[str] = None, **overrides):
-    """A seeded random-weight WhisperForConditionalGeneration in eval mode."""
+    """A seeded random-weight WhisperForConditionalGeneration in eval mode: :data:`CONFIGS`
+    ``[name]`` dimensions, ``overrides`` as in :func:`whisper_config`, cast to ``dtype``."""
     import torch
     from transformers import WhisperForConditionalGeneration
 
@@ -55,6 +72,27 @@ def random_model(name: str = "tiny", seed: int = 0, dtype: Optional[str] = None,
     if dtype and dtype != "float32":
         model = model.to(getattr(torch, dtype))
     return model
+
+
+def float32_copy(model):
+    """A float32 copy of a (float16/bfloat16) Whisper ``model`` holding its weights upcast --
+    the same rounded values -- and its generation config: the reference a half-precision model
+    is checked against where stock cannot run it (stock MindNLP cannot on CPU). Costs one
+    float32 copy of the weights while it is kept."""
+    import copy
+
+    try:
+        from transformers.modeling_utils import no_init_weights
+    except ImportError:  # pragma: no cover  (transformers moved it)
+        import contextlib
+
+        no_init_weights = contextlib.nullcontext
+    with no_init_weights():  # the weights are overwritten: skip the random initialisation
+        ref = type(model)(copy.deepcopy(model.config)).eval()
+    # state_dict + float(), not .to(float32): mindtorch's Module.to skips bfloat16 tensors
+    ref.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    ref.generation_config = copy.deepcopy(model.generation_config)
+    return ref
 
 
 def load_model(path: str, dtype: Optional[str] = None):
