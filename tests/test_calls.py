@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import whisper_accel
-from conftest import features, mini_model
+from conftest import child_env, features, mini_model
 from whisper_accel.runtime import calls
 
 
@@ -58,24 +58,29 @@ def test_report_at_exit_writes_json_or_prints(tmp_path, capsys):
 
 
 def test_status_counts_what_a_patched_model_ran():
-    """A real patched model: greedy and beam calls on the fast path, a sampled call (Whisper
-    samples when temperature > 0) in the stock loop, with the reason a user can act on."""
+    """A real patched model: greedy, sampled and beam calls on the fast path, a streamed call in
+    the stock loop, with the reason a user can act on."""
     model, feats = mini_model(), features(1, frames=128, mel=16)  # imports mindnlp: torch is mindtorch
     import torch
+
+    class Streamer:
+        def put(self, value):
+            pass
+
+        def end(self):
+            pass
 
     whisper_accel.patch()
     with torch.no_grad():
         model.generate(feats, max_new_tokens=3)
-        model.generate(feats, max_new_tokens=3, num_beams=2)
-        torch.manual_seed(0)
         model.generate(feats, max_new_tokens=3, temperature=0.7)
+        model.generate(feats, max_new_tokens=3, num_beams=2)
+        model.generate(feats, max_new_tokens=3, streamer=Streamer())
     got = whisper_accel.status()["calls"]
-    assert got["greedy loop"]["fast"] == 1
+    assert got["greedy loop"] == {"fast": 2, "stock": 1, "reasons": {"a streamer is attached": 1}}
     assert got["beam search loop"] == {"fast": 1, "stock": 0, "reasons": {}}
-    (reason, n), = got["greedy loop"]["reasons"].items()
-    assert n == 1 and reason.startswith("do_sample=True")
-    assert got["encoder"]["fast"] == 3 and got["encoder"]["stock"] == 0
-    # the stock sampling loop still runs each step through the compiled forward
+    assert got["encoder"]["fast"] == 4 and got["encoder"]["stock"] == 0
+    # the stock loop still runs each step through the compiled forward
     assert got["decoder step"]["fast"] >= 3
 
 
@@ -124,7 +129,7 @@ def test_run_stats_prints_the_counts_at_exit():
               "import torch\n"
               "with torch.no_grad(): m.generate(features(1, frames=128, mel=16), max_new_tokens=2)\n"
               % os.path.dirname(__file__))
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("WHISPER_ACCEL")}, "GLOG_v": "3"}
+    env = child_env(GLOG_v="3")
     proc = subprocess.run([sys.executable, "-m", "whisper_accel", "run", "--stats", "--", sys.executable, "-c",
                            script], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -109,8 +109,9 @@ def test_double_patch_unpatch_identity_and_report(name):
     for p in patches:
         now = vars(p.owner)[p.attribute]
         assert is_ours(now) and wrapper_depth(now) == 1
-        if originals[(id(p.owner), p.attribute)] is not MISSING:
-            assert now.__wrapped__ is originals[(id(p.owner), p.attribute)]
+        original = originals[(id(p.owner), p.attribute)]
+        if original is not MISSING:  # a staticmethod carries it on its function
+            assert getattr(now, "__func__", now).__wrapped__ is getattr(original, "__func__", original)
     whisper_accel.unpatch()
     for p in patches:
         assert vars(p.owner).get(p.attribute, MISSING) is originals[(id(p.owner), p.attribute)]
@@ -197,6 +198,10 @@ def test_one_wrapper_convention_for_every_replacement():
         assert is_ours(now)
         if original is MISSING:
             continue
+        if isinstance(original, (staticmethod, classmethod)):
+            assert type(now) is type(original)
+        # descriptors (staticmethod) carry the convention on the function they hold
+        now, original = getattr(now, "__func__", now), getattr(original, "__func__", original)
         assert now.__wrapped__ is original
         if callable(now) and hasattr(now, "__code__"):
             assert now.__name__ == original.__name__

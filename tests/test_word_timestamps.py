@@ -7,7 +7,6 @@ times within one 20 ms frame.
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 mindnlp = pytest.importorskip("mindnlp")  # torch -> mindtorch before anything imports torch
 
 import whisper_accel  # noqa: E402
-from conftest import build_model, features  # noqa: E402
+from conftest import build_model, child_env, features  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
@@ -65,7 +64,7 @@ def test_token_timestamps_with_an_attention_mask_work_patched():
 
 
 def _pytorch_words(model_dir, wav, beams):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WHISPER_ACCEL")}
+    env = child_env()
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "fixtures" / "pytorch_reference.py"), "words",
                            model_dir, str(DATA / wav), "--num-beams", str(beams)],
                           capture_output=True, text=True, timeout=600, env=env)

@@ -160,7 +160,14 @@ def wrap(replacement: Any, original: Any) -> Any:
     """The one wrapper convention: ``replacement`` takes ``original``'s module, name, qualname
     and doc (functions only), ``__wrapped__ = original`` (so ``inspect.signature`` and
     unwrapping reach the stock object) and the whisper_accel mark. ``original`` is ``None`` for
-    an added attribute. Returns ``replacement``."""
+    an added attribute. Returns ``replacement``.
+
+    A ``staticmethod`` / ``classmethod`` replacement keeps the convention on the function it
+    holds (``__wrapped__`` = the original's function; a descriptor's own ``__wrapped__`` is its
+    ``__func__`` and cannot be set)."""
+    if isinstance(replacement, (staticmethod, classmethod)):
+        wrap(replacement.__func__, getattr(original, "__func__", original))
+        return replacement
     if original is not None:
         if callable(replacement) and hasattr(replacement, "__code__"):
             for name in _NAMES:
