@@ -180,3 +180,21 @@ def tiny_en_dir(tmp_path_factory):
     from fixtures.ct2_to_hf import convert
 
     return convert(str(tmp_path_factory.mktemp("whisper-tiny.en")))
+
+
+#: Languages of the multilingual generation config below (ids as in OpenAI's multilingual vocabulary).
+LANGUAGES = ("en", "zh", "de", "es", "ru", "ko", "fr", "ja")
+
+
+def multilingual(model, alignment_heads=((2, 2), (3, 0))):
+    """Give a random tiny-dimension Whisper a multilingual generation config (OpenAI's token ids:
+    start 50258, languages from 50259, translate 50358 / transcribe 50359, no-timestamps 50363)."""
+    gc = model.generation_config
+    gc.decoder_start_token_id, gc.eos_token_id, gc.pad_token_id, gc.bos_token_id = 50258, 50257, 50257, 50257
+    gc.no_timestamps_token_id, gc.prev_sot_token_id, gc.is_multilingual = 50363, 50361, True
+    gc.lang_to_id = {f"<|{code}|>": 50259 + i for i, code in enumerate(LANGUAGES)}
+    gc.task_to_id = {"translate": 50358, "transcribe": 50359}
+    gc.begin_suppress_tokens, gc.suppress_tokens = [220, 50257], [1, 2, 7]
+    gc.max_initial_timestamp_index = 50
+    gc.alignment_heads = [list(h) for h in alignment_heads]
+    return model

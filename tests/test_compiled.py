@@ -122,11 +122,29 @@ def test_fallbacks_give_stock_results(model, feats, stock, patched):
         assert out.decoder_attentions is not None and out.cross_attentions is not None
         masked = model(input_features=feats, decoder_input_ids=ids,
                        decoder_attention_mask=torch.tensor([[1, 1]]))
-        nocache = model(input_features=feats, decoder_input_ids=ids, use_cache=False)
         patched.undo()
         ref = model(input_features=feats, decoder_input_ids=ids).logits.asnumpy()
-    for o in (out, masked, nocache):
+    for o in (out, masked):
         assert _rel(o.logits.asnumpy(), ref) < 1e-6
+
+
+def test_use_cache_false_runs_the_graph_and_returns_no_cache(model, feats, patched):
+    """Whisper's language detection calls the model once with ``use_cache=False``."""
+    from whisper_accel.runtime import calls
+
+    ids = torch.tensor([[1, 5]])
+    calls.reset()
+    with torch.no_grad():
+        out = model(input_features=feats, decoder_input_ids=ids, use_cache=False)
+        as_tuple = model(input_features=feats, decoder_input_ids=ids, use_cache=False, return_dict=False)
+        patched.undo()
+        ref = model(input_features=feats, decoder_input_ids=ids, use_cache=False)
+        ref_tuple = model(input_features=feats, decoder_input_ids=ids, use_cache=False, return_dict=False)
+    assert calls.snapshot()["decoder step"] == {"fast": 2, "stock": 0, "reasons": {}}
+    assert out.past_key_values is None and ref.past_key_values is None
+    assert _rel(out.logits.asnumpy(), ref.logits.asnumpy()) < 1e-4
+    assert len(as_tuple) == len(ref_tuple)
+    assert _rel(as_tuple[0].asnumpy(), ref_tuple[0].asnumpy()) < 1e-4
 
 
 def test_weight_replacement_invalidates(model, feats, patched):

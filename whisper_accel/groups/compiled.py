@@ -11,9 +11,11 @@ inference lock (:func:`whisper_accel.runtime.binding.serialised`):
   (:mod:`whisper_accel.runtime.decode_state`) attached to the ``EncoderDecoderCache`` that
   ``generate`` threads through the steps; cross-attention K/V are computed once, on the first step.
 
+A call with ``use_cache=False`` (Whisper's language detection: one step on the start token)
+runs the same graph on a throwaway cache and returns no ``past_key_values``, as stock.
 Anything else takes the original code: training, labels, head masks, inputs_embeds,
 position ids, a decoder attention mask, output_attentions / output_hidden_states,
-use_cache=False, dtypes other than float32/float16/bfloat16 (half-precision models run the
+use_cache=False with a cache passed in, dtypes other than float32/float16/bfloat16 (half-precision models run the
 graphs in float32 on one kept float32 copy of the weights; outputs come back in the model's
 dtype), cache objects other than an (empty or ours) ``EncoderDecoderCache`` of
 ``DynamicCache``s. An exception inside the fast path (a graph that fails to compile or launch)
@@ -173,8 +175,9 @@ def _fast_forward(self, a) -> Any:
     if (g("output_attentions") if g("output_attentions") is not None else cfg.output_attentions) or \
             (g("output_hidden_states") if g("output_hidden_states") is not None else cfg.output_hidden_states):
         return "output_attentions / output_hidden_states"
-    if not (g("use_cache") if g("use_cache") is not None else cfg.use_cache):
-        return "use_cache=False"
+    use_cache = g("use_cache") if g("use_cache") is not None else cfg.use_cache
+    if not use_cache and g("past_key_values") is not None:
+        return "use_cache=False with past_key_values"
     ids = g("decoder_input_ids")
     cache = g("past_key_values")
     if ids is None or getattr(ids, "ndim", 0) != 2:
@@ -236,6 +239,7 @@ def _fast_forward(self, a) -> Any:
     state.k, state.v, state.length = k, v, need
     logits = adopt(to_model(logits, cw), ids)
     from transformers.modeling_outputs import Seq2SeqLMOutput
+    cache = cache if use_cache else None  # use_cache=False (language detection): a throwaway cache
     if not (g("return_dict") if g("return_dict") is not None else cfg.use_return_dict):
-        return (logits, cache) + ((hidden,) if hidden is not None else ())
+        return (logits,) + ((cache,) if cache is not None else ()) + ((hidden,) if hidden is not None else ())
     return Seq2SeqLMOutput(logits=logits, past_key_values=cache, encoder_last_hidden_state=hidden)

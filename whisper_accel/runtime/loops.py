@@ -60,7 +60,7 @@ def beyond_positions(length: int, positions: int) -> str:
 def why_stock(model, input_ids, stopping_criteria, gc, synced_gpus, kw) -> Optional[str]:
     """The checks common to both loops: why this call must run the stock loop, or None when the
     fast loop may take it (inference, no per-step attentions or hidden states,
-    plain kwargs, a usable cache -- none, or an empty ``EncoderDecoderCache`` of
+    plain kwargs (a decoder attention mask only when it masks nothing), a usable cache -- none, or an empty ``EncoderDecoderCache`` of
     ``DynamicCache``s --, integer 2-D ids and a ``MaxLengthCriteria``)."""
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
@@ -73,9 +73,12 @@ def why_stock(model, input_ids, stopping_criteria, gc, synced_gpus, kw) -> Optio
                 "loop does not return per-step attentions")
     if getattr(gc, "prefill_chunk_size", None) is not None:
         return "prefill_chunk_size is set"
-    extra = sorted(set(kw) - KWARGS)
+    extra = sorted(set(kw) - KWARGS - {"decoder_attention_mask"})
     if extra:
         return f"model kwargs {', '.join(extra)} are not on the fast path"
+    mask = kw.get("decoder_attention_mask")
+    if mask is not None and not _all_ones(mask, input_ids):
+        return "a decoder attention mask with padding (batched prompts of unequal length)"
     if not (kw.get("use_cache") if kw.get("use_cache") is not None else model.config.use_cache):
         return "use_cache=False"
     if getattr(input_ids, "ndim", 0) != 2 or str(input_ids.dtype).split(".")[-1] not in ("int64", "int32"):
@@ -88,6 +91,13 @@ def why_stock(model, input_ids, stopping_criteria, gc, synced_gpus, kw) -> Optio
     if max_length(stopping_criteria) is None:
         return "no MaxLengthCriteria among the stopping criteria"
     return None
+
+
+def _all_ones(mask, input_ids) -> bool:
+    """A decoder attention mask that masks nothing: (B, L) like ``input_ids``, all ones (Whisper
+    passes one with ``condition_on_prev_tokens``; stock's positions are then 0..L-1, as ours)."""
+    shape = tuple(getattr(mask, "shape", ()))
+    return shape == tuple(input_ids.shape) and bool((mask.asnumpy() == 1).all())
 
 
 def fast_or_stock(model, entry: str, fast: Callable[[], Any], stock: Callable[[], Any]) -> Any:
