@@ -13,7 +13,8 @@ each decoded with 5 beams), ``sampled`` (``temperature=0.7``), ``fallback`` (the
 the model card's long-form recipe: temperature fallback 0.0 ... 1.0, compression-ratio,
 log-prob and no-speech thresholds; windows that fall back are sampled), ``words`` (the pipeline
 with ``return_timestamps="word"``, its default 5 beams; stock needs the ``compat`` group's
-timestamp fixes) and ``words_greedy`` (the same with ``num_beams=1``).
+timestamp fixes), ``words_greedy`` and ``pipeline_greedy`` (``words`` / ``pipeline`` with
+``num_beams=1``).
 ``generate`` modes time ``model.generate(features)`` on features computed once with
 transformers' numpy log-mel path; in ``pipeline`` mode the stock arm is stock MindNLP plus the
 ``compat`` group only, because bare stock MindNLP cannot compute log-mel features (no
@@ -43,8 +44,8 @@ FALLBACK = dict(num_beams=1, condition_on_prev_tokens=False, compression_ratio_t
 #: Modes whose outputs are drawn: stock's draws cannot be seeded under mindtorch, so outputs
 #: are compared only when both arms decoded greedily (the distributions are checked in tests).
 SAMPLED = {"sampled", "fallback"}
-PIPELINES = {"pipeline": {}, "chunked": dict(chunk_length_s=30, batch_size=2), "fallback": {}, "words": {},
-             "words_greedy": {}}
+PIPELINES = {"pipeline": {}, "pipeline_greedy": {}, "chunked": dict(chunk_length_s=30, batch_size=2), "fallback": {},
+             "words": {}, "words_greedy": {}}
 
 
 def main() -> int:
@@ -83,7 +84,9 @@ def main() -> int:
         if mode in PIPELINES:
             kw = dict(generate_kwargs=FALLBACK) if mode == "fallback" else {}
             if mode.startswith("words"):
-                kw = dict(return_timestamps="word", generate_kwargs={"num_beams": 1} if mode == "words_greedy" else {})
+                kw = dict(return_timestamps="word")
+            if mode.endswith("_greedy"):
+                kw["generate_kwargs"] = {"num_beams": 1}
             asr = pipeline("automatic-speech-recognition", model=model, tokenizer=processor.tokenizer,
                            feature_extractor=processor.feature_extractor, **PIPELINES[mode])
             out = asr({"raw": audio, "sampling_rate": models.SAMPLE_RATE}, **{"return_timestamps": True, **kw})

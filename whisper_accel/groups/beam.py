@@ -36,10 +36,9 @@ from ..runtime.beam_search import beam_search
 from ..runtime.binding import to_compute
 from ..runtime.decode_state import DecodeState
 from ..runtime.interop import import_whisper
-from ..runtime.loops import (ENCODER_OUTPUT, beyond_positions, compiled_or_reason, cross_attentions, encoder_hidden,
-                             fast_or_stock, for_stock, wants_cross, why_stock)
+from ..runtime.loops import cross_attentions, fast_or_stock, for_stock, prepare, wants_cross, why_stock
 from ..runtime.model import CompiledWhisper
-from ..runtime.rules import Processors, max_length
+from ..runtime.rules import Processors
 
 GATES = Gates(backends=("CPU",))
 SUMMARY = "beam search in numpy around one graph per step for all beams (cache reordered in-graph)"
@@ -95,16 +94,10 @@ def _beams(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any:
 
     n, cur_len = int(input_ids.shape[0]), int(input_ids.shape[1])
     beams = int(gc.num_beams)
-    hidden = encoder_hidden(self, kw, n)
-    if hidden is None:
-        return ENCODER_OUTPUT
-    cw, why = compiled_or_reason(self, CompiledWhisper.from_model)
-    if cw is None:
-        return why
-    if cw.model_dtype != hidden.dtype:
-        return ENCODER_OUTPUT
-    if max_length(stopping_criteria) > cw.max_positions:
-        return beyond_positions(max_length(stopping_criteria), cw.max_positions)
+    got = prepare(self, kw, n, stopping_criteria)
+    if isinstance(got, str):
+        return got
+    cw, hidden = got
     per_audio = _shared_rows(hidden, beams)
     group = beams if per_audio is not None else 1
     kx, vx = cw.cross_kv(to_compute(per_audio if per_audio is not None else hidden))

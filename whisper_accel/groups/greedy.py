@@ -48,10 +48,9 @@ from .._patcher import Patch
 from ..runtime.binding import to_compute
 from ..runtime.decode_state import DecodeState
 from ..runtime.interop import adopt, as_tensor, import_whisper
-from ..runtime.loops import (ENCODER_OUTPUT, beyond_positions, compiled_or_reason, cross_attentions, encoder_hidden,
-                             fast_or_stock, for_stock, wants_cross, why_stock)
+from ..runtime.loops import cross_attentions, fast_or_stock, for_stock, prepare, wants_cross, why_stock
 from ..runtime.model import CompiledWhisper
-from ..runtime.rules import Processors, criteria_np, max_length
+from ..runtime.rules import Processors, criteria_np
 from ..runtime.sampling import draw
 
 GATES = Gates(backends=("CPU",))
@@ -94,17 +93,10 @@ def _greedy(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any
     import torch
 
     batch, cur_len = int(input_ids.shape[0]), int(input_ids.shape[1])
-    hidden = encoder_hidden(self, kw, batch)
-    if hidden is None:
-        return ENCODER_OUTPUT
-    cw, why = compiled_or_reason(self, CompiledWhisper.from_model)
-    if cw is None:
-        return why
-    if cw.model_dtype != hidden.dtype:
-        return ENCODER_OUTPUT
-    max_len = max_length(stopping_criteria)
-    if max_len > cw.max_positions:
-        return beyond_positions(max_len, cw.max_positions)
+    got = prepare(self, kw, batch, stopping_criteria)
+    if isinstance(got, str):
+        return got
+    cw, hidden = got
     kx, vx = cw.cross_kv(to_compute(hidden))
     k, v = cw.new_cache(batch, CompiledWhisper.bucket_for(cur_len, cw.max_positions))
 

@@ -8,7 +8,7 @@ the loops reproduce exactly runs the stock loop (:func:`why_stock` says why); ea
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Optional
 
 from . import calls
 from .binding import INFERENCE_LOCK, OFF_AFTER_FAULT, compiled_for, fault, graph_dtype
@@ -117,10 +117,24 @@ def fast_or_stock(model, entry: str, fast: Callable[[], Any], stock: Callable[[]
         return out
 
 
-def compiled_or_reason(model, build) -> Tuple[Optional[Any], Optional[str]]:
-    """``(compiled model, None)``, or ``(None, why)`` when the fast path is off for ``model``."""
-    cw = compiled_for(model, build)
-    return (cw, None) if cw is not None else (None, OFF_AFTER_FAULT)
+def prepare(model, kw, rows: int, stopping_criteria):
+    """``(compiled model, encoder states)`` for a loop over ``rows`` rows, or a ``str``: why the
+    stock loop must run (encoder states it cannot take, the fast path off after a fault, or a
+    ``max_length`` beyond the model's positions)."""
+    from .model import CompiledWhisper
+
+    hidden = encoder_hidden(model, kw, rows)
+    if hidden is None:
+        return ENCODER_OUTPUT
+    cw = compiled_for(model, CompiledWhisper.from_model)
+    if cw is None:
+        return OFF_AFTER_FAULT
+    if cw.model_dtype != hidden.dtype:
+        return ENCODER_OUTPUT
+    longest = max_length(stopping_criteria)
+    if longest > cw.max_positions:
+        return beyond_positions(longest, cw.max_positions)
+    return cw, hidden
 
 
 def encoder_hidden(model, kw, rows: int):
