@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/decoding.py --model /tmp/tinyen --audio tests/data/stella.wav \\
         --modes greedy,beam5,beam5_timestamps,pipeline --repeats 3 [--json out.json]
     .venv/bin/python benchmarks/decoding.py --config tiny --modes greedy,beam5   # random weights
+    .venv/bin/python benchmarks/decoding.py --model /tmp/tinyen --audio ... --pytorch  # + PyTorch column
 
 Modes: ``greedy`` (``generate``), ``beam5`` (``num_beams=5``), ``beam5_timestamps`` (the same
 with ``return_timestamps=True``), ``pipeline`` (transformers' ASR pipeline with
@@ -20,7 +21,10 @@ transformers' numpy log-mel path; in ``pipeline`` mode the stock arm is stock Mi
 ``compat`` group only, because bare stock MindNLP cannot compute log-mel features (no
 ``torch.stft`` in mindtorch). Arms run interleaved (stock, patched, stock, ...) after a
 warm-up round whose time is reported as ``first s``; medians. The outputs (token ids, or the
-pipeline's text and chunks) of both arms must be identical.
+pipeline's text and chunks) of both arms must be identical. ``--pytorch`` (with ``--model``)
+times every mode in a separate process on real PyTorch + transformers, same folder, audio and
+features (MindNLP never imported there), and says whether its outputs equal the patched ones
+(differences there are reported, not failures: the frameworks' kernels round differently).
 """
 
 from __future__ import annotations
@@ -48,6 +52,85 @@ PIPELINES = {"pipeline": {}, "pipeline_greedy": {}, "chunked": dict(chunk_length
              "words": {}, "words_greedy": {}}
 
 
+def run_mode(mode, model, processor, audio, feats, max_new_tokens=None):
+    """One call of ``mode``; its output as comparable Python data. Runs under MindNLP (mindtorch)
+    and under real PyTorch alike (``feats``: that framework's tensor)."""
+    import torch
+    from transformers import pipeline
+
+    from whisper_accel.models import SAMPLE_RATE
+
+    if mode in PIPELINES:
+        kw = dict(generate_kwargs=FALLBACK) if mode == "fallback" else {}
+        if mode.startswith("words"):
+            kw = dict(return_timestamps="word")
+        if mode.endswith("_greedy"):
+            kw["generate_kwargs"] = {"num_beams": 1}
+        asr = pipeline("automatic-speech-recognition", model=model, tokenizer=processor.tokenizer,
+                       feature_extractor=processor.feature_extractor, **PIPELINES[mode])
+        out = asr({"raw": audio, "sampling_rate": SAMPLE_RATE}, **{"return_timestamps": True, **kw})
+        return json.loads(json.dumps(out, sort_keys=True, default=_plain))
+    kw = dict(MODES[mode])
+    if max_new_tokens:
+        kw.update(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
+    with torch.no_grad():
+        return model.generate(feats, **kw).tolist()
+
+
+def _plain(x):
+    return x.tolist() if hasattr(x, "tolist") else str(x)
+
+
+def pytorch_worker(a) -> int:
+    """``--worker pytorch``: the same modes on real PyTorch + transformers (MindNLP is never
+    imported in this process), same weights, audio and features; prints JSON."""
+    import numpy as np
+    import torch
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+    from transformers.utils import logging
+
+    from whisper_accel.models import read_audio, synthetic_audio
+
+    assert "mindnlp" not in sys.modules
+    logging.set_verbosity_error()
+    model = WhisperForConditionalGeneration.from_pretrained(a.model, local_files_only=True).eval()
+    processor = WhisperProcessor.from_pretrained(a.model, local_files_only=True)
+    audio = read_audio(a.audio) if a.audio else synthetic_audio(30.0)
+    feats = torch.tensor(np.load(a.features))
+    out = {}
+    for mode in [m.strip() for m in a.modes.split(",") if m.strip()]:
+        times = []
+        for r in range(a.repeats + 1):
+            t0 = time.perf_counter()
+            output = run_mode(mode, model, processor, audio, feats, a.max_new_tokens)
+            times.append(time.perf_counter() - t0)
+        out[mode] = {"first_s": times[0], "median_s": statistics.median(times[1:]), "output": output}
+    print(json.dumps({"torch": torch.__version__, "modes": out}))
+    return 0
+
+
+def pytorch_arm(a, feats_np) -> dict:
+    import subprocess
+    import tempfile
+
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "features.npy")
+        np.save(path, feats_np)
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "pytorch", "--model", a.model,
+               "--modes", a.modes, "--repeats", str(a.repeats), "--features", path]
+        cmd += ["--audio", a.audio] if a.audio else []
+        cmd += ["--max-new-tokens", str(a.max_new_tokens)] if a.max_new_tokens else []
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WHISPER_ACCEL")}
+        env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                             env.get("PYTHONPATH", "")])
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit("the PyTorch worker failed (is PyTorch installed?)")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="local Hugging Face Whisper folder")
@@ -57,12 +140,19 @@ def main() -> int:
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="force this many tokens in generate modes (random weights)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--pytorch", action="store_true",
+                   help="also time each mode on PyTorch + transformers (separate process; needs --model)")
     p.add_argument("--json")
+    p.add_argument("--worker", choices=["pytorch"], help=argparse.SUPPRESS)
+    p.add_argument("--features", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.worker:
+        return pytorch_worker(a)
+    if a.pytorch and not a.model:
+        p.error("--pytorch needs --model (the PyTorch process loads the same folder)")
     os.environ.setdefault("GLOG_v", "3")
     import mindnlp  # noqa: F401
-    import torch
-    from transformers import WhisperProcessor, pipeline
+    from transformers import WhisperProcessor
     from transformers.utils import logging
 
     import whisper_accel
@@ -79,23 +169,10 @@ def main() -> int:
     audio = models.read_audio(a.audio) if a.audio else models.synthetic_audio(30.0)
     feats = bench.log_mel(processor, audio, mels=model.config.num_mel_bins)
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    reference = pytorch_arm(a, feats.asnumpy()) if a.pytorch else None
 
-    def run_mode(mode):
-        if mode in PIPELINES:
-            kw = dict(generate_kwargs=FALLBACK) if mode == "fallback" else {}
-            if mode.startswith("words"):
-                kw = dict(return_timestamps="word")
-            if mode.endswith("_greedy"):
-                kw["generate_kwargs"] = {"num_beams": 1}
-            asr = pipeline("automatic-speech-recognition", model=model, tokenizer=processor.tokenizer,
-                           feature_extractor=processor.feature_extractor, **PIPELINES[mode])
-            out = asr({"raw": audio, "sampling_rate": models.SAMPLE_RATE}, **{"return_timestamps": True, **kw})
-            return json.dumps(out, sort_keys=True, default=str)
-        kw = dict(MODES[mode])
-        if a.max_new_tokens:
-            kw.update(max_new_tokens=a.max_new_tokens, min_new_tokens=a.max_new_tokens)
-        with torch.no_grad():
-            return model.generate(feats, **kw).asnumpy().tolist()
+    def run(mode):
+        return run_mode(mode, model, processor, audio, feats, a.max_new_tokens)
 
     rows = []
     for mode in modes:
@@ -108,7 +185,7 @@ def main() -> int:
                     whisper_accel.patch(**groups)
                 try:
                     t0 = time.perf_counter()
-                    outputs[name] = run_mode(mode)
+                    outputs[name] = run(mode)
                     elapsed = time.perf_counter() - t0
                 finally:
                     whisper_accel.unpatch()
@@ -122,15 +199,28 @@ def main() -> int:
                      "stock_first_s": first["stock"], "patched_first_s": first["patched"],
                      "speedup": med["stock"] / med["patched"], "outputs_equal": outputs["stock"] == outputs["patched"],
                      "sampled": mode in SAMPLED, "times_s": times})
+        if reference is not None:
+            ref = reference["modes"][mode]
+            rows[-1].update(pytorch_median_s=ref["median_s"], pytorch_first_s=ref["first_s"],
+                            patched_vs_pytorch=med["patched"] / ref["median_s"],
+                            equal_to_pytorch=ref["output"] == outputs["patched"])
     print(f"decoding modes, {label}, {a.audio or 'synthetic 30 s'}, medians of {a.repeats} (first call apart)")
     print(f"{'mode':<18}{'stock s':>9}{'patched s':>11}{'speedup':>9}{'first s (stock/patched)':>26}  outputs")
     for r in rows:
         print(f"{r['mode']:<18}{r['stock_median_s']:>9.2f}{r['patched_median_s']:>11.2f}{r['speedup']:>8.1f}x"
               f"{r['stock_first_s']:>14.2f} / {r['patched_first_s']:<9.2f}  "
               + ("equal" if r["outputs_equal"] else "sampled: not comparable" if r["sampled"] else "DIFFER!"))
+    if reference is not None:
+        print(f"PyTorch {reference['torch']} + transformers, same weights, separate process:")
+        print(f"{'mode':<18}{'pytorch s':>10}{'patched s':>11}{'patched/pytorch':>17}{'first s':>9}  outputs vs patched")
+        for r in rows:
+            print(f"{r['mode']:<18}{r['pytorch_median_s']:>10.2f}{r['patched_median_s']:>11.2f}"
+                  f"{r['patched_vs_pytorch']:>16.2f}x{r['pytorch_first_s']:>9.2f}  "
+                  + ("equal" if r["equal_to_pytorch"] else "drawn" if r["sampled"] else "differ"))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"model": label, "audio": a.audio, "repeats": a.repeats, "rows": rows}, f, indent=2)
+            json.dump({"model": label, "audio": a.audio, "repeats": a.repeats,
+                       "pytorch": reference["torch"] if reference else None, "rows": rows}, f, indent=2)
     return 0 if all(r["outputs_equal"] or r["sampled"] for r in rows) else 1
 
 
