@@ -63,27 +63,38 @@ def test_token_timestamps_with_an_attention_mask_work_patched():
     assert ts.shape == out["sequences"].shape and (np.diff(ts, axis=1) >= 0).all()
 
 
-def _pytorch_words(model_dir, wav, beams):
-    env = child_env()
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "fixtures" / "pytorch_reference.py"), "words",
-                           model_dir, str(DATA / wav), "--num-beams", str(beams)],
-                          capture_output=True, text=True, timeout=600, env=env)
+def pytorch_pipeline(model_dir, wav, pipeline_kwargs=None, call_kwargs=None):
+    """The ASR pipeline's output on PyTorch + transformers (tests/fixtures/pytorch_reference.py)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "fixtures" / "pytorch_reference.py"), model_dir,
+                           str(DATA / wav), "--pipeline", json.dumps(pipeline_kwargs or {}),
+                           "--call", json.dumps(call_kwargs or {})],
+                          capture_output=True, text=True, timeout=600, env=child_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _mindnlp_words(model_dir, wav, beams):
-    import mindnlp  # noqa: F401
+def mindnlp_pipeline(model_dir, wav, pipeline_kwargs=None, call_kwargs=None, batches=None):
+    """The pipeline's output here; ``batches`` (a list) receives each ``generate`` call's batch size."""
     from transformers import WhisperForConditionalGeneration, WhisperProcessor, pipeline
 
+    from fixtures.pytorch_reference import plain
     from whisper_accel import models
 
     model = WhisperForConditionalGeneration.from_pretrained(model_dir, local_files_only=True).eval()
+    if batches is not None:
+        generate = model.generate
+
+        def spy(*args, **kwargs):  # on the instance: the class's (patched) method is left alone
+            features = kwargs.get("input_features", args[0] if args else None)
+            batches.append(int(features.shape[0]))
+            return generate(*args, **kwargs)
+
+        model.generate = spy
     proc = WhisperProcessor.from_pretrained(model_dir, local_files_only=True)
     asr = pipeline("automatic-speech-recognition", model=model, tokenizer=proc.tokenizer,
-                   feature_extractor=proc.feature_extractor)
-    return asr({"raw": models.read_audio(str(DATA / wav)), "sampling_rate": models.SAMPLE_RATE},
-               return_timestamps="word", generate_kwargs={"num_beams": beams})
+                   feature_extractor=proc.feature_extractor, **(pipeline_kwargs or {}))
+    return plain(asr({"raw": models.read_audio(str(DATA / wav)), "sampling_rate": models.SAMPLE_RATE},
+                     **(call_kwargs or {})))
 
 
 def assert_same_words(got, ref):
@@ -99,10 +110,11 @@ def assert_same_words(got, ref):
 def test_pipeline_word_timestamps_match_pytorch(tiny_en_dir, beams):
     from whisper_accel.runtime import calls
 
-    ref = _pytorch_words(tiny_en_dir, "stella.wav", beams)
+    call = {"return_timestamps": "word", "generate_kwargs": {"num_beams": beams}}
+    ref = pytorch_pipeline(tiny_en_dir, "stella.wav", call_kwargs=call)
     calls.reset()
     with whisper_accel.patched():
-        got = _mindnlp_words(tiny_en_dir, "stella.wav", beams)
+        got = mindnlp_pipeline(tiny_en_dir, "stella.wav", call_kwargs=call)
     assert_same_words(got, ref)
     loop = "greedy loop" if beams == 1 else "beam search loop"
     assert calls.snapshot()[loop] == {"fast": 1, "stock": 0, "reasons": {}}  # on the fast path
@@ -168,3 +180,22 @@ def test_without_the_loops_the_group_leaves_attentions_to_stock(aligned_model):
     with whisper_accel.patched(greedy=False, beam=False):
         out = _timestamps(aligned_model, features(1, seed=3))
     assert out.get("decoder_attentions") is not None and out["token_timestamps"].shape == out["sequences"].shape
+
+
+@pytest.mark.slow
+def test_chunked_pipeline_with_a_partial_last_batch_matches_pytorch(tiny_en_dir):
+    """``chunk_length_s`` with ``batch_size``: windows decoded as a batch of windows x 5 beams per
+    graph launch; 32.7 s in 10 s chunks with ``batch_size=3`` leaves a smaller last batch. Stock
+    takes minutes here: the reference is PyTorch (same text and chunk timestamps)."""
+    from whisper_accel.runtime import calls
+
+    pipe, call = {"chunk_length_s": 10, "batch_size": 3}, {"return_timestamps": True}
+    ref = pytorch_pipeline(tiny_en_dir, "long_form.wav", pipe, call)
+    calls.reset()
+    batches = []
+    with whisper_accel.patched():
+        got = mindnlp_pipeline(tiny_en_dir, "long_form.wav", pipe, call, batches)
+    assert got == ref
+    assert len(batches) >= 2 and batches[:-1] == [3] * (len(batches) - 1) and 0 < batches[-1] < 3, batches
+    counts = calls.snapshot()["beam search loop"]
+    assert counts["stock"] == 0 and counts["fast"] >= len(batches), counts
