@@ -34,11 +34,10 @@ from typing import Any, List, Optional
 from .._environment import Gates
 from .._patcher import Patch
 from ..runtime import calls
-from ..runtime.binding import (OFF_AFTER_FAULT, compiled_for, fault, graph_dtype, serialised, to_compute,
-                               to_model)
+from ..runtime.binding import (OFF_AFTER_FAULT, beyond_positions, compiled_for, compiled_to_decode, fault,
+                               graph_dtype, serialised, to_compute, to_model)
 from ..runtime.decode_state import STATE, DecodeState, attach, is_empty
 from ..runtime.interop import adopt, import_whisper
-from ..runtime.loops import ENCODER_OUTPUT, beyond_positions
 from ..runtime.model import CompiledWhisper
 
 GATES = Gates(backends=("CPU",))
@@ -200,17 +199,10 @@ def _fast_forward(self, a) -> Any:
                 return "neither encoder_outputs nor input_features given"
             enc = self.model.encoder(g("input_features"), return_dict=True)
         hidden = enc[0]
-        if getattr(hidden, "ndim", 0) != 3 or hidden.shape[0] != ids.shape[0] \
-                or not graph_dtype(hidden, self.proj_out.weight):
-            return ENCODER_OUTPUT
-        cw = compiled_for(self, CompiledWhisper.from_model)
-        if cw is None:
-            return OFF_AFTER_FAULT
-        if cw.model_dtype != hidden.dtype:
-            return ENCODER_OUTPUT
         t = int(ids.shape[1])
-        if t > cw.max_positions:
-            return beyond_positions(t, cw.max_positions)
+        cw = compiled_to_decode(self, hidden, int(ids.shape[0]), t)
+        if isinstance(cw, str):
+            return cw
         try:
             kx, vx = cw.cross_kv(to_compute(hidden))
             k, v = cw.new_cache(int(ids.shape[0]), CompiledWhisper.bucket_for(t, cw.max_positions))

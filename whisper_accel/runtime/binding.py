@@ -56,6 +56,31 @@ def compiled_for(module, build: Callable) -> Optional[CompiledWhisper]:
     return cw
 
 
+#: Why the decoder declines encoder states it cannot take (see :func:`compiled_to_decode`).
+ENCODER_OUTPUT = ("encoder_outputs missing, not (rows, frames, d), or not float32/float16/bfloat16 in the "
+                  "model's dtype")
+
+
+def beyond_positions(length: int, positions: int) -> str:
+    return f"max_length {length} is beyond the model's {positions} decoder positions"
+
+
+def compiled_to_decode(module, hidden, rows: int, length: int):
+    """The compiled model that decodes ``rows`` rows against encoder states ``hidden`` up to
+    ``length`` positions, or a ``str``: why stock code must run instead (states of another shape
+    or dtype, the fast path off after a fault, more positions than the model has)."""
+    if getattr(hidden, "ndim", 0) != 3 or hidden.shape[0] != rows or not graph_dtype(hidden, module.proj_out.weight):
+        return ENCODER_OUTPUT
+    cw = compiled_for(module, CompiledWhisper.from_model)
+    if cw is None:
+        return OFF_AFTER_FAULT
+    if cw.model_dtype != hidden.dtype:
+        return ENCODER_OUTPUT
+    if length > cw.max_positions:
+        return beyond_positions(length, cw.max_positions)
+    return cw
+
+
 def fault(module, what: str, exc: BaseException) -> str:
     """The fast path failed at ``what``: this module runs stock code from now on; one warning
     per distinct failure (the encoder's and the decoder's launch failing alike are one), or,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 from . import calls
-from .binding import INFERENCE_LOCK, OFF_AFTER_FAULT, compiled_for, fault, graph_dtype
+from .binding import INFERENCE_LOCK, compiled_to_decode, fault
 from .decode_state import is_empty
 from .interop import adopt
 from .rules import max_length
@@ -46,15 +46,6 @@ def cross_attentions(steps, like):
     if steps is None:
         return None
     return tuple(tuple(adopt(p, like) for p in step) for step in steps)
-
-
-#: Why a loop declines encoder states it cannot take (see :func:`encoder_hidden`).
-ENCODER_OUTPUT = ("encoder_outputs missing, not (rows, frames, d), or not float32/float16/bfloat16 in the "
-                  "model's dtype")
-
-
-def beyond_positions(length: int, positions: int) -> str:
-    return f"max_length {length} is beyond the model's {positions} decoder positions"
 
 
 def why_stock(model, input_ids, stopping_criteria, gc, synced_gpus, kw) -> Optional[str]:
@@ -119,29 +110,8 @@ def fast_or_stock(model, entry: str, fast: Callable[[], Any], stock: Callable[[]
 
 def prepare(model, kw, rows: int, stopping_criteria):
     """``(compiled model, encoder states)`` for a loop over ``rows`` rows, or a ``str``: why the
-    stock loop must run (encoder states it cannot take, the fast path off after a fault, or a
-    ``max_length`` beyond the model's positions)."""
-    from .model import CompiledWhisper
-
-    hidden = encoder_hidden(model, kw, rows)
-    if hidden is None:
-        return ENCODER_OUTPUT
-    cw = compiled_for(model, CompiledWhisper.from_model)
-    if cw is None:
-        return OFF_AFTER_FAULT
-    if cw.model_dtype != hidden.dtype:
-        return ENCODER_OUTPUT
-    longest = max_length(stopping_criteria)
-    if longest > cw.max_positions:
-        return beyond_positions(longest, cw.max_positions)
-    return cw, hidden
-
-
-def encoder_hidden(model, kw, rows: int):
-    """The encoder states in ``kw`` when the graphs can take them ((rows, frames, d) in the
-    model's float dtype), else None."""
+    stock loop must run (:func:`binding.compiled_to_decode`)."""
     enc = kw.get("encoder_outputs")
     hidden = enc[0] if enc is not None and hasattr(enc, "__getitem__") else None
-    if getattr(hidden, "ndim", 0) != 3 or hidden.shape[0] != rows or not graph_dtype(hidden, model.proj_out.weight):
-        return None
-    return hidden
+    got = compiled_to_decode(model, hidden, rows, max_length(stopping_criteria))
+    return got if isinstance(got, str) else (got, hidden)
