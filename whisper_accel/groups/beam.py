@@ -19,8 +19,9 @@ static cache spilled in stock's final beam order).
 Falls back to the stock ``_beam_search`` for: beam sampling (``do_sample=True``), ``synced_gpus``,
 ``output_attentions`` / ``output_hidden_states``, prefill chunking, ``low_memory`` (stock raises
 its own error), model kwargs other than ``encoder_outputs`` / ``past_key_values`` (empty) /
-``use_cache`` / ``attention_mask``, a decoder attention mask with padding (an all-ones one, as ``condition_on_prev_tokens`` passes, is fine), training mode, weights or encoder
-output other than float32/float16/bfloat16, or a ``max_length`` beyond the model's positions.
+``use_cache`` / ``attention_mask``, a decoder attention mask with padding (an all-ones one, as
+``condition_on_prev_tokens`` passes, is fine), training mode, weights or encoder output other
+than float32/float16/bfloat16, or a ``max_length`` beyond the model's positions.
 An exception inside the loop is a fault: one warning, stock runs the search from the start.
 """
 

@@ -238,7 +238,8 @@ def patches(env: Optional[Any] = None) -> List[Patch]:
         Patch(GROUP, WhisperFeatureExtractor, "_torch_extract_fbank_features", make_torch_extract_fbank_features,
               "log-mel features via transformers' numpy path (mindtorch has no stft)"),
         Patch(GROUP, generation_whisper.WhisperGenerationMixin, "_extract_token_timestamps",
-              make_extract_token_timestamps, "token/word timestamps without torch.unique (missing on CPU in mindtorch)"),
+              make_extract_token_timestamps,
+              "token/word timestamps without torch.unique (missing on CPU in mindtorch)"),
         Patch(GROUP, generation_whisper, "_median_filter", make_median_filter,
               "timestamp median filter in numpy (mindtorch's CPU reflect pad refuses 3-D input)"),
     ]

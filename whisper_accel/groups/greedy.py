@@ -30,8 +30,8 @@ Falls back to the original ``_sample`` (nothing skipped, nothing half-done) for:
 ``synced_gpus``, a streamer, ``output_attentions`` / ``output_hidden_states``, prefill
 chunking, model kwargs other than ``encoder_outputs`` / ``past_key_values`` (empty or None) /
 ``use_cache`` / ``attention_mask`` (the encoder's, which Whisper's decoder does not read),
-a decoder attention mask with padding (an all-ones one, as ``condition_on_prev_tokens`` passes, is fine), training mode, weights or encoder output other than float32 /
-float16 / bfloat16 (half precision computes in float32, see the ``compiled`` group), or a
+a decoder attention mask with padding (an all-ones one, as ``condition_on_prev_tokens``
+passes, is fine), training mode, weights or encoder output other than float32 / float16 / bfloat16 (half precision computes in float32, see the ``compiled`` group), or a
 ``max_length`` beyond the model's positions. An exception inside the loop (a graph that fails
 to compile or launch) is a fault: one warning, the stock ``_sample`` runs the generation from
 the start (nothing of the failed attempt is visible), and that model uses stock code from then on.

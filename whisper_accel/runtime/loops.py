@@ -3,7 +3,8 @@ take the fast path, and the encoder states it decodes against.
 
 The loops replace ``GenerationMixin._sample`` / ``_beam_search``, whose arguments are the
 prepared ids, processors, criteria, generation config and model kwargs. Anything outside what
-the loops reproduce exactly runs the stock loop (:func:`why_stock` says why); each call is counted in :mod:`.calls`.
+the loops reproduce exactly runs the stock loop (:func:`why_stock` says why); each call is
+counted in :mod:`.calls`.
 """
 
 from __future__ import annotations
@@ -50,9 +51,9 @@ def cross_attentions(steps, like):
 
 def why_stock(model, input_ids, stopping_criteria, gc, synced_gpus, kw) -> Optional[str]:
     """The checks common to both loops: why this call must run the stock loop, or None when the
-    fast loop may take it (inference, no per-step attentions or hidden states,
-    plain kwargs (a decoder attention mask only when it masks nothing), a usable cache -- none, or an empty ``EncoderDecoderCache`` of
-    ``DynamicCache``s --, integer 2-D ids and a ``MaxLengthCriteria``)."""
+    fast loop may take it (inference, no per-step attentions or hidden states, plain kwargs --
+    a decoder attention mask only when it masks nothing --, a usable cache -- none, or an empty
+    ``EncoderDecoderCache`` of ``DynamicCache``s --, integer 2-D ids and a ``MaxLengthCriteria``)."""
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
     if model.training:
