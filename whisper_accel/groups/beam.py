@@ -33,7 +33,7 @@ import numpy as np
 
 from .._environment import Gates
 from .._patcher import Patch
-from ..runtime.beam_search import beam_search
+from ..runtime.beam_search import beam_search, unsupported
 from ..runtime.binding import to_compute
 from ..runtime.decode_state import DecodeState
 from ..runtime.interop import import_whisper
@@ -49,8 +49,9 @@ ENTRY = "beam search loop"
 
 
 def _why_stock(self, input_ids, stopping_criteria, gc, synced_gpus, kw) -> Optional[str]:
-    if gc.do_sample:
-        return "beam sampling (do_sample=True with num_beams > 1) is not on the fast path"
+    why = unsupported(gc)  # the search's own limits (beam sampling, per-step outputs)
+    if why is not None:
+        return why
     if getattr(gc, "low_memory", False):
         return "low_memory=True (stock raises its own error)"
     if int(input_ids.shape[0]) % int(gc.num_beams):

@@ -69,10 +69,11 @@ def format_table(counts: Dict[str, Dict]) -> str:
 
 
 def report_at_exit(target: str) -> None:
-    """Called at interpreter exit when ``WHISPER_ACCEL_STATS`` is set: ``1``/``stderr`` prints
-    :func:`format_table` to stderr; anything else is a path that receives the counts as JSON."""
+    """Called at interpreter exit when ``WHISPER_ACCEL_STATS`` is set: ``1``/``stderr`` (or any of
+    ``WHISPER_ACCEL``'s "on" words) prints :func:`format_table` to stderr; anything else is a path
+    that receives the counts as JSON."""
     counts = snapshot()
-    if target.strip().lower() in ("1", "stderr", "true", "yes", "on"):
+    if target.strip().lower() in ("1", "stderr", "true", "yes", "on", "all"):
         print(format_table(counts), file=sys.stderr)
         return
     try:
