@@ -19,8 +19,8 @@ static cache spilled in stock's final beam order).
 Falls back to the stock ``_beam_search`` for: beam sampling (``do_sample=True``), ``synced_gpus``,
 ``output_attentions`` / ``output_hidden_states``, prefill chunking, ``low_memory`` (stock raises
 its own error), model kwargs other than ``encoder_outputs`` / ``past_key_values`` (empty) /
-``use_cache`` / ``attention_mask``, a decoder attention mask with padding (an all-ones one, as
-``condition_on_prev_tokens`` passes, is fine), training mode, weights or encoder output other
+``use_cache`` / ``attention_mask`` / ``decoder_attention_mask`` (padded ones, as batched
+``condition_on_prev_tokens`` passes, are taken as stock does), training mode, weights or encoder output other
 than float32/float16/bfloat16, or a ``max_length`` beyond the model's positions.
 An exception inside the loop is a fault: one warning, stock runs the search from the start.
 """
@@ -96,10 +96,10 @@ def _beams(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any:
 
     n, cur_len = int(input_ids.shape[0]), int(input_ids.shape[1])
     beams = int(gc.num_beams)
-    got = prepare(self, kw, n, stopping_criteria)
+    got = prepare(self, kw, input_ids, stopping_criteria)
     if isinstance(got, str):
         return got
-    cw, hidden = got
+    cw, hidden, padding = got
     per_audio = _shared_rows(hidden, beams)
     group = beams if per_audio is not None else 1
     kx, vx = cw.cross_kv(to_compute(per_audio if per_audio is not None else hidden))
@@ -117,7 +117,7 @@ def _beams(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any:
         order = identity if beam_idx is None else beam_idx.astype(np.int32)
         logits, logp, cache["k"], cache["v"] = cw.decode_beams(
             mindspore.Tensor(np.ascontiguousarray(feed), mindspore.int64), pos0, k, v,
-            mindspore.Tensor(order), kx, vx, group, cross)
+            mindspore.Tensor(order), kx, vx, group, cross, padding)
         cache["fed"] = need
         return (logits.asnumpy() if want_logits else None), logp.asnumpy()
 

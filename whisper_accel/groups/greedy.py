@@ -29,9 +29,9 @@ distributions as stock; seeded by ``transformers.set_seed`` / ``numpy.random.see
 Falls back to the original ``_sample`` (nothing skipped, nothing half-done) for:
 ``synced_gpus``, a streamer, ``output_attentions`` / ``output_hidden_states``, prefill
 chunking, model kwargs other than ``encoder_outputs`` / ``past_key_values`` (empty or None) /
-``use_cache`` / ``attention_mask`` (the encoder's, which Whisper's decoder does not read),
-a decoder attention mask with padding (an all-ones one, as ``condition_on_prev_tokens``
-passes, is fine), training mode, weights or encoder output other than float32 / float16 / bfloat16 (half precision computes in float32, see the ``compiled`` group), or a
+``use_cache`` / ``attention_mask`` (the encoder's, which Whisper's decoder does not read) /
+``decoder_attention_mask`` (a padded one, as batched ``condition_on_prev_tokens`` passes, is
+taken as stock does: :mod:`whisper_accel.runtime.padding`), training mode, weights or encoder output other than float32 / float16 / bfloat16 (half precision computes in float32, see the ``compiled`` group), or a
 ``max_length`` beyond the model's positions. An exception inside the loop (a graph that fails
 to compile or launch) is a fault: one warning, the stock ``_sample`` runs the generation from
 the start (nothing of the failed attempt is visible), and that model uses stock code from then on.
@@ -93,10 +93,10 @@ def _greedy(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any
     import torch
 
     batch, cur_len = int(input_ids.shape[0]), int(input_ids.shape[1])
-    got = prepare(self, kw, batch, stopping_criteria)
+    got = prepare(self, kw, input_ids, stopping_criteria)
     if isinstance(got, str):
         return got
-    cw, hidden = got
+    cw, hidden, padding = got
     kx, vx = cw.cross_kv(to_compute(hidden))
     k, v = cw.new_cache(batch, CompiledWhisper.bucket_for(cur_len, cw.max_positions))
 
@@ -124,7 +124,7 @@ def _greedy(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any
         if need > k[0].shape[2]:  # next bucket (64/128/256/448): one more graph shape
             k, v = cw.grow_cache(k, v, CompiledWhisper.bucket_for(need, cw.max_positions))
         nxt, step_scores, step_logits, k, v = cw.decode_next(
-            feed, fed, k, v, kx, vx, processors.mask(cur_len), cross)
+            feed, fed, k, v, kx, vx, processors.mask(cur_len), cross, padding)
         fed += int(feed.shape[1])
         host = None
         if processors.mode == "host":

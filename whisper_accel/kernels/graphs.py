@@ -133,20 +133,26 @@ def _cross(q, k_x, v_x, beams, with_probs=False):
 
 
 def _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers, final_ln, n_heads, scaling,
-             beams=1, with_probs=False):
-    """ids (B,T); positions (T,) int32 = pos0..pos0+T-1; cols (S,) int32 = 0..S-1;
-    caches: per-layer tuples of (B,H,S,Dh); cross K/V per audio (``beams`` rows share one).
-    Returns the final-norm hidden states (B,T,D), the updated caches and (``with_probs``) each
-    layer's cross-attention probabilities, else an empty tuple. Traced inside the jit functions
-    below (not a graph of its own)."""
+             pos_ids, key_ok, beams=1, with_probs=False):
+    """ids (B,T); positions (T,) int32 = pos0..pos0+T-1 (the cache slots this step writes);
+    cols (S,) int32 = 0..S-1; caches: per-layer tuples of (B,H,S,Dh); cross K/V per audio
+    (``beams`` rows share one). ``pos_ids`` (1 or B, T) int32: the position-embedding rows
+    (``positions`` itself without a decoder attention mask; with one, stock's
+    ``cumsum(mask) - 1``, 1 at padding); ``key_ok`` (1 or B, S) bool: the slots a query may
+    attend to besides causality (False at padding). Returns the final-norm hidden states (B,T,D),
+    the updated caches and (``with_probs``) each layer's cross-attention probabilities, else an
+    empty tuple. Traced inside the jit functions below (not a graph of its own)."""
     t = ids.shape[1]
     s = k_cache[0].shape[2]
-    x = ops.gather(embed, ids, 0) + ops.gather(pos_table, positions, 0)
+    x = ops.gather(embed, ids, 0) + ops.gather(pos_table, pos_ids, 0)
     rel = cols.reshape(1, s) - positions[0]  # (1, S) slot index relative to this step
     write = ((rel >= 0) & (rel < t)).reshape(1, 1, s, 1)  # slots written by this step
     src = ops.clip(rel.reshape(s), 0, t - 1)  # which new token a slot takes
-    visible = cols.reshape(1, s) <= positions.reshape(t, 1)  # causal over the cache
-    bias = ops.where(visible, ops.zeros((t, s), x.dtype), ops.fill(x.dtype, (t, s), -3.4028234663852886e38))
+    # causal over the cache and not padding; one where (not a sum of two biases, which would
+    # overflow to -inf and give a fully masked padding row NaNs)
+    visible = (cols.reshape(1, 1, s) <= positions.reshape(1, t, 1)) & key_ok.reshape(-1, 1, s)
+    bias = ops.where(visible, ops.zeros(visible.shape, x.dtype),
+                     ops.fill(x.dtype, visible.shape, -3.4028234663852886e38)).reshape(-1, 1, t, s)
     new_k, new_v = [], []
     probs = ()
     for i, lw in enumerate(layers):  # (ln1, self_attn, ln2, cross(q_w,q_b,o_w,o_b), ln3, fc1w, fc1b, fc2w, fc2b)
@@ -172,21 +178,22 @@ def _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table,
 
 
 @ms.jit
-def decode(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, proj, pos_table, layers, final_ln, n_heads, scaling):
+def decode(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, proj, pos_table, layers, final_ln, n_heads, scaling,
+           pos_ids, key_ok):
     """All positions' logits (B,T,V) and the updated caches."""
     x, new_k, new_v, _ = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
-                                  final_ln, n_heads, scaling)
+                                  final_ln, n_heads, scaling, pos_ids, key_ok)
     return _linear(x, proj), new_k, new_v
 
 
 @ms.jit
 def decode_next(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, proj, pos_table, layers, final_ln,
-                 n_heads, scaling, suppress):
+                n_heads, scaling, suppress, pos_ids, key_ok):
     """Greedy step: the last position's logits (B,V), the scores with ``suppress`` (V,) bool set
     to -inf (what the masking logits processors return), their argmax (B,), and the caches. The
     vocabulary projection runs for the last position only."""
     x, new_k, new_v, _ = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
-                                  final_ln, n_heads, scaling)
+                                  final_ln, n_heads, scaling, pos_ids, key_ok)
     logits = _mm_t(x[:, ids.shape[1] - 1, :], proj)
     scores = ops.masked_fill(logits, suppress, float("-inf"))
     return ops.argmax(scores, -1), scores, logits, new_k, new_v
@@ -194,11 +201,11 @@ def decode_next(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, proj, p
 
 @ms.jit
 def decode_next_attn(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, proj, pos_table, layers, final_ln,
-                     n_heads, scaling, suppress):
+                     n_heads, scaling, suppress, pos_ids, key_ok):
     """:func:`decode_next` that also returns every layer's cross-attention probabilities
     (B,H,T,S) (what ``output_attentions`` returns; token timestamps are computed from them)."""
     x, new_k, new_v, probs = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
-                                      final_ln, n_heads, scaling, 1, True)
+                                      final_ln, n_heads, scaling, pos_ids, key_ok, 1, True)
     logits = _mm_t(x[:, ids.shape[1] - 1, :], proj)
     scores = ops.masked_fill(logits, suppress, float("-inf"))
     return ops.argmax(scores, -1), scores, logits, new_k, new_v, probs
@@ -206,7 +213,7 @@ def decode_next_attn(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pr
 
 @ms.jit
 def decode_beams(ids, positions, cols, k_cache, v_cache, beam_idx, k_x, v_x, embed, proj, pos_table, layers,
-                 final_ln, n_heads, scaling, beams):
+                 final_ln, n_heads, scaling, beams, pos_ids, key_ok):
     """Beam-search step for N = B * beams rows: first the self-attention caches are reordered by
     ``beam_idx`` (N,) int32 (the row each new row continues), then the decoder runs on ``ids``
     (N,T) with cross-attention K/V shared per audio; returns the last position's logits (N,V),
@@ -215,18 +222,18 @@ def decode_beams(ids, positions, cols, k_cache, v_cache, beam_idx, k_x, v_x, emb
     k_cache = tuple(ops.gather(c, beam_idx, 0) for c in k_cache)
     v_cache = tuple(ops.gather(c, beam_idx, 0) for c in v_cache)
     x, new_k, new_v, _ = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
-                                  final_ln, n_heads, scaling, beams)
+                                  final_ln, n_heads, scaling, pos_ids, key_ok, beams)
     logits = _mm_t(x[:, ids.shape[1] - 1, :], proj)
     return logits, ops.log_softmax(logits, -1), new_k, new_v
 
 
 @ms.jit
 def decode_beams_attn(ids, positions, cols, k_cache, v_cache, beam_idx, k_x, v_x, embed, proj, pos_table, layers,
-                      final_ln, n_heads, scaling, beams):
+                      final_ln, n_heads, scaling, beams, pos_ids, key_ok):
     """:func:`decode_beams` that also returns every layer's cross-attention probabilities (N,H,T,S)."""
     k_cache = tuple(ops.gather(c, beam_idx, 0) for c in k_cache)
     v_cache = tuple(ops.gather(c, beam_idx, 0) for c in v_cache)
     x, new_k, new_v, probs = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
-                                      final_ln, n_heads, scaling, beams, True)
+                                      final_ln, n_heads, scaling, pos_ids, key_ok, beams, True)
     logits = _mm_t(x[:, ids.shape[1] - 1, :], proj)
     return logits, ops.log_softmax(logits, -1), new_k, new_v, probs

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from . import calls
+from . import calls, padding
 from .binding import INFERENCE_LOCK, compiled_to_decode, fault
 from .decode_state import is_empty
 from .interop import adopt
@@ -52,7 +52,7 @@ def cross_attentions(steps, like):
 def why_stock(model, input_ids, stopping_criteria, gc, synced_gpus, kw) -> Optional[str]:
     """The checks common to both loops: why this call must run the stock loop, or None when the
     fast loop may take it (inference, no per-step attentions or hidden states, plain kwargs --
-    a decoder attention mask only when it masks nothing --, a usable cache -- none, or an empty
+    a decoder attention mask of 0/1 shaped like the ids (:mod:`.padding`) --, a usable cache -- none, or an empty
     ``EncoderDecoderCache`` of ``DynamicCache``s --, integer 2-D ids and a ``MaxLengthCriteria``)."""
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
@@ -69,8 +69,9 @@ def why_stock(model, input_ids, stopping_criteria, gc, synced_gpus, kw) -> Optio
     if extra:
         return f"model kwargs {', '.join(extra)} are not on the fast path"
     mask = kw.get("decoder_attention_mask")
-    if mask is not None and not _all_ones(mask, input_ids):
-        return "a decoder attention mask with padding (batched prompts of unequal length)"
+    why = None if mask is None else padding.usable(mask, input_ids)
+    if why is not None:
+        return why
     if not (kw.get("use_cache") if kw.get("use_cache") is not None else model.config.use_cache):
         return "use_cache=False"
     if getattr(input_ids, "ndim", 0) != 2 or str(input_ids.dtype).split(".")[-1] not in ("int64", "int32"):
@@ -83,13 +84,6 @@ def why_stock(model, input_ids, stopping_criteria, gc, synced_gpus, kw) -> Optio
     if max_length(stopping_criteria) is None:
         return "no MaxLengthCriteria among the stopping criteria"
     return None
-
-
-def _all_ones(mask, input_ids) -> bool:
-    """A decoder attention mask that masks nothing: (B, L) like ``input_ids``, all ones (Whisper
-    passes one with ``condition_on_prev_tokens``; stock's positions are then 0..L-1, as ours)."""
-    shape = tuple(getattr(mask, "shape", ()))
-    return shape == tuple(input_ids.shape) and bool((mask.asnumpy() == 1).all())
 
 
 def fast_or_stock(model, entry: str, fast: Callable[[], Any], stock: Callable[[], Any]) -> Any:
@@ -109,10 +103,11 @@ def fast_or_stock(model, entry: str, fast: Callable[[], Any], stock: Callable[[]
         return out
 
 
-def prepare(model, kw, rows: int, stopping_criteria):
-    """``(compiled model, encoder states)`` for a loop over ``rows`` rows, or a ``str``: why the
-    stock loop must run (:func:`binding.compiled_to_decode`)."""
+def prepare(model, kw, input_ids, stopping_criteria):
+    """``(compiled model, encoder states, padding)`` for a loop over ``input_ids``' rows, or a
+    ``str``: why the stock loop must run (:func:`binding.compiled_to_decode`). ``padding``: the
+    decoder attention mask's :class:`.padding.DecoderPadding`, or None when nothing is masked."""
     enc = kw.get("encoder_outputs")
     hidden = enc[0] if enc is not None and hasattr(enc, "__getitem__") else None
-    got = compiled_to_decode(model, hidden, rows, max_length(stopping_criteria))
-    return got if isinstance(got, str) else (got, hidden)
+    got = compiled_to_decode(model, hidden, int(input_ids.shape[0]), max_length(stopping_criteria))
+    return got if isinstance(got, str) else (got, hidden, padding.from_kwargs(kw, input_ids))

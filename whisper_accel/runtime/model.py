@@ -45,6 +45,7 @@ BUCKETS = (64, 128, 256, 448)
 #: concurrent launches of the same jit function are safe in MindSpore 2.7 is not established).
 _GRAPH_LOCK = threading.Lock()
 _COLS: Dict[int, Any] = {}  # bucket size -> arange(bucket) int32
+_EVERY: Dict[int, Any] = {}  # bucket size -> (1, bucket) all-True bool: no padding
 
 #: Speed/memory trade-off of :meth:`CompiledWhisper.encode`. False (default): one graph launch
 #: per layer; the footprint is one layer's intermediates (tiny: peak below stock's). True: the
@@ -207,21 +208,24 @@ class CompiledWhisper:
         """Run tokens ``ids`` (B, T) at positions pos0..pos0+T-1. Returns (logits (B,T,V), k_cache, v_cache)."""
         t, s = int(ids.shape[1]), int(k_cache[0].shape[2])
         self._note(("decode",) + tuple(ids.shape) + (s,))
-        pos, cols = self._positions(pos0, t, s)
+        pos, cols, pos_ids, key_ok = self._positions(pos0, t, s)
         with self.lock:
             logits, k, v = G.decode(ids, pos, cols, k_cache, v_cache, k_x, v_x, self.embed, self.proj,
-                                   self.dec_pos, self.dec_layers, self.dec_ln, self.n_heads_dec, self.scaling_dec)
+                                   self.dec_pos, self.dec_layers, self.dec_ln, self.n_heads_dec, self.scaling_dec,
+                                   pos_ids, key_ok)
         return logits, ms.mutable(tuple(k)), ms.mutable(tuple(v))
 
-    def decode_next(self, ids, pos0: int, k_cache, v_cache, k_x, v_x, suppress, cross=None):
+    def decode_next(self, ids, pos0: int, k_cache, v_cache, k_x, v_x, suppress, cross=None, padding=None):
         """Greedy step for tokens ``ids`` (B, T) at pos0..: ``suppress`` is a (V,) bool Tensor of
         ids to set to -inf. Returns (next ids (B,), scores (B,V), logits (B,V), k_cache, v_cache).
-        ``cross``: a list that receives this step's per-layer cross-attention probabilities."""
+        ``cross``: a list that receives this step's per-layer cross-attention probabilities.
+        ``padding``: a :class:`whisper_accel.runtime.padding.DecoderPadding` (a decoder attention
+        mask with padding), else None."""
         t, s = int(ids.shape[1]), int(k_cache[0].shape[2])
         self._note(("next",) + tuple(ids.shape) + (s,))
-        pos, cols = self._positions(pos0, t, s)
+        pos, cols, pos_ids, key_ok = self._positions(pos0, t, s, padding)
         args = (ids, pos, cols, k_cache, v_cache, k_x, v_x, self.embed, self.proj, self.dec_pos,
-                self.dec_layers, self.dec_ln, self.n_heads_dec, self.scaling_dec, suppress)
+                self.dec_layers, self.dec_ln, self.n_heads_dec, self.scaling_dec, suppress, pos_ids, key_ok)
         with self.lock:
             if cross is None:
                 nxt, scores, logits, k, v = G.decode_next(*args)
@@ -230,16 +234,18 @@ class CompiledWhisper:
                 cross.append(tuple(probs))
         return nxt, scores, logits, ms.mutable(tuple(k)), ms.mutable(tuple(v))
 
-    def decode_beams(self, ids, pos0: int, k_cache, v_cache, beam_idx, k_x, v_x, beams: int, cross=None):
+    def decode_beams(self, ids, pos0: int, k_cache, v_cache, beam_idx, k_x, v_x, beams: int, cross=None,
+                     padding=None):
         """Beam step: reorder the caches by ``beam_idx`` (N,) int32, run ``ids`` (N, T) at
         pos0.., cross K/V shared by each audio's ``beams`` rows. Returns (logits (N,V) of the
         last position, their log-softmax, k_cache, v_cache). ``cross``: a list that receives
-        this step's per-layer cross-attention probabilities (N,H,T,S)."""
+        this step's per-layer cross-attention probabilities (N,H,T,S). ``padding``: as for
+        :meth:`decode_next` (beams of one audio share their padding, so reordering keeps it)."""
         t, s = int(ids.shape[1]), int(k_cache[0].shape[2])
         self._note(("beams",) + tuple(ids.shape) + (s, beams))
-        pos, cols = self._positions(pos0, t, s)
+        pos, cols, pos_ids, key_ok = self._positions(pos0, t, s, padding)
         args = (ids, pos, cols, k_cache, v_cache, beam_idx, k_x, v_x, self.embed, self.proj, self.dec_pos,
-                self.dec_layers, self.dec_ln, self.n_heads_dec, self.scaling_dec, beams)
+                self.dec_layers, self.dec_ln, self.n_heads_dec, self.scaling_dec, beams, pos_ids, key_ok)
         with self.lock:
             if cross is None:
                 logits, logp, k, v = G.decode_beams(*args)
@@ -249,12 +255,20 @@ class CompiledWhisper:
         return logits, logp, ms.mutable(tuple(k)), ms.mutable(tuple(v))
 
     @staticmethod
-    def _positions(pos0: int, t: int, s: int):
-        pos = ms.Tensor(np.arange(pos0, pos0 + t, dtype=np.int32))
+    def _positions(pos0: int, t: int, s: int, padding=None):
+        """The step's slot indices (T,), all slots (S,), position-embedding rows (1 or B, T) and
+        attendable slots (1 or B, S): without ``padding`` the slots themselves and every slot."""
+        slots = np.arange(pos0, pos0 + t, dtype=np.int32)
+        pos = ms.Tensor(slots)
         cols = _COLS.get(s)
         if cols is None:
             cols = _COLS[s] = ms.Tensor(np.arange(s, dtype=np.int32))
-        return pos, cols
+        if padding is not None:
+            return pos, cols, ms.Tensor(padding.positions(pos0, t)), ms.Tensor(padding.keys(s))
+        every = _EVERY.get(s)
+        if every is None:
+            every = _EVERY[s] = ms.Tensor(np.ones((1, s), dtype=np.bool_))
+        return pos, cols, ms.Tensor(slots.reshape(1, t)), every
 
 
 def _buffer(p) -> int:
