@@ -514,9 +514,9 @@ def test_cross_attention_is_shared_per_audio(model, monkeypatch):
     seen = []
     real = CompiledWhisper.decode_beams
 
-    def spy(self, ids, pos0, k, v, beam_idx, kx, vx, beams, cross=None):
+    def spy(self, ids, pos0, k, v, beam_idx, kx, vx, beams, cross=None, padding=None):
         seen.append((int(ids.shape[0]), int(kx[0].shape[0]), beams))
-        return real(self, ids, pos0, k, v, beam_idx, kx, vx, beams, cross)
+        return real(self, ids, pos0, k, v, beam_idx, kx, vx, beams, cross, padding)
 
     monkeypatch.setattr(CompiledWhisper, "decode_beams", spy)
     stock, ours = both(model, features(2, seed=14), num_beams=4, max_new_tokens=6)
