@@ -22,6 +22,12 @@ def diagnose() -> dict:
         return result
     result["capabilities"] = _environment.capabilities(env.versions)
     result["probe_cache"] = _environment.probe_cache_info(env.versions)
+    try:
+        from .runtime import native
+
+        result["fused_kernels"] = native.state()
+    except Exception as exc:  # doctor explains; it does not crash
+        result["fused_kernels"] = {"library": None, "reason": f"error: {exc!r}"}
     for name in NAMES:
         try:
             patches = _api.group_patches(name, env)
@@ -56,6 +62,10 @@ def doctor(json_out: bool = False) -> int:
         where = cache["file"] or cache["directory"] or "unknown (no cache directory)"
         print(f"  probe cache   {where}" if cache["enabled"]
               else "  probe cache   off (WHISPER_ACCEL_PROBE_CACHE)")
+    fused = d.get("fused_kernels")
+    if fused:
+        print(f"  fused kernels {fused['library']}" if fused["library"]
+              else f"  fused kernels not used: {fused['reason']} (the encoder runs MindSpore's element-wise ops)")
     for problem in env["problems"]:
         print(f"  PROBLEM       {problem}")
     print("patch groups:")

@@ -37,6 +37,7 @@ import numpy as np
 from mindspore import ops
 
 from ..kernels import graphs as G
+from . import native
 
 #: Static self-attention cache sizes; a generation uses the smallest that fits.
 BUCKETS = (64, 128, 256, 448)
@@ -132,6 +133,8 @@ class CompiledWhisper:
         # so a buffer address seen in the fingerprint cannot be reused while this object lives.
         self._keep = tuple(p.detach() for p in params) if self.model_dtype != ms.float32 else ()
         self.compiled_shapes: List[Tuple] = []
+        #: which encoder graphs ran last: "fused" (:mod:`.native`'s kernels) or "mindspore"
+        self.encoder_kernels = None
         self.lock = _GRAPH_LOCK
 
     @classmethod
@@ -162,16 +165,30 @@ class CompiledWhisper:
             self.compiled_shapes.append(key)
 
     def encode(self, input_features):
-        """(B, n_mels, frames) -> (B, frames // 2, d_model)."""
+        """(B, n_mels, frames) -> (B, frames // 2, d_model). With the fused element-wise kernels
+        (:mod:`.native`) when they are usable here; should a graph with them fail, they are
+        dropped for the process and the plain graphs run the call."""
         self._note(("encode",) + tuple(input_features.shape))
+        fused = native.encoder_graphs()
         with self.lock:
-            if WHOLE_ENCODER_GRAPH:
-                return G.encode_whole(input_features, self.conv, self.enc_pos, ms.mutable(self.enc_layers),
-                                     self.enc_ln, self.n_heads_enc, self.scaling_enc)
-            x = G.enc_stem(input_features, self.conv, self.enc_pos)
-            for lw in self.enc_layers:
-                x = G.enc_layer(x, lw, self.n_heads_enc, self.scaling_enc)
-            return G.enc_final(x, self.enc_ln)
+            if fused is not None:
+                try:
+                    out = self._encode(fused, input_features)
+                    self.encoder_kernels = "fused"
+                    return out
+                except Exception as exc:  # noqa: BLE001
+                    native.disable(f"a fused encoder graph failed: {exc!r}")
+            self.encoder_kernels = "mindspore"
+            return self._encode(G, input_features)
+
+    def _encode(self, graphs, input_features):
+        if WHOLE_ENCODER_GRAPH:
+            return graphs.encode_whole(input_features, self.conv, self.enc_pos, ms.mutable(self.enc_layers),
+                                       self.enc_ln, self.n_heads_enc, self.scaling_enc)
+        x = graphs.enc_stem(input_features, self.conv, self.enc_pos)
+        for lw in self.enc_layers:
+            x = graphs.enc_layer(x, lw, self.n_heads_enc, self.scaling_enc)
+        return graphs.enc_final(x, self.enc_ln)
 
     def cross_kv(self, encoder_hidden_states):
         """-> (K^T, V): per-layer tuples of (B, H, Dh, S_enc) and (B, H, S_enc, Dh). (Tuples, not one stacked tensor:

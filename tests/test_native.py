@@ -1,0 +1,160 @@
+"""The fused encoder kernels (``kernels/fused.cc`` via ``runtime/native.py``): built, checked,
+used by the compiled encoder with stock's results, and every way they can be unavailable or
+fail leaves the encoder on MindSpore's plain graphs with the same results."""
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+mindnlp = pytest.importorskip("mindnlp")
+import mindspore as ms  # noqa: E402
+import torch  # noqa: E402  (mindtorch, via mindnlp)
+
+import whisper_accel  # noqa: E402
+from conftest import build_model, features, rel_diff  # noqa: E402
+from whisper_accel.kernels import fused, graphs  # noqa: E402
+from whisper_accel.runtime import calls, native  # noqa: E402
+from whisper_accel.runtime.binding import ATTR  # noqa: E402
+
+HERE = native.state()
+needs_fused = pytest.mark.skipif(HERE["library"] is None, reason=f"fused kernels unavailable here: {HERE['reason']}")
+
+
+@pytest.fixture
+def fresh_decision(monkeypatch, tmp_path):
+    """A new per-process decision in an empty cache directory; the original one afterwards."""
+    monkeypatch.setenv("WHISPER_ACCEL_CACHE_DIR", str(tmp_path))
+    native.reset()
+    yield tmp_path
+    monkeypatch.undo()
+    native.reset()
+    native.state()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(seed=2)
+
+
+def _encode(model, feats):
+    model.model.encoder.__dict__.pop(ATTR, None)
+    with torch.no_grad():
+        out = model.model.encoder(feats).last_hidden_state.asnumpy()
+    return out, model.model.encoder.__dict__[ATTR]
+
+
+def test_every_kernel_passes_its_check_or_the_reason_is_known():
+    if HERE["library"] is None:
+        assert HERE["reason"]
+    else:
+        assert Path(HERE["library"]).is_file()
+        assert native.check(HERE["library"]) is None
+
+
+@needs_fused
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fused_encoder_equals_stock_and_the_plain_graphs(model, batch):
+    feats = features(batch, seed=4)
+    with torch.no_grad():
+        stock = model.model.encoder(feats).last_hidden_state.asnumpy()
+    with whisper_accel.patched():
+        ours, cw = _encode(model, feats)
+        plain = cw._encode(graphs, ms.Tensor(feats.asnumpy())).asnumpy()
+    assert cw.encoder_kernels == "fused"
+    assert rel_diff(ours, stock) < 1e-4
+    assert rel_diff(ours, plain) < 1e-6
+
+
+@needs_fused
+def test_whole_encoder_graph_with_fused_kernels(model, monkeypatch):
+    from whisper_accel.runtime import model as runtime_model
+
+    feats = features(1, seed=5)
+    with whisper_accel.patched():
+        per_layer, _ = _encode(model, feats)
+        monkeypatch.setattr(runtime_model, "WHOLE_ENCODER_GRAPH", True)
+        whole, cw = _encode(model, feats)
+    assert cw.encoder_kernels == "fused"
+    assert rel_diff(whole, per_layer) < 1e-6
+
+
+@pytest.mark.parametrize("env, reason", [({"WHISPER_ACCEL_NATIVE": "0"}, "WHISPER_ACCEL_NATIVE=0"),
+                                         ({"CXX": "/nonexistent/c++"}, "no C++ compiler"),
+                                         ({"CXX": "false"}, "build or load failed")],
+                         ids=["switched-off", "no-compiler", "compiler-fails"])
+def test_unavailable_kernels_leave_the_plain_graphs(model, fresh_decision, monkeypatch, env, reason):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    feats = features(1, seed=6)
+    with torch.no_grad():
+        stock = model.model.encoder(feats).last_hidden_state.asnumpy()
+    with whisper_accel.patched():
+        ours, cw = _encode(model, feats)
+    state = native.state()
+    assert state["library"] is None and reason in state["reason"]
+    assert cw.encoder_kernels == "mindspore"
+    assert rel_diff(ours, stock) < 1e-4
+    assert not list(fresh_decision.glob("native/*.so"))
+
+
+def test_a_kernel_that_disagrees_with_its_reference_is_not_used(fresh_decision, monkeypatch):
+    if HERE["library"] is None:
+        pytest.skip(HERE["reason"])
+    monkeypatch.setattr(native, "_gelu", lambda x: 1.01 * x)  # a wrong reference: GELU "differs"
+    state = native.state()
+    assert state["library"] is None and "BiasGelu" in state["reason"]
+    assert native.encoder_graphs() is None
+
+
+@needs_fused
+def test_a_failing_fused_graph_falls_back_to_the_plain_graphs(model, monkeypatch):
+    feats = features(1, seed=7)
+    with torch.no_grad():
+        stock = model.model.encoder(feats).last_hidden_state.asnumpy()
+
+    def broken(*a, **k):
+        raise RuntimeError("injected fused launch failure")
+
+    monkeypatch.setattr(fused, "enc_stem", broken)
+    calls.reset()
+    try:
+        with whisper_accel.patched():
+            ours, cw = _encode(model, feats)
+            again, _ = _encode(model, feats)
+        assert cw.encoder_kernels == "mindspore"
+        assert "injected fused launch failure" in native.state()["reason"]
+        assert rel_diff(ours, stock) < 1e-4 and rel_diff(again, stock) < 1e-4
+        assert whisper_accel.status()["calls"]["encoder"]["stock"] == 0  # still the compiled encoder
+    finally:
+        native.reset()
+        native.state()
+
+
+def test_concurrent_builds_into_one_directory_agree(tmp_path):
+    cxx = native._compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    got, errors = [], []
+
+    def one():
+        try:
+            got.append(native.build(tmp_path, cxx))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(got)) == 1 and got[0].is_file()
+    assert [p.name for p in tmp_path.iterdir()] == [got[0].name]  # no temporary files left
+    assert native.check(str(got[0])) is None
+
+
+def test_the_source_ships_with_the_package():
+    assert native.SOURCE.is_file() and native.SOURCE.name == "fused.cc"
+    assert os.path.dirname(native.SOURCE) == os.path.dirname(fused.__file__)

@@ -1,0 +1,183 @@
+"""The fused encoder kernels (:mod:`whisper_accel.kernels.fused`, source ``kernels/fused.cc``):
+built once per machine with the system C++ compiler, checked, and handed to the compiled model.
+
+:func:`encoder_graphs` returns the fused graphs module, or None, in which case the encoder runs
+the plain MindSpore graphs of :mod:`whisper_accel.kernels.graphs` (same results within ~4e-7,
+slower). None when: ``WHISPER_ACCEL_NATIVE=0``; the CPU lacks AVX2/FMA (read from
+``/proc/cpuinfo``); no C++ compiler (``$CXX``, else ``c++``/``g++``); the build fails; or a
+kernel's self-check against numpy fails. :func:`state` says which, for ``doctor`` and reports.
+
+The library is built into the cache directory (``$WHISPER_ACCEL_CACHE_DIR``, else
+``$XDG_CACHE_HOME/whisper_accel``, else ``~/.cache/whisper_accel``; a temporary directory with
+``WHISPER_ACCEL_PROBE_CACHE=0``), named by a hash of the source, the flags and the compiler's
+version, written to a temporary file and renamed into place (safe under concurrent processes).
+A build costs ~1-2 s once per machine; later processes load the file. Decided once per process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+
+from .. import _probe_cache
+
+logger = logging.getLogger("whisper_accel")
+
+ENV_SWITCH = "WHISPER_ACCEL_NATIVE"
+FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-std=c++14")
+SOURCE = Path(__file__).resolve().parent.parent / "kernels" / "fused.cc"
+_OFF = {"0", "false", "off", "no"}
+
+_lock = threading.Lock()
+_state: Dict[str, Optional[str]] = {}  # "library" (path or None), "reason" (why not, or None)
+
+
+def _cpu_ok() -> Optional[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set()
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        return "cannot read /proc/cpuinfo to check for AVX2/FMA"
+    missing = {"avx2", "fma"} - flags
+    return f"the CPU lacks {', '.join(sorted(missing))}" if missing else None
+
+
+def _compiler() -> Optional[str]:
+    cxx = os.environ.get("CXX")
+    if cxx:
+        return shutil.which(cxx) or (cxx if os.path.isfile(cxx) else None)
+    return shutil.which("c++") or shutil.which("g++")
+
+
+def _directory() -> Path:
+    if _probe_cache.enabled():
+        return _probe_cache.directory() / "native"
+    return Path(tempfile.mkdtemp(prefix="whisper_accel_native_"))
+
+
+def build(directory: Path, cxx: str) -> Path:
+    """The library for this source, flags and compiler in ``directory`` (built when absent)."""
+    version = subprocess.run([cxx, "--version"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, timeout=30).stdout
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    target = directory / f"fused-{digest}.so"
+    if target.is_file():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=str(directory))
+    os.close(fd)
+    try:
+        proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=180)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cxx} failed: {proc.stdout.strip()[-500:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _gelu(x):
+    from math import erf, sqrt
+
+    return x * 0.5 * (np.vectorize(erf)(x / sqrt(2.0)) + 1.0)
+
+
+def _ln(x, g, b):
+    m = x.mean(-1, keepdims=True)
+    return (x - m) / np.sqrt(((x - m) ** 2).mean(-1, keepdims=True) + 1e-5) * g + b
+
+
+def check(library: str) -> Optional[str]:
+    """Run every kernel once against a float64 numpy reference (rows of 37 values: a tail after
+    the 8-wide vectors). None when all agree within 1e-5, else what differs."""
+    import mindspore as ms
+
+    from ..kernels import fused
+
+    rng = np.random.default_rng(0)
+    x, y = (rng.standard_normal((2, 3, 37)) * 2 for _ in range(2))
+    bias, g, b = (rng.standard_normal(37) for _ in range(3))
+    chan = rng.standard_normal(3)
+    r = x + (y + bias)
+    want = {"LayerNorm": ((x, g, b), (_ln(x, g, b),)),
+            "ResLayerNorm": ((x, y, bias, g, b), (r, _ln(r, g, b))),
+            "BiasResidual": ((x, y, bias), (r,)),
+            "BiasGelu": ((y, bias), (_gelu(y + bias),)),
+            "ChanBiasGelu": ((y, chan), (_gelu(y + chan[:, None]),))}
+    for name, (args, outs) in want.items():
+        got = fused.kernel(library, name)(*(ms.Tensor(a.astype(np.float32)) for a in args))
+        got = got if isinstance(got, tuple) else (got,)
+        for out, ref in zip(got, outs):
+            err = float(np.abs(out.asnumpy() - ref).max() / (np.abs(ref).max() + 1e-30))
+            if not err < 1e-5:
+                return f"kernel {name} differs from its reference by {err:.1e}"
+    return None
+
+
+def _decide() -> Dict[str, Optional[str]]:
+    if os.environ.get(ENV_SWITCH, "").strip().lower() in _OFF:
+        return {"library": None, "reason": f"{ENV_SWITCH}=0"}
+    why = _cpu_ok()
+    cxx = _compiler() if why is None else None
+    if why is None and cxx is None:
+        why = "no C++ compiler ($CXX, c++ or g++)"
+    if why is not None:
+        return {"library": None, "reason": why}
+    try:
+        library = str(build(_directory(), cxx))
+        why = check(library)
+    except Exception as exc:  # noqa: BLE001  (any failure: the plain graphs run)
+        library, why = None, f"build or load failed: {exc!r}"
+    if why is not None:
+        return {"library": None, "reason": why}
+    from ..kernels import fused
+
+    fused.configure(library)
+    return {"library": library, "reason": None}
+
+
+def state() -> Dict[str, Optional[str]]:
+    """``{"library": path or None, "reason": why not or None}`` (decides on first use)."""
+    with _lock:
+        if not _state:
+            _state.update(_decide())
+            if _state["reason"]:
+                logger.info("whisper_accel: fused encoder kernels not used (%s); the encoder runs MindSpore's "
+                            "element-wise operators", _state["reason"])
+        return dict(_state)
+
+
+def encoder_graphs():
+    """:mod:`whisper_accel.kernels.fused` when its kernels are usable here, else None."""
+    if state()["library"] is None:
+        return None
+    from ..kernels import fused
+
+    return fused
+
+
+def disable(reason: str) -> None:
+    """Stop using the fused kernels in this process (a graph with them failed)."""
+    with _lock:
+        _state.update({"library": None, "reason": reason})
+
+
+def reset() -> None:
+    """Forget the decision (tests): the next :func:`state` decides again."""
+    with _lock:
+        _state.clear()
