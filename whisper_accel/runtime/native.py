@@ -177,6 +177,14 @@ def disable(reason: str) -> None:
         _state.update({"library": None, "reason": reason})
 
 
+def restore(saved: Dict[str, Optional[str]]) -> None:
+    """Put back a decision returned by :func:`state` (benchmarks toggle the kernels with
+    :func:`disable` and this, without deciding again)."""
+    with _lock:
+        _state.clear()
+        _state.update(saved)
+
+
 def reset() -> None:
     """Forget the decision (tests): the next :func:`state` decides again."""
     with _lock:
