@@ -47,11 +47,13 @@ def _arms(a, model):
         arms["stock"] = (whisper_accel.unpatch, run)
 
     def plain():
-        whisper_accel.patch() if not whisper_accel.is_patched() else None
+        if not whisper_accel.is_patched():
+            whisper_accel.patch()
         native.disable("benchmarks/encoder.py: the plain arm")
 
     def fused():
-        whisper_accel.patch() if not whisper_accel.is_patched() else None
+        if not whisper_accel.is_patched():
+            whisper_accel.patch()
         native.restore(decided)
 
     arms["plain"], arms["fused"] = (plain, run), (fused, run)

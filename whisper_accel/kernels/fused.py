@@ -2,7 +2,8 @@
 
 Same signatures, weight layout and results (within ~4e-7 relative) as
 :func:`whisper_accel.kernels.graphs.enc_stem` / ``enc_layer`` / ``enc_final`` /
-``encode_whole``; the MatMuls, convolutions, softmax and transposes are MindSpore's. What
+``encode_whole``; the convolutions and the attention are :mod:`.graphs`' own
+(:func:`.graphs.conv1d`, :func:`.graphs.self_attention`). What
 changes: MindSpore CPU runs every element-wise operator as its own pass over memory, and its
 ``Erf`` single-threaded, so GELU (6 operators), LayerNorm and the bias / residual adds cost
 13-20x PyTorch's on the encoder's (1500, 1536) activations; here each chain is one Custom AOT
@@ -17,12 +18,12 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import ops
 
+from .graphs import conv1d, self_attention
+
 #: The operators in ``fused.cc``, each checked by :func:`whisper_accel.runtime.native.check`.
 NAMES = ("LayerNorm", "ResLayerNorm", "BiasResidual", "BiasGelu", "ChanBiasGelu")
 
 _mm_t = ops.MatMul(transpose_b=True)
-_bmm_t = ops.BatchMatMul(transpose_b=True)
-_bmm = ops.BatchMatMul()
 
 # The kernels as ops.Custom primitives, set by :func:`configure` (module globals: the graphs
 # below resolve them when first traced).
@@ -52,31 +53,16 @@ def kernel(library: str, name: str):
                       func_type="aot")
 
 
-def _conv(x, w, stride):  # kernel 3, padding 1, bias added by the fused GELU
-    return ops.conv2d(x.expand_dims(2), w.expand_dims(2), None, (1, stride), "pad", (0, 1)).squeeze(2)
-
-
-def _attention_out(h2, p, b, t, d, n_heads, scaling):
-    """h2 (B*T, D), the normed input -> the out-projection product without its bias (B, T, D)."""
-    dh = d // n_heads
-    q = ((_mm_t(h2, p[0]) + p[1]) * scaling).reshape(b, t, n_heads, dh).transpose(0, 2, 1, 3)
-    k = _mm_t(h2, p[2]).reshape(b, t, n_heads, dh).transpose(0, 2, 1, 3)
-    v = (_mm_t(h2, p[3]) + p[4]).reshape(b, t, n_heads, dh).transpose(0, 2, 1, 3)
-    o = _bmm(ops.softmax(_bmm_t(q, k), -1), v)
-    return _mm_t(o.transpose(0, 2, 1, 3).reshape(b * t, d), p[5]).reshape(b, t, d)
-
-
 def _stem(feats, conv, pos):
-    x = _CHAN_GELU(_conv(feats, conv[0], 1), conv[1])
-    x = _CHAN_GELU(_conv(x, conv[2], 2), conv[3])
+    x = _CHAN_GELU(conv1d(feats, conv[0], None, 1), conv[1])
+    x = _CHAN_GELU(conv1d(x, conv[2], None, 2), conv[3])
     return x.transpose(0, 2, 1) + pos
 
 
 def _layer(x, lw, n_heads, scaling):
     # lw: (ln1, attn (q_w, q_b, k_w, v_w, v_b, o_w, o_b), ln2, fc1_w, fc1_b, fc2_w, fc2_b)
     b, t, d = x.shape
-    h = _LN(x, lw[0][0], lw[0][1]).reshape(b * t, d)
-    o = _attention_out(h, lw[1], b, t, d, n_heads, scaling)
+    o = self_attention(_LN(x, lw[0][0], lw[0][1]), lw[1], n_heads, scaling, out_bias=False)
     x, h = _RES_LN(x, o, lw[1][6], lw[2][0], lw[2][1])
     f = _BIAS_GELU(_mm_t(h.reshape(b * t, d), lw[3]), lw[4])
     return _BIAS_RES(x, _mm_t(f, lw[5]).reshape(b, t, d), lw[6])

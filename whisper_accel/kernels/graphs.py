@@ -53,22 +53,26 @@ def _attend(q, k, v, bias=None, k_transposed=False):
     return _bmm(ops.softmax(w, -1), v)
 
 
-def _conv1d(x, w, b, stride):  # kernel 3, padding 1, as in Whisper's conv1/conv2
-    y = ops.conv2d(x.expand_dims(2), w.expand_dims(2), None, (1, stride), "pad", (0, 1))
-    return y.squeeze(2) + b.reshape(1, -1, 1)
+def conv1d(x, w, b, stride):
+    """Whisper's conv1/conv2 (kernel 3, padding 1) on (B, C, T); ``b`` None: no bias added
+    (:mod:`.fused` adds it inside its GELU kernel)."""
+    y = ops.conv2d(x.expand_dims(2), w.expand_dims(2), None, (1, stride), "pad", (0, 1)).squeeze(2)
+    return y if b is None else y + b.reshape(1, -1, 1)
 
 
-def _self_attn(x, p, n_heads, scaling):
+def self_attention(x, p, n_heads, scaling, out_bias=True):
+    """The encoder's self-attention on the normed (B, T, D) ``x``; ``p``: (q_w, q_b, k_w, v_w,
+    v_b, o_w, o_b). ``out_bias=False`` leaves ``o_b`` out (:mod:`.fused` adds it with the residual)."""
     q = _heads(_linear(x, p[0], p[1]) * scaling, n_heads)
     k = _heads(_linear(x, p[2]), n_heads)
     v = _heads(_linear(x, p[3], p[4]), n_heads)
-    return _linear(_merge(_attend(q, k, v)), p[5], p[6])
+    return _linear(_merge(_attend(q, k, v)), p[5], p[6] if out_bias else None)
 
 
 @ms.jit
 def enc_stem(feats, conv, pos):
-    x = _gelu(_conv1d(feats, conv[0], conv[1], 1))
-    x = _gelu(_conv1d(x, conv[2], conv[3], 2))
+    x = _gelu(conv1d(feats, conv[0], conv[1], 1))
+    x = _gelu(conv1d(x, conv[2], conv[3], 2))
     return x.transpose(0, 2, 1) + pos
 
 
@@ -77,7 +81,7 @@ def enc_layer(x, lw, n_heads, scaling):
     # lw: (ln1, attn, ln2, fc1_w, fc1_b, fc2_w, fc2_b). One graph for every layer (same shapes:
     # compiled once), launched per layer: a whole-encoder graph held every layer's activations
     # at once (tiny: +310 MB peak over stock; see PROFILE_NOTES section 11).
-    x = x + _self_attn(_layer_norm(x, lw[0]), lw[1], n_heads, scaling)
+    x = x + self_attention(_layer_norm(x, lw[0]), lw[1], n_heads, scaling)
     h = _gelu(_linear(_layer_norm(x, lw[2]), lw[3], lw[4]))
     return x + _linear(h, lw[5], lw[6])
 
@@ -90,11 +94,11 @@ def enc_final(x, final_ln):
 @ms.jit
 def encode_whole(feats, conv, pos, layers, final_ln, n_heads, scaling):
     """The whole encoder as one graph (see ``compiled.WHOLE_ENCODER_GRAPH``)."""
-    x = _gelu(_conv1d(feats, conv[0], conv[1], 1))
-    x = _gelu(_conv1d(x, conv[2], conv[3], 2))
+    x = _gelu(conv1d(feats, conv[0], conv[1], 1))
+    x = _gelu(conv1d(x, conv[2], conv[3], 2))
     x = x.transpose(0, 2, 1) + pos
     for lw in layers:
-        x = x + _self_attn(_layer_norm(x, lw[0]), lw[1], n_heads, scaling)
+        x = x + self_attention(_layer_norm(x, lw[0]), lw[1], n_heads, scaling)
         h = _gelu(_linear(_layer_norm(x, lw[2]), lw[3], lw[4]))
         x = x + _linear(h, lw[5], lw[6])
     return _layer_norm(x, final_ln)

@@ -110,4 +110,4 @@ def prepare(model, kw, input_ids, stopping_criteria):
     enc = kw.get("encoder_outputs")
     hidden = enc[0] if enc is not None and hasattr(enc, "__getitem__") else None
     got = compiled_to_decode(model, hidden, int(input_ids.shape[0]), max_length(stopping_criteria))
-    return got if isinstance(got, str) else (got, hidden, padding.from_kwargs(kw, input_ids))
+    return got if isinstance(got, str) else (got, hidden, padding.from_kwargs(kw))

@@ -40,7 +40,7 @@ class DecoderPadding:
         return np.ascontiguousarray(self._full(slots))
 
 
-def from_kwargs(kw, input_ids) -> Optional[DecoderPadding]:
+def from_kwargs(kw) -> Optional[DecoderPadding]:
     """The padding of a generation's ``decoder_attention_mask`` (None when there is no mask or
     it masks nothing). The caller has checked it with :func:`usable`."""
     mask = kw.get("decoder_attention_mask")
