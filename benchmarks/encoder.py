@@ -1,6 +1,8 @@
 """The Whisper encoder alone: stock MindNLP, patched with MindSpore's element-wise operators
-(``plain``), patched with the fused kernels (``fused``, the default where they build), and
-PyTorch + transformers on the same weights and features.
+(``plain``), patched with the fused kernels one layer a graph launch (``fused, 1 layer a
+launch``) and as the default runs them (``fused``: the attention kernel, and as many layers a
+launch as ``runtime.model.ENCODER_GROUP_BYTES`` allows), and PyTorch + transformers on the same
+weights and features.
 
     .venv/bin/python benchmarks/encoder.py --config tiny --repeats 7 [--no-stock] [--json out.json]
 
@@ -32,6 +34,7 @@ def _arms(a, model):
     import torch
 
     import whisper_accel
+    from whisper_accel.runtime import model as runtime_model
     from whisper_accel.runtime import native
 
     enc = model.model.encoder
@@ -51,12 +54,19 @@ def _arms(a, model):
             whisper_accel.patch()
         native.disable("benchmarks/encoder.py: the plain arm")
 
-    def fused():
-        if not whisper_accel.is_patched():
-            whisper_accel.patch()
-        native.restore(decided)
+    budget = runtime_model.ENCODER_GROUP_BYTES
 
-    arms["plain"], arms["fused"] = (plain, run), (fused, run)
+    def fused(group_bytes):
+        def prepare():
+            if not whisper_accel.is_patched():
+                whisper_accel.patch()
+            native.restore(decided)
+            runtime_model.ENCODER_GROUP_BYTES = group_bytes
+        return prepare
+
+    arms["plain"] = (plain, run)
+    arms["fused, 1 layer a launch"] = (fused(0), run)
+    arms["fused"] = (fused(budget), run)
     return arms, decided
 
 
@@ -88,9 +98,10 @@ def worker_mindnlp(a) -> dict:
             t0 = time.perf_counter()
             run(feats)
             times[name].append(time.perf_counter() - t0)
+    cw = model.model.encoder.__dict__.get(ATTR)
     ref = outs.get("stock", outs["plain"])
     np.save(os.path.join(a.folder, "fused.npy"), outs["fused"])
-    return {"fused_kernels": decided,
+    return {"fused_kernels": decided, "layers_per_launch": cw.encoder_layers_per_launch,
             "arms": {k: {"median_s": statistics.median(v), "min_s": min(v), "first_s": first[k],
                          "rel_diff_vs_stock": float(np.linalg.norm(outs[k] - ref) / np.linalg.norm(ref))}
                      for k, v in times.items()}}
@@ -153,7 +164,8 @@ def main() -> int:
     res["pytorch"] = pt
     print(f"encoder, {a.config} (random weights, real dimensions), batch {a.batch} x 3000 frames, "
           f"{a.repeats} interleaved repeats, medians; fused kernels: "
-          f"{res['mindnlp']['fused_kernels']['library'] or res['mindnlp']['fused_kernels']['reason']}")
+          f"{res['mindnlp']['fused_kernels']['library'] or res['mindnlp']['fused_kernels']['reason']}; "
+          f"fused: {res['mindnlp']['layers_per_launch']} layers a launch")
     print("| arm | median s | min s | first s | vs PyTorch | rel diff |")
     print("|---|---|---|---|---|---|")
     for name, r in arms.items():

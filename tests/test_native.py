@@ -69,16 +69,52 @@ def test_fused_encoder_equals_stock_and_the_plain_graphs(model, batch):
 
 
 @needs_fused
-def test_whole_encoder_graph_with_fused_kernels(model, monkeypatch):
+def test_layers_per_launch_change_the_launches_not_the_result(model, monkeypatch):
     from whisper_accel.runtime import model as runtime_model
 
     feats = features(1, seed=5)
+    per_layer = 4 * 1500 * (6 * 384 + 2 * 1536)  # the estimate for one tiny layer, batch 1
+    got = {}
     with whisper_accel.patched():
-        per_layer, _ = _encode(model, feats)
+        for budget in (0, per_layer, 3 * per_layer):  # 1, 2 and all 4 layers a launch
+            monkeypatch.setattr(runtime_model, "ENCODER_GROUP_BYTES", budget)
+            out, cw = _encode(model, feats)
+            assert cw.encoder_kernels == "fused"
+            got[cw.encoder_layers_per_launch] = out
         monkeypatch.setattr(runtime_model, "WHOLE_ENCODER_GRAPH", True)
+        monkeypatch.setattr(runtime_model, "ENCODER_GROUP_BYTES", 0)
         whole, cw = _encode(model, feats)
-    assert cw.encoder_kernels == "fused"
-    assert rel_diff(whole, per_layer) < 1e-6
+    assert sorted(got) == [1, 2, 4] and cw.encoder_layers_per_launch == 4
+    for out in list(got.values()) + [whole]:
+        assert rel_diff(out, got[1]) < 1e-6
+
+
+def test_layers_per_launch_fit_the_budget():
+    from whisper_accel.runtime.model import ENCODER_GROUP_BYTES, layers_per_launch
+
+    dims = {"tiny": (4, 384, 1536), "base": (6, 512, 2048), "small": (12, 768, 3072),
+            "medium": (24, 1024, 4096), "large-v3": (32, 1280, 5120)}
+    got = {name: layers_per_launch(n, 1, 1500, d, f) for name, (n, d, f) in dims.items()}
+    assert got == {"tiny": 4, "base": 6, "small": 4, "medium": 4, "large-v3": 2}
+    for name, (n, d, f) in dims.items():
+        for batch in (1, 2, 5):
+            g = layers_per_launch(n, batch, 1500, d, f)
+            assert n % g == 0
+            assert g == 1 or (g - 1) * 4 * batch * 1500 * (6 * d + 2 * f) <= ENCODER_GROUP_BYTES
+        assert layers_per_launch(n, 1, 1500, d, f, budget=0) == 1
+    assert layers_per_launch(4, 1, 1500, 384, 1536, budget=1 << 40) == 4
+
+
+@needs_fused
+@pytest.mark.parametrize("shape", [(1, 1500, 6, 64), (2, 50, 3, 40)], ids=["tiny-encoder", "odd-head-dim"])
+def test_the_attention_kernel_matches_softmax_attention(shape):
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal(shape).astype(np.float32) for _ in range(3))
+    q *= 0.6  # scores of a few units, as a scaled query gives
+    got = fused.kernel(HERE["library"], "Attention")(*(ms.Tensor(a) for a in (q, k, v))).asnumpy()
+    want = native._attention(*(a.astype(np.float64) for a in (q, k, v)))
+    assert got.shape == shape
+    assert rel_diff(got, want) < 1e-5
 
 
 @pytest.mark.parametrize("env, reason", [({"WHISPER_ACCEL_NATIVE": "0"}, "WHISPER_ACCEL_NATIVE=0"),
@@ -118,7 +154,8 @@ def test_a_failing_fused_graph_falls_back_to_the_plain_graphs(model, monkeypatch
     def broken(*a, **k):
         raise RuntimeError("injected fused launch failure")
 
-    monkeypatch.setattr(fused, "enc_stem", broken)
+    for name in ("enc_stem", "enc_layers", "encode_whole"):
+        monkeypatch.setattr(fused, name, broken)
     calls.reset()
     try:
         with whisper_accel.patched():

@@ -9,14 +9,24 @@
 //   BiasResidual(x, y, bias)        -> x + (y + bias)
 //   BiasGelu(y, b)                  -> gelu(y + b), b over the last dim
 //   ChanBiasGelu(y (.., C, T), b)   -> gelu(y + b[c]) (a conv1d output, channels first)
+//   Attention(q, k, v)              -> softmax(q k^T) v per head; q (B, T, H, Dh) already scaled,
+//                                      k, v (B, S, H, Dh); out (B, T, H, Dh)
 //
 // GELU is the exact erf form, x * 0.5 * (erf(x / sqrt(2)) + 1), with erf as Eigen's float
-// rational approximation (relative error ~1e-7, as MindSpore's own erff). AVX2 + FMA;
-// single-threaded (MindSpore's pool runs the MatMuls around them). Built once per machine by
+// rational approximation (relative error ~1e-7, as MindSpore's own erff). AVX2 + FMA. The
+// element-wise kernels are single-threaded (MindSpore's pool runs the MatMuls around them);
+// Attention, most of a layer's arithmetic, splits its work over the CPUs this process may run
+// on (WHISPER_ACCEL_KERNEL_THREADS overrides the count). Built once per machine by
 // whisper_accel.runtime.native with the system C++ compiler.
 #include <immintrin.h>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <algorithm>
+#include <thread>
+#include <vector>
+#include <sched.h>
 static inline int64_t numel(int nd, const int64_t *s) { int64_t n = 1; for (int i = 0; i < nd; i++) n *= s[i]; return n; }
 static inline float erf_rat(float x) {
   const float c = 3.832506856900711f;
@@ -131,5 +141,123 @@ extern "C" int BiasResidual(int nparam, void **params, int *ndims, int64_t **sha
     for (; j + 8 <= c; j += 8) _mm256_storeu_ps(rr + j, _mm256_add_ps(_mm256_loadu_ps(xr + j), _mm256_add_ps(_mm256_loadu_ps(yr + j), _mm256_loadu_ps(bias + j))));
     for (; j < c; j++) rr[j] = xr[j] + (yr[j] + bias[j]);
   }
+  return 0;
+}
+// exp for x <= 0 (softmax after the row max is subtracted): Cephes' expf polynomial, ~1 ulp.
+static inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+static int threads_for(int64_t items) {
+  cpu_set_t set; int n = 1;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) n = CPU_COUNT(&set);
+  if (const char *e = std::getenv("WHISPER_ACCEL_KERNEL_THREADS")) { int v = std::atoi(e); if (v > 0) n = v; }
+  if (n > 64) n = 64;
+  return (int)std::max<int64_t>(1, std::min<int64_t>(n, items));
+}
+template <class F> static void parallel(int64_t items, F f) {
+  int n = threads_for(items);
+  if (n == 1) { f(0, items); return; }
+  std::vector<std::thread> pool;
+  for (int i = 1; i < n; i++) pool.emplace_back([=] { f(items * i / n, items * (i + 1) / n); });
+  f(0, items / n);
+  for (auto &t : pool) t.join();
+}
+enum { MR = 6, NR = 16 };
+// Scores of MR query rows (q: MR rows of Dh, stride qs) against one packed K tile (Dh x NR).
+static inline void qk_tile(const float *q, int64_t qs, const float *kt, int64_t dh, float *out, int64_t os) {
+  __m256 a[MR][2];
+  for (int r = 0; r < MR; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < dh; d++) {
+    const __m256 k0 = _mm256_loadu_ps(kt + d * NR), k1 = _mm256_loadu_ps(kt + d * NR + 8);
+    for (int r = 0; r < MR; r++) {
+      const __m256 qb = _mm256_broadcast_ss(q + r * qs + d);
+      a[r][0] = _mm256_fmadd_ps(qb, k0, a[r][0]); a[r][1] = _mm256_fmadd_ps(qb, k1, a[r][1]);
+    }
+  }
+  for (int r = 0; r < MR; r++) { _mm256_storeu_ps(out + r * os, a[r][0]); _mm256_storeu_ps(out + r * os + 8, a[r][1]); }
+}
+// MR rows of P (stride ps, sp columns) times packed V (sp x dh, dh a multiple of NR) -> o (MR x dh)
+static inline void pv_block(const float *p, int64_t ps, const float *v, int64_t sp, int64_t dh, float *o) {
+  for (int64_t c = 0; c < dh; c += NR) {
+    __m256 a[MR][2];
+    for (int r = 0; r < MR; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+    for (int64_t s = 0; s < sp; s++) {
+      const __m256 v0 = _mm256_loadu_ps(v + s * dh + c), v1 = _mm256_loadu_ps(v + s * dh + c + 8);
+      for (int r = 0; r < MR; r++) {
+        const __m256 pb = _mm256_broadcast_ss(p + r * ps + s);
+        a[r][0] = _mm256_fmadd_ps(pb, v0, a[r][0]); a[r][1] = _mm256_fmadd_ps(pb, v1, a[r][1]);
+      }
+    }
+    for (int r = 0; r < MR; r++) { _mm256_storeu_ps(o + r * dh + c, a[r][0]); _mm256_storeu_ps(o + r * dh + c + 8, a[r][1]); }
+  }
+}
+// softmax(q k^T) v per head, without writing the score matrix out. q (B, T, H, Dh), already scaled;
+// k, v (B, S, H, Dh) -> o (B, T, H, Dh). Work: blocks of MR query rows of one head, split over
+// the threads; each block's MR x S scores stay in a per-thread buffer.
+extern "C" int Attention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream, void *extra) {
+  const float *q = (const float *)params[0], *k = (const float *)params[1], *v = (const float *)params[2];
+  float *o = (float *)params[3];
+  const int64_t B = shapes[0][0], T = shapes[0][1], H = shapes[0][2], Dh = shapes[0][3], S = shapes[1][1];
+  if (S <= 0 || Dh <= 0) return 1;
+  // K^T packed in tiles of Dh x NR keys, V as SP x DP (keys and head columns zero-padded), per (b, h)
+  const int64_t SP = (S + NR - 1) / NR * NR, DP = (Dh + NR - 1) / NR * NR, D = H * Dh, BH = B * H;
+  std::vector<float> kt((size_t)(BH * SP * Dh)), vp((size_t)(BH * SP * DP), 0.f);
+  parallel(BH, [&](int64_t lo, int64_t hi) {
+    for (int64_t bh = lo; bh < hi; bh++) {
+      const int64_t b = bh / H, h = bh % H;
+      float *K = kt.data() + bh * SP * Dh, *V = vp.data() + bh * SP * DP;
+      for (int64_t s = 0; s < SP; s++) {
+        float *tile = K + (s / NR) * Dh * NR + (s % NR);
+        if (s < S) {
+          const float *ks = k + (b * S + s) * D + h * Dh;
+          for (int64_t d = 0; d < Dh; d++) tile[d * NR] = ks[d];
+          std::memcpy(V + s * DP, v + (b * S + s) * D + h * Dh, Dh * sizeof(float));
+        } else {
+          for (int64_t d = 0; d < Dh; d++) tile[d * NR] = 0.f;
+        }
+      }
+    }
+  });
+  const int64_t nblk = (T + MR - 1) / MR;
+  parallel(BH * nblk, [&](int64_t lo, int64_t hi) {
+    std::vector<float> sc((size_t)(MR * SP)), qb((size_t)(MR * Dh)), ob((size_t)(MR * DP));
+    for (int64_t it = lo; it < hi; it++) {
+      const int64_t bh = it / nblk, blk = it % nblk, b = bh / H, h = bh % H, t0 = blk * MR;
+      const int64_t rows = std::min<int64_t>(MR, T - t0);
+      for (int64_t r = 0; r < MR; r++) {
+        if (r < rows) std::memcpy(&qb[r * Dh], q + (b * T + t0 + r) * D + h * Dh, Dh * sizeof(float));
+        else std::memset(&qb[r * Dh], 0, Dh * sizeof(float));
+      }
+      const float *K = kt.data() + bh * SP * Dh, *V = vp.data() + bh * SP * DP;
+      for (int64_t s = 0; s < SP; s += NR) qk_tile(qb.data(), Dh, K + (s / NR) * Dh * NR, Dh, &sc[s], SP);
+      for (int64_t r = 0; r < MR; r++) {  // softmax over the S real keys; the padded ones get 0
+        float *row = &sc[r * SP];
+        __m256 m8 = _mm256_set1_ps(-INFINITY); int64_t s = 0;
+        for (; s + 8 <= S; s += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(row + s));
+        float m = hmax8(m8); for (; s < S; s++) m = std::fmax(m, row[s]);
+        const __m256 M = _mm256_set1_ps(m); __m256 z8 = _mm256_setzero_ps(); s = 0;
+        for (; s + 8 <= S; s += 8) { __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + s), M)); _mm256_storeu_ps(row + s, e); z8 = _mm256_add_ps(z8, e); }
+        float z = hsum8(z8); for (; s < S; s++) { row[s] = std::exp(row[s] - m); z += row[s]; }
+        for (; s < SP; s++) row[s] = 0.f;
+        const float iz = 1.0f / z; const __m256 Z = _mm256_set1_ps(iz); s = 0;
+        for (; s + 8 <= S; s += 8) _mm256_storeu_ps(row + s, _mm256_mul_ps(_mm256_loadu_ps(row + s), Z));
+        for (; s < S; s++) row[s] *= iz;
+      }
+      pv_block(sc.data(), SP, V, SP, DP, ob.data());
+      for (int64_t r = 0; r < rows; r++) std::memcpy(o + (b * T + t0 + r) * D + h * Dh, &ob[r * DP], Dh * sizeof(float));
+    }
+  });
   return 0;
 }

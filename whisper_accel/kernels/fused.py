@@ -2,8 +2,8 @@
 
 Same signatures, weight layout and results (within ~4e-7 relative) as
 :func:`whisper_accel.kernels.graphs.enc_stem` / ``enc_layer`` / ``enc_final`` /
-``encode_whole``; the convolutions and the attention are :mod:`.graphs`' own
-(:func:`.graphs.conv1d`, :func:`.graphs.self_attention`). What
+``encode_whole``; the convolutions and the linear layers are :mod:`.graphs`' own
+(:func:`.graphs.conv1d`, :func:`.graphs.linear`). What
 changes: MindSpore CPU runs every element-wise operator as its own pass over memory, and its
 ``Erf`` single-threaded, so GELU (6 operators), LayerNorm and the bias / residual adds cost
 13-20x PyTorch's on the encoder's (1500, 1536) activations; here each chain is one Custom AOT
@@ -18,18 +18,18 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import ops
 
-from .graphs import conv1d, self_attention
+from .graphs import conv1d, linear
 
 #: The operators in ``fused.cc``, each checked by :func:`whisper_accel.runtime.native.check`.
-NAMES = ("LayerNorm", "ResLayerNorm", "BiasResidual", "BiasGelu", "ChanBiasGelu")
+NAMES = ("LayerNorm", "ResLayerNorm", "BiasResidual", "BiasGelu", "ChanBiasGelu", "Attention")
 
 _mm_t = ops.MatMul(transpose_b=True)
 
 # The kernels as ops.Custom primitives, set by :func:`configure` (module globals: the graphs
 # below resolve them when first traced).
-_LN = _RES_LN = _BIAS_RES = _BIAS_GELU = _CHAN_GELU = None
+_LN = _RES_LN = _BIAS_RES = _BIAS_GELU = _CHAN_GELU = _ATTN = None
 _GLOBAL = {"LayerNorm": "_LN", "ResLayerNorm": "_RES_LN", "BiasResidual": "_BIAS_RES", "BiasGelu": "_BIAS_GELU",
-           "ChanBiasGelu": "_CHAN_GELU"}
+           "ChanBiasGelu": "_CHAN_GELU", "Attention": "_ATTN"}
 
 
 def _same(*shapes):
@@ -59,10 +59,21 @@ def _stem(feats, conv, pos):
     return x.transpose(0, 2, 1) + pos
 
 
+def _attention(x, p, n_heads, scaling):
+    """:func:`.graphs.self_attention` less the output bias, with the scores, softmax and
+    weighted sum in one kernel that reads q, k, v as (B, T, H, Dh) views (no transposes) and
+    never writes the (B, H, T, T) scores out."""
+    b, t, d = x.shape
+    shape = (b, t, n_heads, d // n_heads)
+    q = (linear(x, p[0], p[1]) * scaling).reshape(shape)
+    o = _ATTN(q, linear(x, p[2]).reshape(shape), linear(x, p[3], p[4]).reshape(shape))
+    return linear(o.reshape(b, t, d), p[5])
+
+
 def _layer(x, lw, n_heads, scaling):
     # lw: (ln1, attn (q_w, q_b, k_w, v_w, v_b, o_w, o_b), ln2, fc1_w, fc1_b, fc2_w, fc2_b)
     b, t, d = x.shape
-    o = self_attention(_LN(x, lw[0][0], lw[0][1]), lw[1], n_heads, scaling, out_bias=False)
+    o = _attention(_LN(x, lw[0][0], lw[0][1]), lw[1], n_heads, scaling)
     x, h = _RES_LN(x, o, lw[1][6], lw[2][0], lw[2][1])
     f = _BIAS_GELU(_mm_t(h.reshape(b * t, d), lw[3]), lw[4])
     return _BIAS_RES(x, _mm_t(f, lw[5]).reshape(b, t, d), lw[6])
@@ -79,13 +90,21 @@ def enc_layer(x, lw, n_heads, scaling):
 
 
 @ms.jit
+def enc_layers(x, layers, n_heads, scaling):
+    """Several layers in one launch (``runtime.model.layers_per_launch``)."""
+    for lw in layers:
+        x = _layer(x, lw, n_heads, scaling)
+    return x
+
+
+@ms.jit
 def enc_final(x, final_ln):
     return _LN(x, final_ln[0], final_ln[1])
 
 
 @ms.jit
 def encode_whole(feats, conv, pos, layers, final_ln, n_heads, scaling):
-    """The whole encoder as one graph (``runtime.model.WHOLE_ENCODER_GRAPH``)."""
+    """The whole encoder as one graph (when ``runtime.model.layers_per_launch`` allows it)."""
     x = _stem(feats, conv, pos)
     for lw in layers:
         x = _layer(x, lw, n_heads, scaling)

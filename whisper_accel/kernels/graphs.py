@@ -20,7 +20,8 @@ _bmm = ops.BatchMatMul()
 _ln = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=1e-5)
 
 
-def _linear(x, w, b=None):
+def linear(x, w, b=None):
+    """x @ w.T (+ b): a Linear layer on the last dim, ``w`` [out, in] as stored."""
     shape = x.shape
     y = _mm_t(x.reshape(-1, shape[-1]), w)
     if b is not None:
@@ -60,13 +61,13 @@ def conv1d(x, w, b, stride):
     return y if b is None else y + b.reshape(1, -1, 1)
 
 
-def self_attention(x, p, n_heads, scaling, out_bias=True):
+def self_attention(x, p, n_heads, scaling):
     """The encoder's self-attention on the normed (B, T, D) ``x``; ``p``: (q_w, q_b, k_w, v_w,
-    v_b, o_w, o_b). ``out_bias=False`` leaves ``o_b`` out (:mod:`.fused` adds it with the residual)."""
-    q = _heads(_linear(x, p[0], p[1]) * scaling, n_heads)
-    k = _heads(_linear(x, p[2]), n_heads)
-    v = _heads(_linear(x, p[3], p[4]), n_heads)
-    return _linear(_merge(_attend(q, k, v)), p[5], p[6] if out_bias else None)
+    v_b, o_w, o_b)."""
+    q = _heads(linear(x, p[0], p[1]) * scaling, n_heads)
+    k = _heads(linear(x, p[2]), n_heads)
+    v = _heads(linear(x, p[3], p[4]), n_heads)
+    return linear(_merge(_attend(q, k, v)), p[5], p[6])
 
 
 @ms.jit
@@ -82,8 +83,8 @@ def enc_layer(x, lw, n_heads, scaling):
     # compiled once), launched per layer: a whole-encoder graph held every layer's activations
     # at once (tiny: +310 MB peak over stock; see PROFILE_NOTES section 11).
     x = x + self_attention(_layer_norm(x, lw[0]), lw[1], n_heads, scaling)
-    h = _gelu(_linear(_layer_norm(x, lw[2]), lw[3], lw[4]))
-    return x + _linear(h, lw[5], lw[6])
+    h = _gelu(linear(_layer_norm(x, lw[2]), lw[3], lw[4]))
+    return x + linear(h, lw[5], lw[6])
 
 
 @ms.jit
@@ -99,8 +100,8 @@ def encode_whole(feats, conv, pos, layers, final_ln, n_heads, scaling):
     x = x.transpose(0, 2, 1) + pos
     for lw in layers:
         x = x + self_attention(_layer_norm(x, lw[0]), lw[1], n_heads, scaling)
-        h = _gelu(_linear(_layer_norm(x, lw[2]), lw[3], lw[4]))
-        x = x + _linear(h, lw[5], lw[6])
+        h = _gelu(linear(_layer_norm(x, lw[2]), lw[3], lw[4]))
+        x = x + linear(h, lw[5], lw[6])
     return _layer_norm(x, final_ln)
 
 
@@ -112,8 +113,8 @@ def cross_kv(enc, p, n_heads):
     # Launched per layer (one compile): MindSpore CPU graphs keep every intermediate buffer
     # allocated, so one graph for all layers cost ~100 MB of resident memory on tiny.
     b, s, d = enc.shape
-    k = _linear(enc, p[0]).reshape(b, s, n_heads, d // n_heads).transpose(0, 2, 3, 1)
-    return k, _heads(_linear(enc, p[1], p[2]), n_heads)
+    k = linear(enc, p[0]).reshape(b, s, n_heads, d // n_heads).transpose(0, 2, 3, 1)
+    return k, _heads(linear(enc, p[1], p[2]), n_heads)
 
 
 def _cross(q, k_x, v_x, beams, with_probs=False):
@@ -162,22 +163,22 @@ def _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table,
     for i, lw in enumerate(layers):  # (ln1, self_attn, ln2, cross(q_w,q_b,o_w,o_b), ln3, fc1w, fc1b, fc2w, fc2b)
         sa = lw[1]
         h = _layer_norm(x, lw[0])
-        q = _heads(_linear(h, sa[0], sa[1]) * scaling, n_heads)
-        k = ops.where(write, ops.gather(_heads(_linear(h, sa[2]), n_heads), src, 2), k_cache[i])
-        v = ops.where(write, ops.gather(_heads(_linear(h, sa[3], sa[4]), n_heads), src, 2), v_cache[i])
+        q = _heads(linear(h, sa[0], sa[1]) * scaling, n_heads)
+        k = ops.where(write, ops.gather(_heads(linear(h, sa[2]), n_heads), src, 2), k_cache[i])
+        v = ops.where(write, ops.gather(_heads(linear(h, sa[3], sa[4]), n_heads), src, 2), v_cache[i])
         new_k.append(k)
         new_v.append(v)
-        x = x + _linear(_merge(_attend(q, k, v, bias)), sa[5], sa[6])
+        x = x + linear(_merge(_attend(q, k, v, bias)), sa[5], sa[6])
         ca = lw[3]
-        q = _heads(_linear(_layer_norm(x, lw[2]), ca[0], ca[1]) * scaling, n_heads)
+        q = _heads(linear(_layer_norm(x, lw[2]), ca[0], ca[1]) * scaling, n_heads)
         if with_probs:
             o, p = _cross(q, k_x[i], v_x[i], beams, True)
             probs = probs + (p,)
         else:
             o = _cross(q, k_x[i], v_x[i], beams)
-        x = x + _linear(_merge(o), ca[2], ca[3])
-        h = _gelu(_linear(_layer_norm(x, lw[4]), lw[5], lw[6]))
-        x = x + _linear(h, lw[7], lw[8])
+        x = x + linear(_merge(o), ca[2], ca[3])
+        h = _gelu(linear(_layer_norm(x, lw[4]), lw[5], lw[6]))
+        x = x + linear(h, lw[7], lw[8])
     return _layer_norm(x, final_ln), tuple(new_k), tuple(new_v), probs
 
 
@@ -187,7 +188,7 @@ def decode(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, proj, pos_ta
     """All positions' logits (B,T,V) and the updated caches."""
     x, new_k, new_v, _ = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
                                   final_ln, n_heads, scaling, pos_ids, key_ok)
-    return _linear(x, proj), new_k, new_v
+    return linear(x, proj), new_k, new_v
 
 
 @ms.jit

@@ -14,8 +14,10 @@ parameter objects, dtypes and buffers. mindtorch's in-place updates (``param.add
 captured views (or, for half precision, the kept detached originals) hold the old buffers alive,
 so an address cannot come back while captured. It exposes:
 
-* :meth:`encode` -- conv1/conv2/positions, every layer, final norm (one graph launch per layer,
-  or one graph with :data:`WHOLE_ENCODER_GRAPH`).
+* :meth:`encode` -- conv1/conv2/positions, every layer, final norm: with the fused kernels, as
+  many layers per graph launch as :data:`ENCODER_GROUP_BYTES` allows (:func:`layers_per_launch`;
+  the whole encoder in one graph up to base), else one launch per layer; one graph for all with
+  :data:`WHOLE_ENCODER_GRAPH`.
 * :meth:`cross_kv` -- cross-attention K/V of every decoder layer, once per encoder output.
 * :meth:`new_cache` / :meth:`decode_step` -- all decoder layers + final norm + vocab
   projection on a static-shape self-attention KV cache of ``bucket`` positions;
@@ -48,11 +50,28 @@ _GRAPH_LOCK = threading.Lock()
 _COLS: Dict[int, Any] = {}  # bucket size -> arange(bucket) int32
 _EVERY: Dict[int, Any] = {}  # bucket size -> (1, bucket) all-True bool: no padding
 
-#: Speed/memory trade-off of :meth:`CompiledWhisper.encode`. False (default): one graph launch
-#: per layer; the footprint is one layer's intermediates (tiny: peak below stock's). True: the
-#: whole encoder in one graph, ~25% faster on tiny (0.38 vs 0.48 s) but holding every layer's
-#: intermediates (tiny: ~+380 MB resident). See benchmarks/PROFILE_NOTES.md section 11.
+#: Speed/memory trade-off of :meth:`CompiledWhisper.encode`. True: the whole encoder in one
+#: graph, whichever kernels run (with MindSpore's own attention that holds every layer's
+#: (B, H, T, T) scores: tiny ~+380 MB resident). False (default): see ENCODER_GROUP_BYTES.
 WHOLE_ENCODER_GRAPH = False
+
+#: Resident memory the fused encoder may spend on holding more than one layer's intermediates
+#: per graph launch (a MindSpore CPU graph keeps a buffer per intermediate tensor). Each launch
+#: boundary costs ~15 ms on a 2-core CPU (MindSpore's dispatch thread spins meanwhile), so
+#: tiny and base run as one graph (~+50 / +130 MB); large-v3 two layers a launch. 0: one layer
+#: a launch. The plain graphs (no fused kernels) always run one layer a launch. See
+#: benchmarks/PROFILE_NOTES.md section 19.
+ENCODER_GROUP_BYTES = 256 << 20
+
+
+def layers_per_launch(n_layers: int, batch: int, frames: int, d_model: int, ffn: int,
+                      budget: int = None) -> int:
+    """The largest divisor ``g`` of ``n_layers`` whose extra ``g - 1`` layers of intermediates
+    fit ``budget`` bytes (default :data:`ENCODER_GROUP_BYTES`), estimated as float32
+    ``batch x frames x (6 d_model + 2 ffn)`` per layer (measured: 0.6-0.8x of that)."""
+    budget = ENCODER_GROUP_BYTES if budget is None else budget
+    per_layer = 4 * batch * frames * (6 * d_model + 2 * ffn)
+    return max(g for g in range(1, n_layers + 1) if n_layers % g == 0 and (g - 1) * per_layer <= budget)
 
 
 def _t(p):
@@ -108,6 +127,7 @@ class CompiledWhisper:
                 (_ln_p(l.self_attn_layer_norm), _attn(l.self_attn), _ln_p(l.final_layer_norm))
                 + _lin(l.fc1) + _lin(l.fc2)) for l in encoder.layers)
             self.enc_ln = ms.mutable(_ln_p(encoder.layer_norm))
+            self.enc_dims = (int(cfg.d_model), int(cfg.encoder_ffn_dim))
             self.dtype = self.enc_pos.dtype
         if decoder is not None:
             cfg = decoder.config
@@ -135,6 +155,8 @@ class CompiledWhisper:
         self.compiled_shapes: List[Tuple] = []
         #: which encoder graphs ran last: "fused" (:mod:`.native`'s kernels) or "mindspore"
         self.encoder_kernels = None
+        #: how many encoder layers the last :meth:`encode` ran per graph launch
+        self.encoder_layers_per_launch = None
         self.lock = _GRAPH_LOCK
 
     @classmethod
@@ -182,12 +204,21 @@ class CompiledWhisper:
             return self._encode(G, input_features)
 
     def _encode(self, graphs, input_features):
-        if WHOLE_ENCODER_GRAPH:
+        n = len(self.enc_layers)
+        group = n if WHOLE_ENCODER_GRAPH else 1
+        if graphs is not G and not WHOLE_ENCODER_GRAPH:
+            batch, _, frames = input_features.shape
+            group = layers_per_launch(n, int(batch), int(frames) // 2, *self.enc_dims)
+        self.encoder_layers_per_launch = group
+        if group == n:
             return graphs.encode_whole(input_features, self.conv, self.enc_pos, ms.mutable(self.enc_layers),
                                        self.enc_ln, self.n_heads_enc, self.scaling_enc)
         x = graphs.enc_stem(input_features, self.conv, self.enc_pos)
-        for lw in self.enc_layers:
-            x = graphs.enc_layer(x, lw, self.n_heads_enc, self.scaling_enc)
+        for i in range(0, n, group):
+            if group == 1:
+                x = graphs.enc_layer(x, self.enc_layers[i], self.n_heads_enc, self.scaling_enc)
+            else:
+                x = graphs.enc_layers(x, ms.mutable(self.enc_layers[i:i + group]), self.n_heads_enc, self.scaling_enc)
         return graphs.enc_final(x, self.enc_ln)
 
     def cross_kv(self, encoder_hidden_states):

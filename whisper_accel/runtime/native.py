@@ -33,7 +33,7 @@ from .. import _probe_cache
 logger = logging.getLogger("whisper_accel")
 
 ENV_SWITCH = "WHISPER_ACCEL_NATIVE"
-FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-std=c++14")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-std=c++14", "-pthread")
 SOURCE = Path(__file__).resolve().parent.parent / "kernels" / "fused.cc"
 _OFF = {"0", "false", "off", "no"}
 
@@ -102,9 +102,16 @@ def _ln(x, g, b):
     return (x - m) / np.sqrt(((x - m) ** 2).mean(-1, keepdims=True) + 1e-5) * g + b
 
 
+def _attention(q, k, v):  # (B, T, H, Dh), (B, S, H, Dh) -> (B, T, H, Dh)
+    s = np.einsum("bthd,bshd->bhts", q, k)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("bhts,bshd->bthd", p / p.sum(-1, keepdims=True), v)
+
+
 def check(library: str) -> Optional[str]:
     """Run every kernel once against a float64 numpy reference (rows of 37 values: a tail after
-    the 8-wide vectors). None when all agree within 1e-5, else what differs."""
+    the 8-wide vectors; attention with 7 queries and 37 keys: a partial row block and a partial
+    key tile, and with a head dim of 20). None when all agree within 1e-5, else what differs."""
     import mindspore as ms
 
     from ..kernels import fused
@@ -113,13 +120,17 @@ def check(library: str) -> Optional[str]:
     x, y = (rng.standard_normal((2, 3, 37)) * 2 for _ in range(2))
     bias, g, b = (rng.standard_normal(37) for _ in range(3))
     chan = rng.standard_normal(3)
+    q, k, v = (rng.standard_normal(shape) for shape in ((2, 7, 2, 16), (2, 37, 2, 16), (2, 37, 2, 16)))
+    q2, kv2 = rng.standard_normal((1, 13, 3, 20)) * 3, rng.standard_normal((1, 13, 3, 20))
     r = x + (y + bias)
-    want = {"LayerNorm": ((x, g, b), (_ln(x, g, b),)),
-            "ResLayerNorm": ((x, y, bias, g, b), (r, _ln(r, g, b))),
-            "BiasResidual": ((x, y, bias), (r,)),
-            "BiasGelu": ((y, bias), (_gelu(y + bias),)),
-            "ChanBiasGelu": ((y, chan), (_gelu(y + chan[:, None]),))}
-    for name, (args, outs) in want.items():
+    want = (("LayerNorm", (x, g, b), (_ln(x, g, b),)),
+            ("ResLayerNorm", (x, y, bias, g, b), (r, _ln(r, g, b))),
+            ("BiasResidual", (x, y, bias), (r,)),
+            ("BiasGelu", (y, bias), (_gelu(y + bias),)),
+            ("ChanBiasGelu", (y, chan), (_gelu(y + chan[:, None]),)),
+            ("Attention", (q, k, v), (_attention(q, k, v),)),
+            ("Attention", (q2, kv2, -kv2), (_attention(q2, kv2, -kv2),)))  # head dim not a multiple of 16
+    for name, args, outs in want:
         got = fused.kernel(library, name)(*(ms.Tensor(a.astype(np.float32)) for a in args))
         got = got if isinstance(got, tuple) else (got,)
         for out, ref in zip(got, outs):
