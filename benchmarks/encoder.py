@@ -1,7 +1,7 @@
 """The Whisper encoder alone: stock MindNLP, patched with MindSpore's element-wise operators
 (``plain``), patched with the fused kernels one layer a graph launch (``fused, 1 layer a
 launch``) and as the default runs them (``fused``: the attention kernel, and as many layers a
-launch as ``runtime.model.ENCODER_GROUP_BYTES`` allows), and PyTorch + transformers on the same
+launch as ``runtime.model.GROUP_BYTES`` allows), and PyTorch + transformers on the same
 weights and features.
 
     .venv/bin/python benchmarks/encoder.py --config tiny --repeats 7 [--no-stock] [--json out.json]
@@ -54,14 +54,14 @@ def _arms(a, model):
             whisper_accel.patch()
         native.disable("benchmarks/encoder.py: the plain arm")
 
-    budget = runtime_model.ENCODER_GROUP_BYTES
+    budget = runtime_model.GROUP_BYTES
 
     def fused(group_bytes):
         def prepare():
             if not whisper_accel.is_patched():
                 whisper_accel.patch()
             native.restore(decided)
-            runtime_model.ENCODER_GROUP_BYTES = group_bytes
+            runtime_model.GROUP_BYTES = group_bytes
         return prepare
 
     arms["plain"] = (plain, run)

@@ -1,12 +1,19 @@
 """Patched MindNLP vs stock MindNLP vs PyTorch + transformers: same weights, input and tokens.
 
     .venv/bin/python benchmarks/vs_pytorch.py --config tiny --max-new-tokens 32 --repeats 5 \
-        [--model DIR] [--json out.json]
+        [--model DIR [--speech CLIP] [--long CLIP]] [--json out.json]
 
 Three processes: one MindNLP process builds (or loads) the model, saves its weights to a temp
 Hugging Face folder when random, and times stock and patched greedy ``generate`` interleaved;
 one PyTorch process (MindNLP never imported) loads the same folder and times the same call on
 the same log-mel features. Prints a table, writes JSON, and says whether all token ids agree.
+
+Then the split, patched vs PyTorch, interleaved within each process after a compiling warm-up
+(medians): the encoder alone, ``generate`` of 1 token, of ``--max-new-tokens``, and from
+those the first step (1 token less the encoder: cross-attention K/V, the prompt's prefill and
+setup) and each further step. Real speech and long-form against PyTorch are
+``benchmarks/decoding.py --pytorch`` (``--speech CLIP`` / ``--long CLIP`` here run it for the
+greedy ``generate`` and the greedy sequential long-form pipeline and add its rows).
 """
 
 from __future__ import annotations
@@ -33,6 +40,40 @@ def _time(fn, repeats):
     return out, times
 
 
+def _host(x):
+    return x.asnumpy() if hasattr(x, "asnumpy") else x.numpy()
+
+
+def split(model, feats, n: int, repeats: int) -> dict:
+    """Encoder / generate(1) / generate(n) medians, and the first and each further step derived
+    from them. Runs under MindNLP (mindtorch) and PyTorch alike, on that framework's tensors."""
+    import torch
+
+    def encoder():
+        with torch.no_grad():
+            return _host(model.model.encoder(feats).last_hidden_state)
+
+    def generate(k):
+        def run():
+            with torch.no_grad():
+                return _host(model.generate(feats, max_new_tokens=k, min_new_tokens=k, do_sample=False))
+        return run
+
+    arms = {"encoder": encoder, "generate_1": generate(1), "generate_n": generate(n)}
+    for run in arms.values():
+        run()  # compiles (MindNLP) / warms up
+    times = {k: [] for k in arms}
+    for _ in range(repeats):
+        for k, run in arms.items():
+            t0 = time.perf_counter()
+            run()
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    med["first_step"] = med["generate_1"] - med["encoder"]
+    med["per_step"] = (med["generate_n"] - med["generate_1"]) / max(n - 1, 1)
+    return med
+
+
 def worker_mindnlp(a) -> dict:
     os.environ.setdefault("GLOG_v", "3")
     import mindnlp  # noqa: F401
@@ -57,7 +98,8 @@ def worker_mindnlp(a) -> dict:
     with whisper_accel.patched(), torch.no_grad():
         tokens = model.generate(feats, max_new_tokens=a.max_new_tokens,
                                 min_new_tokens=a.max_new_tokens, do_sample=False).asnumpy()
-    return {"rows": [r.as_dict() for r in rows], "tokens": tokens.tolist()}
+        parts = split(model, feats, a.max_new_tokens, a.repeats)
+    return {"rows": [r.as_dict() for r in rows], "tokens": tokens.tolist(), "split": parts}
 
 
 def worker_pytorch(a) -> dict:
@@ -78,7 +120,20 @@ def worker_pytorch(a) -> dict:
     out, times = _time(gen, a.repeats)
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
             "tokens": out.numpy().tolist(), "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "split": split(model, feats, a.max_new_tokens, a.repeats)}
+
+
+def decoding_rows(a, clip: str, modes: str) -> dict:
+    """``benchmarks/decoding.py --pytorch`` on ``clip`` (needs --model): its JSON."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = os.path.join(folder, "decoding.json")
+        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "decoding.py"),
+               "--model", a.model, "--audio", clip, "--modes", modes, "--repeats", str(a.repeats),
+               "--pytorch", "--no-stock", "--json", out]
+        if subprocess.run(cmd).returncode != 0 or not os.path.exists(out):
+            return {"error": f"decoding.py failed on {clip}"}
+        with open(out) as f:
+            return json.load(f)
 
 
 def main() -> int:
@@ -88,6 +143,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--speech", help="a real-speech clip: greedy generate vs PyTorch (needs --model)")
+    p.add_argument("--long", help="a clip over 30 s: greedy sequential long-form pipeline vs PyTorch (needs --model)")
     p.add_argument("--json")
     p.add_argument("--worker", choices=["mindnlp", "pytorch"], help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
@@ -120,11 +177,26 @@ def main() -> int:
               f"{med / pt['median_s']:>11.2f}x")
     print("tokens: patched == stock: " + str(rows["all"]["tokens_equal"]) +
           f"; patched == pytorch: {same}")
+    ours, theirs = results["mindnlp"]["split"], pt["split"]
+    print(f"\nsplit, patched vs pytorch, medians of {a.repeats}")
+    print("| part | patched ms | pytorch ms | ratio |")
+    print("|---|---|---|---|")
+    for key, label in (("encoder", "encoder"), ("generate_1", "generate of 1 token"),
+                       ("first_step", "first step (generate of 1 less the encoder)"),
+                       ("per_step", "each further step"),
+                       ("generate_n", f"generate of {a.max_new_tokens} tokens")):
+        print(f"| {label} | {1000 * ours[key]:.1f} | {1000 * theirs[key]:.1f} | {ours[key] / theirs[key]:.2f}x |")
+    speech = {}
+    for clip, modes in ((a.speech, "greedy"), (a.long, "pipeline_greedy")):
+        if clip:
+            if not a.model:
+                p.error("--speech / --long need --model")
+            speech[os.path.basename(clip)] = decoding_rows(a, clip, modes)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"config": a.model or a.config, "max_new_tokens": a.max_new_tokens,
-                       "mindnlp": results["mindnlp"]["rows"], "pytorch": pt,
-                       "tokens_equal_pytorch": same}, f, indent=2)
+                       "mindnlp": results["mindnlp"]["rows"], "split": ours, "pytorch": pt,
+                       "tokens_equal_pytorch": same, "decoding": speech}, f, indent=2)
     return 0 if same and rows["all"]["tokens_equal"] else 1
 
 

@@ -77,12 +77,12 @@ def test_layers_per_launch_change_the_launches_not_the_result(model, monkeypatch
     got = {}
     with whisper_accel.patched():
         for budget in (0, per_layer, 3 * per_layer):  # 1, 2 and all 4 layers a launch
-            monkeypatch.setattr(runtime_model, "ENCODER_GROUP_BYTES", budget)
+            monkeypatch.setattr(runtime_model, "GROUP_BYTES", budget)
             out, cw = _encode(model, feats)
             assert cw.encoder_kernels == "fused"
             got[cw.encoder_layers_per_launch] = out
         monkeypatch.setattr(runtime_model, "WHOLE_ENCODER_GRAPH", True)
-        monkeypatch.setattr(runtime_model, "ENCODER_GROUP_BYTES", 0)
+        monkeypatch.setattr(runtime_model, "GROUP_BYTES", 0)
         whole, cw = _encode(model, feats)
     assert sorted(got) == [1, 2, 4] and cw.encoder_layers_per_launch == 4
     for out in list(got.values()) + [whole]:
@@ -90,19 +90,20 @@ def test_layers_per_launch_change_the_launches_not_the_result(model, monkeypatch
 
 
 def test_layers_per_launch_fit_the_budget():
-    from whisper_accel.runtime.model import ENCODER_GROUP_BYTES, layers_per_launch
+    from whisper_accel.runtime.model import GROUP_BYTES, encoder_layer_bytes, layers_per_launch
 
     dims = {"tiny": (4, 384, 1536), "base": (6, 512, 2048), "small": (12, 768, 3072),
             "medium": (24, 1024, 4096), "large-v3": (32, 1280, 5120)}
-    got = {name: layers_per_launch(n, 1, 1500, d, f) for name, (n, d, f) in dims.items()}
+    got = {name: layers_per_launch(n, encoder_layer_bytes(1, 1500, d, f)) for name, (n, d, f) in dims.items()}
     assert got == {"tiny": 4, "base": 6, "small": 4, "medium": 4, "large-v3": 2}
     for name, (n, d, f) in dims.items():
         for batch in (1, 2, 5):
-            g = layers_per_launch(n, batch, 1500, d, f)
+            each = encoder_layer_bytes(batch, 1500, d, f)
+            g = layers_per_launch(n, each)
             assert n % g == 0
-            assert g == 1 or (g - 1) * 4 * batch * 1500 * (6 * d + 2 * f) <= ENCODER_GROUP_BYTES
-        assert layers_per_launch(n, 1, 1500, d, f, budget=0) == 1
-    assert layers_per_launch(4, 1, 1500, 384, 1536, budget=1 << 40) == 4
+            assert g == 1 or (g - 1) * each <= GROUP_BYTES
+        assert layers_per_launch(n, encoder_layer_bytes(1, 1500, d, f), budget=0) == 1
+    assert layers_per_launch(4, 1, budget=1 << 40) == 4
 
 
 @needs_fused

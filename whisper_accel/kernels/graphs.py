@@ -111,7 +111,8 @@ def encode_whole(feats, conv, pos, layers, final_ln, n_heads, scaling):
 def cross_kv(enc, p, n_heads):
     # One layer's cross-attention K^T (B, H, Dh, S) and V (B, H, S, Dh); p: (k_w, v_w, v_b).
     # Launched per layer (one compile): MindSpore CPU graphs keep every intermediate buffer
-    # allocated, so one graph for all layers cost ~100 MB of resident memory on tiny.
+    # allocated, so one graph for all layers cost ~100 MB of resident memory on tiny, and it
+    # measured slower (124 vs 98 ms on tiny; PROFILE_NOTES section 19).
     b, s, d = enc.shape
     k = linear(enc, p[0]).reshape(b, s, n_heads, d // n_heads).transpose(0, 2, 3, 1)
     return k, _heads(linear(enc, p[1], p[2]), n_heads)

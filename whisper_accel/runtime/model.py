@@ -15,7 +15,7 @@ captured views (or, for half precision, the kept detached originals) hold the ol
 so an address cannot come back while captured. It exposes:
 
 * :meth:`encode` -- conv1/conv2/positions, every layer, final norm: with the fused kernels, as
-  many layers per graph launch as :data:`ENCODER_GROUP_BYTES` allows (:func:`layers_per_launch`;
+  many layers per graph launch as :data:`GROUP_BYTES` allows (:func:`layers_per_launch`;
   the whole encoder in one graph up to base), else one launch per layer; one graph for all with
   :data:`WHOLE_ENCODER_GRAPH`.
 * :meth:`cross_kv` -- cross-attention K/V of every decoder layer, once per encoder output.
@@ -52,26 +52,29 @@ _EVERY: Dict[int, Any] = {}  # bucket size -> (1, bucket) all-True bool: no padd
 
 #: Speed/memory trade-off of :meth:`CompiledWhisper.encode`. True: the whole encoder in one
 #: graph, whichever kernels run (with MindSpore's own attention that holds every layer's
-#: (B, H, T, T) scores: tiny ~+380 MB resident). False (default): see ENCODER_GROUP_BYTES.
+#: (B, H, T, T) scores: tiny ~+380 MB resident). False (default): see GROUP_BYTES.
 WHOLE_ENCODER_GRAPH = False
 
 #: Resident memory the fused encoder may spend on holding more than one layer's intermediates
 #: per graph launch (a MindSpore CPU graph keeps a buffer per intermediate tensor). Each launch
-#: boundary costs ~15 ms on a 2-core CPU (MindSpore's dispatch thread spins meanwhile), so
-#: tiny and base run as one graph (~+50 / +130 MB); large-v3 two layers a launch. 0: one layer
-#: a launch. The plain graphs (no fused kernels) always run one layer a launch. See
-#: benchmarks/PROFILE_NOTES.md section 19.
-ENCODER_GROUP_BYTES = 256 << 20
+#: boundary costs ~15 ms on a 2-core CPU (MindSpore's dispatch thread spins meanwhile), so tiny
+#: and base run as one graph (~+50 / +130 MB), large-v3 two layers a launch. 0: one layer a
+#: launch. The plain graphs (no fused kernels: they write every layer's attention scores out)
+#: always run one layer a launch. See benchmarks/PROFILE_NOTES.md section 19.
+GROUP_BYTES = 256 << 20
 
 
-def layers_per_launch(n_layers: int, batch: int, frames: int, d_model: int, ffn: int,
-                      budget: int = None) -> int:
-    """The largest divisor ``g`` of ``n_layers`` whose extra ``g - 1`` layers of intermediates
-    fit ``budget`` bytes (default :data:`ENCODER_GROUP_BYTES`), estimated as float32
-    ``batch x frames x (6 d_model + 2 ffn)`` per layer (measured: 0.6-0.8x of that)."""
-    budget = ENCODER_GROUP_BYTES if budget is None else budget
-    per_layer = 4 * batch * frames * (6 * d_model + 2 * ffn)
-    return max(g for g in range(1, n_layers + 1) if n_layers % g == 0 and (g - 1) * per_layer <= budget)
+def layers_per_launch(n_layers: int, layer_bytes: int, budget: int = None) -> int:
+    """The largest divisor ``g`` of ``n_layers`` whose extra ``g - 1`` layers of intermediates,
+    ``layer_bytes`` each, fit ``budget`` bytes (default :data:`GROUP_BYTES`)."""
+    budget = GROUP_BYTES if budget is None else budget
+    return max(g for g in range(1, n_layers + 1) if n_layers % g == 0 and (g - 1) * layer_bytes <= budget)
+
+
+def encoder_layer_bytes(batch: int, frames: int, d_model: int, ffn: int) -> int:
+    """Estimated intermediates of one fused encoder layer: float32 ``batch x frames x (6 d_model
+    + 2 ffn)`` (measured: 0.6-0.8x of it on tiny and base)."""
+    return 4 * batch * frames * (6 * d_model + 2 * ffn)
 
 
 def _t(p):
@@ -208,7 +211,7 @@ class CompiledWhisper:
         group = n if WHOLE_ENCODER_GRAPH else 1
         if graphs is not G and not WHOLE_ENCODER_GRAPH:
             batch, _, frames = input_features.shape
-            group = layers_per_launch(n, int(batch), int(frames) // 2, *self.enc_dims)
+            group = layers_per_launch(n, encoder_layer_bytes(int(batch), int(frames) // 2, *self.enc_dims))
         self.encoder_layers_per_launch = group
         if group == n:
             return graphs.encode_whole(input_features, self.conv, self.enc_pos, ms.mutable(self.enc_layers),
@@ -223,7 +226,8 @@ class CompiledWhisper:
 
     def cross_kv(self, encoder_hidden_states):
         """-> (K^T, V): per-layer tuples of (B, H, Dh, S_enc) and (B, H, S_enc, Dh). (Tuples, not one stacked tensor:
-        indexing a stacked (L, ...) tensor inside the graph copies it, ~20 ms per layer.)"""
+        indexing a stacked (L, ...) tensor inside the graph copies it, ~20 ms per layer.) One launch per layer:
+        all layers in one graph measured slower (PROFILE_NOTES section 19)."""
         ks, vs = [], []
         with self.lock:
             for p in self.xattn:
