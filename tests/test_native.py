@@ -107,6 +107,57 @@ def test_layers_per_launch_fit_the_budget():
 
 
 @needs_fused
+@pytest.mark.parametrize("rows", [1, 5, 16, 20], ids=["greedy", "5-beams", "largest-for-the-kernel", "matmul"])
+def test_the_step_projection_matches_x_w_transposed(rows):
+    @ms.jit
+    def project(x, w):
+        return fused._logits(x, w)
+
+    rng = np.random.default_rng(8)
+    x, w = rng.standard_normal((rows, 384)).astype(np.float32), rng.standard_normal((4001, 384)).astype(np.float32)
+    got = project(ms.Tensor(x), ms.Tensor(w)).asnumpy()
+    assert got.shape == (rows, 4001)
+    assert rel_diff(got, x.astype(np.float64) @ w.T.astype(np.float64)) < 1e-6
+
+
+@needs_fused
+def test_the_decoder_steps_use_the_projection_kernel_with_stock_tokens(model):
+    feats = features(2, seed=9)
+    with torch.no_grad():
+        stock = model.generate(feats, max_new_tokens=12, min_new_tokens=12, do_sample=False).asnumpy()
+        beams = model.generate(feats, max_new_tokens=6, min_new_tokens=6, num_beams=3, do_sample=False).asnumpy()
+    with whisper_accel.patched(), torch.no_grad():
+        got = model.generate(feats, max_new_tokens=12, min_new_tokens=12, do_sample=False).asnumpy()
+        cw = model.__dict__[ATTR]
+        assert cw.decoder_kernels == "fused"
+        got_beams = model.generate(feats, max_new_tokens=6, min_new_tokens=6, num_beams=3, do_sample=False).asnumpy()
+        assert cw.decoder_kernels == "fused"
+    assert np.array_equal(got, stock) and np.array_equal(got_beams, beams)
+
+
+@needs_fused
+def test_a_failing_fused_step_graph_falls_back_to_the_plain_one(model, monkeypatch):
+    feats = features(1, seed=10)
+    with torch.no_grad():
+        stock = model.generate(feats, max_new_tokens=8, min_new_tokens=8, do_sample=False).asnumpy()
+
+    def broken(*a, **k):
+        raise RuntimeError("injected fused step failure")
+
+    monkeypatch.setattr(fused.DECODER, "decode_next", broken)
+    try:
+        with whisper_accel.patched(), torch.no_grad():
+            got = model.generate(feats, max_new_tokens=8, min_new_tokens=8, do_sample=False).asnumpy()
+            cw = model.__dict__[ATTR]
+        assert cw.decoder_kernels == "mindspore"
+        assert "injected fused step failure" in native.state()["reason"]
+        assert np.array_equal(got, stock)
+    finally:
+        native.reset()
+        native.state()
+
+
+@needs_fused
 @pytest.mark.parametrize("shape", [(1, 1500, 6, 64), (2, 50, 3, 40)], ids=["tiny-encoder", "odd-head-dim"])
 def test_the_attention_kernel_matches_softmax_attention(shape):
     rng = np.random.default_rng(3)
@@ -143,7 +194,7 @@ def test_a_kernel_that_disagrees_with_its_reference_is_not_used(fresh_decision, 
     monkeypatch.setattr(native, "_gelu", lambda x: 1.01 * x)  # a wrong reference: GELU "differs"
     state = native.state()
     assert state["library"] is None and "BiasGelu" in state["reason"]
-    assert native.encoder_graphs() is None
+    assert native.fused_graphs() is None
 
 
 @needs_fused

@@ -65,7 +65,7 @@ def doctor(json_out: bool = False) -> int:
     fused = d.get("fused_kernels")
     if fused:
         print(f"  fused kernels {fused['library']}" if fused["library"]
-              else f"  fused kernels not used: {fused['reason']} (the encoder runs MindSpore's element-wise ops)")
+              else f"  fused kernels not used: {fused['reason']} (the encoder and decoder steps run MindSpore's own ops)")
     for problem in env["problems"]:
         print(f"  PROBLEM       {problem}")
     print("patch groups:")

@@ -11,6 +11,8 @@
 //   ChanBiasGelu(y (.., C, T), b)   -> gelu(y + b[c]) (a conv1d output, channels first)
 //   Attention(q, k, v)              -> softmax(q k^T) v per head; q (B, T, H, Dh) already scaled,
 //                                      k, v (B, S, H, Dh); out (B, T, H, Dh)
+//   RowsMatMul(x (M, K), w (N, K))  -> x w^T for a few rows M (the decoder step's vocabulary
+//                                      projection): streams w once, split over the threads
 //
 // GELU is the exact erf form, x * 0.5 * (erf(x / sqrt(2)) + 1), with erf as Eigen's float
 // rational approximation (relative error ~1e-7, as MindSpore's own erff). AVX2 + FMA. The
@@ -258,6 +260,53 @@ extern "C" int Attention(int nparam, void **params, int *ndims, int64_t **shapes
       pv_block(sc.data(), SP, V, SP, DP, ob.data());
       for (int64_t r = 0; r < rows; r++) std::memcpy(o + (b * T + t0 + r) * D + h * Dh, &ob[r * DP], Dh * sizeof(float));
     }
+  });
+  return 0;
+}
+// y (M, N) = x (M, K) w^T, w (N, K) as stored, for a few rows M (a decoder step's last position,
+// one row per beam). MindSpore's CPU MatMul runs this single-threaded and, past one row, at
+// well under memory speed; here the threads split w's rows and each w row is read once for up
+// to MB rows of x (x stays in L1): NW w rows at a time for one row of x (more streams in flight),
+// two at a time for several.
+template <int NW> static inline void rows_block(const float *x, const float *w, float *y, int64_t M, int64_t K,
+                                                int64_t N, int64_t n0) {
+  enum { MB = NW == 2 ? 4 : 1 };
+  const int64_t K8 = K / 8 * 8;
+  for (int64_t m0 = 0; m0 < M; m0 += MB) {
+    const int64_t mm = std::min<int64_t>(MB, M - m0);
+    __m256 a[MB][NW];
+    for (int i = 0; i < MB; i++) for (int j = 0; j < NW; j++) a[i][j] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K8; k += 8) {
+      __m256 wv[NW];
+      for (int j = 0; j < NW; j++) wv[j] = _mm256_loadu_ps(w + (n0 + j) * K + k);
+      for (int i = 0; i < MB; i++) {
+        if (i < mm) {
+          const __m256 xv = _mm256_loadu_ps(x + (m0 + i) * K + k);
+          for (int j = 0; j < NW; j++) a[i][j] = _mm256_fmadd_ps(xv, wv[j], a[i][j]);
+        }
+      }
+    }
+    for (int64_t i = 0; i < mm; i++) {
+      const float *xr = x + (m0 + i) * K;
+      for (int j = 0; j < NW; j++) {
+        const float *wr = w + (n0 + j) * K; float acc = hsum8(a[i][j]);
+        for (int64_t k = K8; k < K; k++) acc += xr[k] * wr[k];
+        y[(m0 + i) * N + n0 + j] = acc;
+      }
+    }
+  }
+}
+extern "C" int RowsMatMul(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream, void *extra) {
+  const float *x = (const float *)params[0], *w = (const float *)params[1]; float *y = (float *)params[2];
+  const int64_t M = shapes[0][0], K = shapes[0][1], N = shapes[1][0];
+  if (shapes[1][1] != K) return 1;
+  enum { CH = 64 };
+  parallel((N + CH - 1) / CH, [&](int64_t lo, int64_t hi) {
+    const int64_t end = std::min(N, hi * CH);
+    int64_t n0 = lo * CH;
+    if (M == 1) for (; n0 + 8 <= end; n0 += 8) rows_block<8>(x, w, y, M, K, N, n0);
+    for (; n0 + 2 <= end; n0 += 2) rows_block<2>(x, w, y, M, K, N, n0);
+    for (; n0 < end; n0++) rows_block<1>(x, w, y, M, K, N, n0);
   });
   return 0;
 }

@@ -18,18 +18,19 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import ops
 
+from . import graphs
 from .graphs import conv1d, linear
 
 #: The operators in ``fused.cc``, each checked by :func:`whisper_accel.runtime.native.check`.
-NAMES = ("LayerNorm", "ResLayerNorm", "BiasResidual", "BiasGelu", "ChanBiasGelu", "Attention")
+NAMES = ("LayerNorm", "ResLayerNorm", "BiasResidual", "BiasGelu", "ChanBiasGelu", "Attention", "RowsMatMul")
 
 _mm_t = ops.MatMul(transpose_b=True)
 
 # The kernels as ops.Custom primitives, set by :func:`configure` (module globals: the graphs
 # below resolve them when first traced).
-_LN = _RES_LN = _BIAS_RES = _BIAS_GELU = _CHAN_GELU = _ATTN = None
+_LN = _RES_LN = _BIAS_RES = _BIAS_GELU = _CHAN_GELU = _ATTN = _ROWS_MM = None
 _GLOBAL = {"LayerNorm": "_LN", "ResLayerNorm": "_RES_LN", "BiasResidual": "_BIAS_RES", "BiasGelu": "_BIAS_GELU",
-           "ChanBiasGelu": "_CHAN_GELU", "Attention": "_ATTN"}
+           "ChanBiasGelu": "_CHAN_GELU", "Attention": "_ATTN", "RowsMatMul": "_ROWS_MM"}
 
 
 def _same(*shapes):
@@ -40,6 +41,14 @@ def _pair(*shapes):
     return shapes[0], shapes[0]
 
 
+def _rows_out(x, w):
+    return (x[0], w[0])
+
+
+def _first(x, w):
+    return x
+
+
 def configure(library: str) -> None:
     """Bind the kernels to the shared library at ``library`` (an absolute path)."""
     for name in NAMES:
@@ -48,6 +57,8 @@ def configure(library: str) -> None:
 
 def kernel(library: str, name: str):
     """One of the library's kernels as an ``ops.Custom`` primitive (usable in PyNative too)."""
+    if name == "RowsMatMul":
+        return ops.Custom(f"{library}:{name}", out_shape=_rows_out, out_dtype=_first, func_type="aot")
     two = name == "ResLayerNorm"
     return ops.Custom(f"{library}:{name}", out_shape=_pair if two else _same, out_dtype=_pair if two else _same,
                       func_type="aot")
@@ -109,3 +120,18 @@ def encode_whole(feats, conv, pos, layers, final_ln, n_heads, scaling):
     for lw in layers:
         x = _layer(x, lw, n_heads, scaling)
     return _LN(x, final_ln[0], final_ln[1])
+
+
+#: Up to this many rows (a step's last positions: batch x beams) the vocabulary projection runs
+#: as ``RowsMatMul``; more rows, MindSpore's MatMul (compute-bound there, and at oneDNN's speed).
+ROWS_MATMUL_MAX = 16
+
+
+def _logits(x, proj):
+    # x (R, D): R is static when the graph is traced, so this picks one kernel per graph
+    return _ROWS_MM(x, proj) if x.shape[0] <= ROWS_MATMUL_MAX else _mm_t(x, proj)
+
+
+#: The decoder-step graphs of :func:`.graphs.decoder_graphs` with ``RowsMatMul`` as the
+#: vocabulary projection (the step's largest cost: tiny reads 80 MB of weights a step).
+DECODER = graphs.decoder_graphs(_logits)

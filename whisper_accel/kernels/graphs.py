@@ -192,54 +192,73 @@ def decode(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, proj, pos_ta
     return linear(x, proj), new_k, new_v
 
 
-@ms.jit
-def decode_next(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, proj, pos_table, layers, final_ln,
-                n_heads, scaling, suppress, pos_ids, key_ok):
-    """Greedy step: the last position's logits (B,V), the scores with ``suppress`` (V,) bool set
-    to -inf (what the masking logits processors return), their argmax (B,), and the caches. The
-    vocabulary projection runs for the last position only."""
-    x, new_k, new_v, _ = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
-                                  final_ln, n_heads, scaling, pos_ids, key_ok)
-    logits = _mm_t(x[:, ids.shape[1] - 1, :], proj)
-    scores = ops.masked_fill(logits, suppress, float("-inf"))
-    return ops.argmax(scores, -1), scores, logits, new_k, new_v
+class DecoderGraphs:
+    """The decoder-step jit functions of one projection kernel (:func:`decoder_graphs`)."""
+
+    def __init__(self, **graphs):
+        self.__dict__.update(graphs)
 
 
-@ms.jit
-def decode_next_attn(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, proj, pos_table, layers, final_ln,
-                     n_heads, scaling, suppress, pos_ids, key_ok):
-    """:func:`decode_next` that also returns every layer's cross-attention probabilities
-    (B,H,T,S) (what ``output_attentions`` returns; token timestamps are computed from them)."""
-    x, new_k, new_v, probs = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
-                                      final_ln, n_heads, scaling, pos_ids, key_ok, 1, True)
-    logits = _mm_t(x[:, ids.shape[1] - 1, :], proj)
-    scores = ops.masked_fill(logits, suppress, float("-inf"))
-    return ops.argmax(scores, -1), scores, logits, new_k, new_v, probs
+def decoder_graphs(logits_of) -> DecoderGraphs:
+    """The greedy and beam step graphs (``decode_next``, ``decode_next_attn``, ``decode_beams``,
+    ``decode_beams_attn``) with ``logits_of(x (R, D), proj (V, D)) -> (R, V)`` as the vocabulary
+    projection of the last positions: :data:`PLAIN` uses MindSpore's MatMul,
+    :mod:`.fused` its own kernel. Each call makes new jit functions (their own compile cache)."""
+
+    @ms.jit
+    def decode_next(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, proj, pos_table, layers, final_ln,
+                    n_heads, scaling, suppress, pos_ids, key_ok):
+        """Greedy step: the last position's logits (B,V), the scores with ``suppress`` (V,) bool set
+        to -inf (what the masking logits processors return), their argmax (B,), and the caches. The
+        vocabulary projection runs for the last position only."""
+        x, new_k, new_v, _ = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
+                                      final_ln, n_heads, scaling, pos_ids, key_ok)
+        logits = logits_of(x[:, ids.shape[1] - 1, :], proj)
+        scores = ops.masked_fill(logits, suppress, float("-inf"))
+        return ops.argmax(scores, -1), scores, logits, new_k, new_v
+
+    @ms.jit
+    def decode_next_attn(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, proj, pos_table, layers, final_ln,
+                         n_heads, scaling, suppress, pos_ids, key_ok):
+        """:func:`decode_next` that also returns every layer's cross-attention probabilities
+        (B,H,T,S) (what ``output_attentions`` returns; token timestamps are computed from them)."""
+        x, new_k, new_v, probs = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
+                                          final_ln, n_heads, scaling, pos_ids, key_ok, 1, True)
+        logits = logits_of(x[:, ids.shape[1] - 1, :], proj)
+        scores = ops.masked_fill(logits, suppress, float("-inf"))
+        return ops.argmax(scores, -1), scores, logits, new_k, new_v, probs
+
+    @ms.jit
+    def decode_beams(ids, positions, cols, k_cache, v_cache, beam_idx, k_x, v_x, embed, proj, pos_table, layers,
+                     final_ln, n_heads, scaling, beams, pos_ids, key_ok):
+        """Beam-search step for N = B * beams rows: first the self-attention caches are reordered by
+        ``beam_idx`` (N,) int32 (the row each new row continues), then the decoder runs on ``ids``
+        (N,T) with cross-attention K/V shared per audio; returns the last position's logits (N,V),
+        their log-softmax (MindSpore's LogSoftmax kernel, what stock beam search applies) and the
+        caches."""
+        k_cache = tuple(ops.gather(c, beam_idx, 0) for c in k_cache)
+        v_cache = tuple(ops.gather(c, beam_idx, 0) for c in v_cache)
+        x, new_k, new_v, _ = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
+                                      final_ln, n_heads, scaling, pos_ids, key_ok, beams)
+        logits = logits_of(x[:, ids.shape[1] - 1, :], proj)
+        return logits, ops.log_softmax(logits, -1), new_k, new_v
+
+    @ms.jit
+    def decode_beams_attn(ids, positions, cols, k_cache, v_cache, beam_idx, k_x, v_x, embed, proj, pos_table, layers,
+                          final_ln, n_heads, scaling, beams, pos_ids, key_ok):
+        """:func:`decode_beams` that also returns every layer's cross-attention probabilities (N,H,T,S)."""
+        k_cache = tuple(ops.gather(c, beam_idx, 0) for c in k_cache)
+        v_cache = tuple(ops.gather(c, beam_idx, 0) for c in v_cache)
+        x, new_k, new_v, probs = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
+                                          final_ln, n_heads, scaling, pos_ids, key_ok, beams, True)
+        logits = logits_of(x[:, ids.shape[1] - 1, :], proj)
+        return logits, ops.log_softmax(logits, -1), new_k, new_v, probs
+
+    return DecoderGraphs(decode_next=decode_next, decode_next_attn=decode_next_attn, decode_beams=decode_beams,
+                         decode_beams_attn=decode_beams_attn)
 
 
-@ms.jit
-def decode_beams(ids, positions, cols, k_cache, v_cache, beam_idx, k_x, v_x, embed, proj, pos_table, layers,
-                 final_ln, n_heads, scaling, beams, pos_ids, key_ok):
-    """Beam-search step for N = B * beams rows: first the self-attention caches are reordered by
-    ``beam_idx`` (N,) int32 (the row each new row continues), then the decoder runs on ``ids``
-    (N,T) with cross-attention K/V shared per audio; returns the last position's logits (N,V),
-    their log-softmax (MindSpore's LogSoftmax kernel, what stock beam search applies) and the
-    caches."""
-    k_cache = tuple(ops.gather(c, beam_idx, 0) for c in k_cache)
-    v_cache = tuple(ops.gather(c, beam_idx, 0) for c in v_cache)
-    x, new_k, new_v, _ = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
-                                  final_ln, n_heads, scaling, pos_ids, key_ok, beams)
-    logits = _mm_t(x[:, ids.shape[1] - 1, :], proj)
-    return logits, ops.log_softmax(logits, -1), new_k, new_v
-
-
-@ms.jit
-def decode_beams_attn(ids, positions, cols, k_cache, v_cache, beam_idx, k_x, v_x, embed, proj, pos_table, layers,
-                      final_ln, n_heads, scaling, beams, pos_ids, key_ok):
-    """:func:`decode_beams` that also returns every layer's cross-attention probabilities (N,H,T,S)."""
-    k_cache = tuple(ops.gather(c, beam_idx, 0) for c in k_cache)
-    v_cache = tuple(ops.gather(c, beam_idx, 0) for c in v_cache)
-    x, new_k, new_v, probs = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
-                                      final_ln, n_heads, scaling, pos_ids, key_ok, beams, True)
-    logits = _mm_t(x[:, ids.shape[1] - 1, :], proj)
-    return logits, ops.log_softmax(logits, -1), new_k, new_v, probs
+#: The step graphs with MindSpore's MatMul as the projection (no fused kernels).
+PLAIN = decoder_graphs(_mm_t)
+decode_next, decode_next_attn = PLAIN.decode_next, PLAIN.decode_next_attn
+decode_beams, decode_beams_attn = PLAIN.decode_beams, PLAIN.decode_beams_attn

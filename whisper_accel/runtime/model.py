@@ -160,6 +160,8 @@ class CompiledWhisper:
         self.encoder_kernels = None
         #: how many encoder layers the last :meth:`encode` ran per graph launch
         self.encoder_layers_per_launch = None
+        #: which step graphs ran last: "fused" (the projection kernel) or "mindspore"
+        self.decoder_kernels = None
         self.lock = _GRAPH_LOCK
 
     @classmethod
@@ -194,7 +196,7 @@ class CompiledWhisper:
         (:mod:`.native`) when they are usable here; should a graph with them fail, they are
         dropped for the process and the plain graphs run the call."""
         self._note(("encode",) + tuple(input_features.shape))
-        fused = native.encoder_graphs()
+        fused = native.fused_graphs()
         with self.lock:
             if fused is not None:
                 try:
@@ -280,9 +282,9 @@ class CompiledWhisper:
                 self.dec_layers, self.dec_ln, self.n_heads_dec, self.scaling_dec, suppress, pos_ids, key_ok)
         with self.lock:
             if cross is None:
-                nxt, scores, logits, k, v = G.decode_next(*args)
+                nxt, scores, logits, k, v = self._step("decode_next", args)
             else:
-                nxt, scores, logits, k, v, probs = G.decode_next_attn(*args)
+                nxt, scores, logits, k, v, probs = self._step("decode_next_attn", args)
                 cross.append(tuple(probs))
         return nxt, scores, logits, ms.mutable(tuple(k)), ms.mutable(tuple(v))
 
@@ -300,11 +302,25 @@ class CompiledWhisper:
                 self.dec_layers, self.dec_ln, self.n_heads_dec, self.scaling_dec, beams, pos_ids, key_ok)
         with self.lock:
             if cross is None:
-                logits, logp, k, v = G.decode_beams(*args)
+                logits, logp, k, v = self._step("decode_beams", args)
             else:
-                logits, logp, k, v, probs = G.decode_beams_attn(*args)
+                logits, logp, k, v, probs = self._step("decode_beams_attn", args)
                 cross.append(tuple(probs))
         return logits, logp, ms.mutable(tuple(k)), ms.mutable(tuple(v))
+
+    def _step(self, name: str, args):
+        """Launch step graph ``name`` with the fused projection kernel when usable (:mod:`.native`);
+        should that graph fail, the kernels are dropped for the process and the plain one runs."""
+        fused = native.fused_graphs()
+        if fused is not None:
+            try:
+                out = getattr(fused.DECODER, name)(*args)
+                self.decoder_kernels = "fused"
+                return out
+            except Exception as exc:  # noqa: BLE001
+                native.disable(f"a fused decoder graph failed: {exc!r}")
+        self.decoder_kernels = "mindspore"
+        return getattr(G.PLAIN, name)(*args)
 
     @staticmethod
     def _positions(pos0: int, t: int, s: int, padding=None):

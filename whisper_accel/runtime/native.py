@@ -1,9 +1,9 @@
 """The fused encoder kernels (:mod:`whisper_accel.kernels.fused`, source ``kernels/fused.cc``):
 built once per machine with the system C++ compiler, checked, and handed to the compiled model.
 
-:func:`encoder_graphs` returns the fused graphs module, or None, in which case the encoder runs
-the plain MindSpore graphs of :mod:`whisper_accel.kernels.graphs` (same results within ~4e-7,
-slower). None when: ``WHISPER_ACCEL_NATIVE=0``; the CPU lacks AVX2/FMA (read from
+:func:`fused_graphs` returns the fused graphs module, or None, in which case the encoder and the
+decoder steps run the plain MindSpore graphs of :mod:`whisper_accel.kernels.graphs` (same
+results within ~4e-7, slower). None when: ``WHISPER_ACCEL_NATIVE=0``; the CPU lacks AVX2/FMA (read from
 ``/proc/cpuinfo``); no C++ compiler (``$CXX``, else ``c++``/``g++``); the build fails; or a
 kernel's self-check against numpy fails. :func:`state` says which, for ``doctor`` and reports.
 
@@ -111,7 +111,8 @@ def _attention(q, k, v):  # (B, T, H, Dh), (B, S, H, Dh) -> (B, T, H, Dh)
 def check(library: str) -> Optional[str]:
     """Run every kernel once against a float64 numpy reference (rows of 37 values: a tail after
     the 8-wide vectors; attention with 7 queries and 37 keys: a partial row block and a partial
-    key tile, and with a head dim of 20). None when all agree within 1e-5, else what differs."""
+    key tile, and with a head dim of 20; the projection with 5 rows and with 1, 39 outputs). None
+    when all agree within 1e-5, else what differs."""
     import mindspore as ms
 
     from ..kernels import fused
@@ -122,6 +123,7 @@ def check(library: str) -> Optional[str]:
     chan = rng.standard_normal(3)
     q, k, v = (rng.standard_normal(shape) for shape in ((2, 7, 2, 16), (2, 37, 2, 16), (2, 37, 2, 16)))
     q2, kv2 = rng.standard_normal((1, 13, 3, 20)) * 3, rng.standard_normal((1, 13, 3, 20))
+    rows, w = rng.standard_normal((5, 37)), rng.standard_normal((39, 37))
     r = x + (y + bias)
     want = (("LayerNorm", (x, g, b), (_ln(x, g, b),)),
             ("ResLayerNorm", (x, y, bias, g, b), (r, _ln(r, g, b))),
@@ -129,7 +131,9 @@ def check(library: str) -> Optional[str]:
             ("BiasGelu", (y, bias), (_gelu(y + bias),)),
             ("ChanBiasGelu", (y, chan), (_gelu(y + chan[:, None]),)),
             ("Attention", (q, k, v), (_attention(q, k, v),)),
-            ("Attention", (q2, kv2, -kv2), (_attention(q2, kv2, -kv2),)))  # head dim not a multiple of 16
+            ("Attention", (q2, kv2, -kv2), (_attention(q2, kv2, -kv2),)),  # head dim not a multiple of 16
+            ("RowsMatMul", (rows, w), (rows @ w.T,)),  # 5 rows: a partial block of 4; 39 outputs: an odd one
+            ("RowsMatMul", (rows[:1], w), (rows[:1] @ w.T,)))  # one row: blocks of 8 outputs, then 2, then 1
     for name, args, outs in want:
         got = fused.kernel(library, name)(*(ms.Tensor(a.astype(np.float32)) for a in args))
         got = got if isinstance(got, tuple) else (got,)
@@ -168,13 +172,14 @@ def state() -> Dict[str, Optional[str]]:
         if not _state:
             _state.update(_decide())
             if _state["reason"]:
-                logger.info("whisper_accel: fused encoder kernels not used (%s); the encoder runs MindSpore's "
-                            "element-wise operators", _state["reason"])
+                logger.info("whisper_accel: fused kernels not used (%s); the encoder and decoder steps run MindSpore's own "
+                            "operators", _state["reason"])
         return dict(_state)
 
 
-def encoder_graphs():
-    """:mod:`whisper_accel.kernels.fused` when its kernels are usable here, else None."""
+def fused_graphs():
+    """:mod:`whisper_accel.kernels.fused` (the encoder graphs and ``DECODER``, the step graphs)
+    when its kernels are usable here, else None."""
     if state()["library"] is None:
         return None
     from ..kernels import fused
