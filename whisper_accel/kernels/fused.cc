@@ -1,4 +1,5 @@
-// whisper_accel's fused float32 CPU kernels for the Whisper encoder, as MindSpore Custom AOT
+// whisper_accel's fused float32 CPU kernels for the Whisper encoder (and the decoder step's
+// vocabulary projection, RowsMatMul), as MindSpore Custom AOT
 // operators (ops.Custom("<lib>:<Name>", func_type="aot")): each takes contiguous float32
 // inputs and writes its outputs (the params after the inputs). They replace chains of MindSpore
 // CPU element-wise operators that run one pass over memory each, some single-threaded

@@ -9,6 +9,9 @@ changes: MindSpore CPU runs every element-wise operator as its own pass over mem
 13-20x PyTorch's on the encoder's (1500, 1536) activations; here each chain is one Custom AOT
 kernel from ``fused.cc`` (benchmarks/PROFILE_NOTES.md section 17).
 
+:data:`DECODER` holds the decoder-step graphs of :func:`.graphs.decoder_graphs` with the
+``RowsMatMul`` kernel as the vocabulary projection (MindSpore's MatMul runs it on one thread).
+
 Pure MindSpore. :func:`configure` binds the kernels to a built library (the caller,
 :mod:`whisper_accel.runtime.native`, builds and checks it) before any graph here is traced.
 """
