@@ -39,13 +39,16 @@ import numpy as np
 
 
 def _time(fn, repeats):
-    fn()  # warm-up
+    """(last output, timed runs, first call's seconds): the first call is the warm-up."""
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t0)
-    return out, times
+    return out, times, first
 
 
 def _host(x):
@@ -125,7 +128,7 @@ def worker_pytorch(a) -> dict:
             return model.generate(feats, max_new_tokens=a.max_new_tokens,
                                   min_new_tokens=a.max_new_tokens, do_sample=False)
 
-    out, times = _time(gen, a.repeats)
+    out, times, _ = _time(gen, a.repeats)
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
             "tokens": out.numpy().tolist(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "split": split(model, feats, a.max_new_tokens, a.repeats)}
@@ -150,10 +153,7 @@ def worker_faster(a) -> dict:
                                                condition_on_previous_text=False, without_timestamps=name == "speech")
                 return "".join(seg.text for seg in segments)
 
-            t0 = time.perf_counter()
-            text = run()
-            first = time.perf_counter() - t0
-            _, times = _time(run, a.repeats)
+            text, times, first = _time(run, a.repeats)
             rows[f"{name}/{compute}"] = {"median_s": statistics.median(times), "first_s": first, "text": text}
     return {"faster_whisper": faster_whisper.__version__, "ctranslate2": ctranslate2.__version__, "rows": rows}
 

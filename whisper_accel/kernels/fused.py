@@ -48,10 +48,6 @@ def _rows_out(x, w):
     return (x[0], w[0])
 
 
-def _first(x, w):
-    return x
-
-
 def configure(library: str) -> None:
     """Bind the kernels to the shared library at ``library`` (an absolute path)."""
     for name in NAMES:
@@ -61,7 +57,7 @@ def configure(library: str) -> None:
 def kernel(library: str, name: str):
     """One of the library's kernels as an ``ops.Custom`` primitive (usable in PyNative too)."""
     if name == "RowsMatMul":
-        return ops.Custom(f"{library}:{name}", out_shape=_rows_out, out_dtype=_first, func_type="aot")
+        return ops.Custom(f"{library}:{name}", out_shape=_rows_out, out_dtype=_same, func_type="aot")
     two = name == "ResLayerNorm"
     return ops.Custom(f"{library}:{name}", out_shape=_pair if two else _same, out_dtype=_pair if two else _same,
                       func_type="aot")

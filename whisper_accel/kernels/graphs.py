@@ -10,6 +10,7 @@ run, so the encoder and the cross-attention K/V are graphs of one layer, launche
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import mindspore as ms
 from mindspore import ops
@@ -192,14 +193,7 @@ def decode(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, proj, pos_ta
     return linear(x, proj), new_k, new_v
 
 
-class DecoderGraphs:
-    """The decoder-step jit functions of one projection kernel (:func:`decoder_graphs`)."""
-
-    def __init__(self, **graphs):
-        self.__dict__.update(graphs)
-
-
-def decoder_graphs(logits_of) -> DecoderGraphs:
+def decoder_graphs(logits_of) -> SimpleNamespace:
     """The greedy and beam step graphs (``decode_next``, ``decode_next_attn``, ``decode_beams``,
     ``decode_beams_attn``) with ``logits_of(x (R, D), proj (V, D)) -> (R, V)`` as the vocabulary
     projection of the last positions: :data:`PLAIN` uses MindSpore's MatMul,
@@ -254,11 +248,9 @@ def decoder_graphs(logits_of) -> DecoderGraphs:
         logits = logits_of(x[:, ids.shape[1] - 1, :], proj)
         return logits, ops.log_softmax(logits, -1), new_k, new_v, probs
 
-    return DecoderGraphs(decode_next=decode_next, decode_next_attn=decode_next_attn, decode_beams=decode_beams,
-                         decode_beams_attn=decode_beams_attn)
+    return SimpleNamespace(decode_next=decode_next, decode_next_attn=decode_next_attn, decode_beams=decode_beams,
+                           decode_beams_attn=decode_beams_attn)
 
 
 #: The step graphs with MindSpore's MatMul as the projection (no fused kernels).
 PLAIN = decoder_graphs(_mm_t)
-decode_next, decode_next_attn = PLAIN.decode_next, PLAIN.decode_next_attn
-decode_beams, decode_beams_attn = PLAIN.decode_beams, PLAIN.decode_beams_attn

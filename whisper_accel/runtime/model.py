@@ -196,22 +196,18 @@ class CompiledWhisper:
         (:mod:`.native`) when they are usable here; should a graph with them fail, they are
         dropped for the process and the plain graphs run the call."""
         self._note(("encode",) + tuple(input_features.shape))
-        fused = native.fused_graphs()
         with self.lock:
-            if fused is not None:
-                try:
-                    out = self._encode(fused, input_features)
-                    self.encoder_kernels = "fused"
-                    return out
-                except Exception as exc:  # noqa: BLE001
-                    native.disable(f"a fused encoder graph failed: {exc!r}")
-            self.encoder_kernels = "mindspore"
-            return self._encode(G, input_features)
+            self.encoder_kernels, out = _fused_or_plain(
+                "encoder", lambda fused: self._encode(fused, input_features), lambda: self._encode(G, input_features))
+        return out
 
     def _encode(self, graphs, input_features):
         n = len(self.enc_layers)
-        group = n if WHOLE_ENCODER_GRAPH else 1
-        if graphs is not G and not WHOLE_ENCODER_GRAPH:
+        if WHOLE_ENCODER_GRAPH:
+            group = n
+        elif graphs is G:  # MindSpore's attention writes each layer's scores out: one layer a launch
+            group = 1
+        else:
             batch, _, frames = input_features.shape
             group = layers_per_launch(n, encoder_layer_bytes(int(batch), int(frames) // 2, *self.enc_dims))
         self.encoder_layers_per_launch = group
@@ -309,18 +305,10 @@ class CompiledWhisper:
         return logits, logp, ms.mutable(tuple(k)), ms.mutable(tuple(v))
 
     def _step(self, name: str, args):
-        """Launch step graph ``name`` with the fused projection kernel when usable (:mod:`.native`);
-        should that graph fail, the kernels are dropped for the process and the plain one runs."""
-        fused = native.fused_graphs()
-        if fused is not None:
-            try:
-                out = getattr(fused.DECODER, name)(*args)
-                self.decoder_kernels = "fused"
-                return out
-            except Exception as exc:  # noqa: BLE001
-                native.disable(f"a fused decoder graph failed: {exc!r}")
-        self.decoder_kernels = "mindspore"
-        return getattr(G.PLAIN, name)(*args)
+        """Launch step graph ``name`` with the fused projection kernel when usable."""
+        self.decoder_kernels, out = _fused_or_plain(
+            "decoder", lambda fused: getattr(fused.DECODER, name)(*args), lambda: getattr(G.PLAIN, name)(*args))
+        return out
 
     @staticmethod
     def _positions(pos0: int, t: int, s: int, padding=None):
@@ -337,6 +325,19 @@ class CompiledWhisper:
         if every is None:
             every = _EVERY[s] = ms.Tensor(np.ones((1, s), dtype=np.bool_))
         return pos, cols, ms.Tensor(slots.reshape(1, t)), every
+
+
+def _fused_or_plain(what: str, fused_run, plain_run) -> Tuple[str, Any]:
+    """``("fused", fused_run(kernels module))`` when the fused kernels are usable here
+    (:mod:`.native`), else ``("mindspore", plain_run())``; should the fused graph fail, the
+    kernels are dropped for the process and the plain one runs the call."""
+    fused = native.fused_graphs()
+    if fused is not None:
+        try:
+            return "fused", fused_run(fused)
+        except Exception as exc:  # noqa: BLE001
+            native.disable(f"a fused {what} graph failed: {exc!r}")
+    return "mindspore", plain_run()
 
 
 def _buffer(p) -> int:
