@@ -2,6 +2,7 @@
 used by the compiled encoder with stock's results, and every way they can be unavailable or
 fail leaves the encoder on MindSpore's plain graphs with the same results."""
 
+import ctypes
 import os
 import threading
 from pathlib import Path
@@ -133,6 +134,58 @@ def test_the_decoder_steps_use_the_projection_kernel_with_stock_tokens(model):
         got_beams = model.generate(feats, max_new_tokens=6, min_new_tokens=6, num_beams=3, do_sample=False).asnumpy()
         assert cw.decoder_kernels == "fused"
     assert np.array_equal(got, stock) and np.array_equal(got_beams, beams)
+
+
+@needs_fused
+@pytest.mark.parametrize("rows, audios, pos0", [(1, 1, 10), (5, 1, 20), (4, 2, 63)],
+                         ids=["greedy", "5-beams-masked-slots", "2-audios-x-2-beams-last-slot"])
+def test_the_decoder_layer_kernel_matches_the_layer(rows, audios, pos0):
+    """tiny's widths (D 384, 6 heads, FFN 1536, 1500 encoder frames, a 64-slot cache) against
+    native's float64 reference of graphs._decoder's layer body."""
+    rng = np.random.default_rng(11)
+    args = list(native._layer_inputs(rng, rows, audios, pos0, heads=6, dh=64, slots=64, frames=1500, ffn=1536))
+    if rows > 1:
+        args[13][:, 3:7] = 0  # padding-masked slots, per row
+        args[13][1, :] = 0  # no attendable slot (Whisper never makes one): the graph's finite mask averages all
+    got = fused.kernel(HERE["library"], "DecoderLayer")(
+        *(ms.Tensor(a if a.dtype == np.int32 else a.astype(np.float32)) for a in args))
+    want = native._decoder_layer(args)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        assert rel_diff(g.asnumpy(), w) < 1e-5
+
+
+@needs_fused
+def test_one_token_steps_run_the_layer_kernel_and_match_the_operator_layers(model):
+    """fused.DECODER routes a one-token step's layers to ``DecoderLayer`` (and a prompt of several
+    tokens to the operator layers), with the operator graphs' logits and caches."""
+    calls_so_far = ctypes.CDLL(HERE["library"]).DecoderLayerCalls
+    calls_so_far.restype = ctypes.c_longlong
+    kernel, ops_only = fused.DECODER, graphs.decoder_graphs(fused._logits)
+    feats = features(1, seed=12)
+    with whisper_accel.patched(), torch.no_grad():
+        model.generate(feats, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+        cw = model.__dict__[ATTR]
+        hidden = model.model.encoder(feats).last_hidden_state
+        kx, vx = cw.cross_kv(ms.Tensor(hidden.asnumpy()))
+        suppress = ms.Tensor(np.zeros(int(cw.proj.shape[0]), np.bool_))
+        results, launched = [], []
+        for g in (kernel, ops_only):
+            k, v = cw.new_cache(1, 64)
+            got, before = [], calls_so_far()
+            for pos0, ids in ((0, [[50257, 50362, 440]]), (3, [[440]]), (4, [[11]])):
+                pos, cols, pos_ids, key_ok = cw._positions(pos0, len(ids[0]), 64)
+                _, _, logits, k, v = g.decode_next(ms.Tensor(np.array(ids, np.int64)), pos, cols, ms.mutable(tuple(k)),
+                                                   ms.mutable(tuple(v)), kx, vx, cw.embed, cw.proj, cw.dec_pos,
+                                                   cw.dec_layers, cw.dec_ln, cw.n_heads_dec, cw.scaling_dec,
+                                                   suppress, pos_ids, key_ok)
+                got.append(logits.asnumpy())
+            results.append((got, [c.asnumpy() for c in k]))
+            launched.append(calls_so_far() - before)
+    assert launched == [2 * 4, 0]  # the two one-token steps, each of the 4 layers; the prompt and ops_only none
+    (a, ka), (b, kb) = results
+    for x, y in zip(a + ka, b + kb):
+        assert rel_diff(x, y) < 1e-5
 
 
 @needs_fused

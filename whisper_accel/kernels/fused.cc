@@ -1,7 +1,7 @@
-// whisper_accel's fused float32 CPU kernels for the Whisper encoder (and the decoder step's
-// vocabulary projection, RowsMatMul), as MindSpore Custom AOT
+// whisper_accel's fused float32 CPU kernels for the Whisper encoder and the decoder step (its
+// vocabulary projection, RowsMatMul, and whole layers, DecoderLayer), as MindSpore Custom AOT
 // operators (ops.Custom("<lib>:<Name>", func_type="aot")): each takes contiguous float32
-// inputs and writes its outputs (the params after the inputs). They replace chains of MindSpore
+// inputs (DecoderLayer's position: int32) and writes its outputs (the params after the inputs). They replace chains of MindSpore
 // CPU element-wise operators that run one pass over memory each, some single-threaded
 // (Erf: ~13 ms for the tiny encoder's 2.3M fc1 activations; benchmarks/PROFILE_NOTES.md section 17).
 //
@@ -14,6 +14,8 @@
 //                                      k, v (B, S, H, Dh); out (B, T, H, Dh)
 //   RowsMatMul(x (M, K), w (N, K))  -> x w^T for a few rows M (the decoder step's vocabulary
 //                                      projection): streams w once, split over the threads
+//   DecoderLayer(x (R, D), ...)     -> one decoder layer of a one-token step for R rows (greedy
+//                                      or beam), this step's K/V for the cache (see below)
 //
 // GELU is the exact erf form, x * 0.5 * (erf(x / sqrt(2)) + 1), with erf as Eigen's float
 // rational approximation (relative error ~1e-7, as MindSpore's own erff). AVX2 + FMA. The
@@ -27,6 +29,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <algorithm>
+#include <atomic>
 #include <thread>
 #include <vector>
 #include <sched.h>
@@ -308,6 +311,152 @@ extern "C" int RowsMatMul(int nparam, void **params, int *ndims, int64_t **shape
     if (M == 1) for (; n0 + 8 <= end; n0 += 8) rows_block<8>(x, w, y, M, K, N, n0);
     for (; n0 + 2 <= end; n0 += 2) rows_block<2>(x, w, y, M, K, N, n0);
     for (; n0 < end; n0++) rows_block<1>(x, w, y, M, K, N, n0);
+  });
+  return 0;
+}
+// y[:, n0:n1] = x (R, K) w[n0:n1]^T (+ b), y with row stride N
+static void rows_part(const float *x, int64_t R, int64_t K, const float *w, int64_t N, const float *b, float *y,
+                      int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  if (R == 1) for (; n + 8 <= n1; n += 8) rows_block<8>(x, w, y, R, K, N, n);
+  for (; n + 2 <= n1; n += 2) rows_block<2>(x, w, y, R, K, N, n);
+  for (; n < n1; n++) rows_block<1>(x, w, y, R, K, N, n);
+  if (b) for (int64_t r = 0; r < R; r++) for (int64_t j = n0; j < n1; j++) y[r * N + j] += b[j];
+}
+// softmax(s[0..n)) in place; entries at -inf (masked) give 0
+static inline void softmax_row(float *s, int64_t n) {
+  float m = -INFINITY;
+  for (int64_t i = 0; i < n; i++) m = std::max(m, s[i]);
+  float z = 0.f;
+  for (int64_t i = 0; i < n; i++) { s[i] = std::exp(s[i] - m); z += s[i]; }
+  const float iz = 1.0f / z;
+  for (int64_t i = 0; i < n; i++) s[i] *= iz;
+}
+// The threads of one DecoderLayer call meet here between its phases: they spin (the phases are
+// tens of microseconds, and every thread has work in each), then yield the core.
+struct SpinBarrier {
+  std::atomic<int> count{0}, gen{0};
+  const int n;
+  explicit SpinBarrier(int n_) : n(n_) {}
+  void wait() {
+    const int g = gen.load(std::memory_order_acquire);
+    if (count.fetch_add(1, std::memory_order_acq_rel) == n - 1) {
+      count.store(0, std::memory_order_relaxed);
+      gen.fetch_add(1, std::memory_order_acq_rel);
+    } else {
+      // spin briefly, then yield: a thread of ours may be waiting for a core (other work on it)
+      for (int spins = 0; gen.load(std::memory_order_acquire) == g; spins++) {
+        if (spins < 4000) _mm_pause();
+        else std::this_thread::yield();
+      }
+    }
+  }
+};
+// One decoder layer for R rows at one new position each (a greedy or beam step after the
+// prompt), what graphs._decoder's layer body computes:
+//   h = LN1(x); q = (h Wq^T + bq) * scaling; k = h Wk^T; v = h Wv^T + bv
+//   self-attention over the cache slots s <= pos0 with key_ok[s] (slot pos0: this step's k, v)
+//   x += attn Wo^T + bo; cross-attention of (LN2(x) Wcq^T + bcq) * scaling against the row's
+//   audio (K^T (B, H, Dh, S), V (B, H, S, Dh); R / B consecutive rows, the beams, share one)
+//   x += cross Wco^T + bco; x += gelu(LN3(x) W1^T + b1) W2^T + b2
+// inputs: 0 x (R, D); 1-2 LN1; 3 Wq 4 bq 5 Wk 6 Wv 7 bv 8 Wo 9 bo; 10 k_cache, 11 v_cache
+// (R, H, S, Dh); 12 pos0 (1,) int32; 13 key_ok (1 or R, S) float (nonzero: attendable); 14-15
+// LN2; 16 Wcq 17 bcq 18 Wco 19 bco; 20 K^T, 21 V of the audio; 22-23 LN3; 24 W1 25 b1 26 W2 27 b2;
+// 28 scaling (1,). outputs: 29 x (R, D); 30 k, 31 v (R, H, 1, Dh): this step's, for the cache.
+// The threads split each linear layer's outputs and the attention's (row, head) pairs, and
+// meet between phases: one launch a layer instead of ~30 operators (PROFILE_NOTES section 22).
+static std::atomic<long long> decoder_layer_calls{0};
+// How many DecoderLayer calls this process made (tests check that steps take the kernel).
+extern "C" long long DecoderLayerCalls() { return decoder_layer_calls.load(); }
+extern "C" int DecoderLayer(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                            void *extra) {
+  decoder_layer_calls.fetch_add(1);
+  auto P = [&](int i) { return (const float *)params[i]; };
+  const int64_t R = shapes[0][0], D = shapes[0][1], H = shapes[10][1], S = shapes[10][2], Dh = shapes[10][3];
+  const int64_t B = shapes[20][0], Se = shapes[20][3], F = shapes[24][0], KR = shapes[13][0];
+  if (H * Dh != D || R % B != 0 || (KR != 1 && KR != R) || shapes[13][1] != S || shapes[21][2] != Se) return 1;
+  const int64_t beams = R / B, pos0 = ((const int32_t *)params[12])[0];
+  if (pos0 < 0 || pos0 >= S) return 1;
+  const float scaling = P(28)[0];
+  float *xo = (float *)params[29], *kn = (float *)params[30], *vn = (float *)params[31];
+  const int n = threads_for(D / 8);
+  std::vector<float> q(R * D), a(R * D), f(R * F), hs(n * R * D), scs(n * std::max(S, Se));
+  std::memcpy(xo, P(0), sizeof(float) * R * D);
+  SpinBarrier bar(n);
+  parallel(n, [&](int64_t i0, int64_t) {
+    const int i = (int)i0;
+    float *h = hs.data() + i * R * D, *sc = scs.data() + i * std::max(S, Se);
+    auto lo = [&](int64_t N) { return N * i / n / 8 * 8; };
+    auto hi = [&](int64_t N) { return i == n - 1 ? N : N * (i + 1) / n / 8 * 8; };
+    const int64_t p0 = R * H * i / n, p1 = R * H * (i + 1) / n;  // this thread's (row, head) pairs
+    auto norm = [&](const float *g, const float *b) { for (int64_t r = 0; r < R; r++) ln_row(xo + r * D, g, b, h + r * D, D, 1e-5f); };
+    auto add_into_x = [&](const float *w, const float *b, const float *in, int64_t K) {
+      // xo[:, lo:hi] += in (R, K) w[lo:hi]^T + b[lo:hi]
+      std::vector<float> t(R * D);
+      rows_part(in, R, K, w, D, b, t.data(), lo(D), hi(D));
+      for (int64_t r = 0; r < R; r++) for (int64_t j = lo(D); j < hi(D); j++) xo[r * D + j] += t[r * D + j];
+    };
+    norm(P(1), P(2));
+    rows_part(h, R, D, P(3), D, P(4), q.data(), lo(D), hi(D));
+    rows_part(h, R, D, P(5), D, nullptr, kn, lo(D), hi(D));
+    rows_part(h, R, D, P(6), D, P(7), vn, lo(D), hi(D));
+    bar.wait();
+    const float *kc = P(10), *vc = P(11), *ok = P(13);
+    for (int64_t p = p0; p < p1; p++) {  // self-attention
+      const int64_t r = p / H, hh = p % H;
+      const float *okr = ok + (KR == 1 ? 0 : r) * S, *qv = q.data() + r * D + hh * Dh;
+      const float *kr = kc + (r * H + hh) * S * Dh, *vr = vc + (r * H + hh) * S * Dh;
+      const float *knew = kn + r * D + hh * Dh, *vnew = vn + r * D + hh * Dh;
+      bool any = false;
+      for (int64_t s = 0; s < S; s++) {
+        if (s > pos0 || okr[s] == 0.f) { sc[s] = -INFINITY; continue; }
+        const float *kv = s == pos0 ? knew : kr + s * Dh;
+        float acc = 0.f;
+        for (int64_t d = 0; d < Dh; d++) acc += qv[d] * scaling * kv[d];
+        sc[s] = acc; any = true;
+      }
+      if (any) softmax_row(sc, S);
+      else for (int64_t s = 0; s < S; s++) sc[s] = 1.0f / (float)S;  // nothing attendable: uniform, as the graph's finite mask
+      float *o = a.data() + r * D + hh * Dh;
+      for (int64_t d = 0; d < Dh; d++) o[d] = 0.f;
+      for (int64_t s = 0; s < S; s++) {
+        if (sc[s] == 0.f) continue;
+        const float *vv = s == pos0 ? vnew : vr + s * Dh;
+        for (int64_t d = 0; d < Dh; d++) o[d] += sc[s] * vv[d];
+      }
+    }
+    bar.wait();
+    add_into_x(P(8), P(9), a.data(), D);
+    bar.wait();
+    norm(P(14), P(15));
+    rows_part(h, R, D, P(16), D, P(17), q.data(), lo(D), hi(D));
+    bar.wait();
+    const float *kx = P(20), *vx = P(21);
+    for (int64_t p = p0; p < p1; p++) {  // cross-attention
+      const int64_t r = p / H, hh = p % H, b = r / beams;
+      const float *qv = q.data() + r * D + hh * Dh, *kt = kx + (b * H + hh) * Dh * Se, *vv = vx + (b * H + hh) * Se * Dh;
+      for (int64_t s = 0; s < Se; s++) sc[s] = 0.f;
+      for (int64_t d = 0; d < Dh; d++) {
+        const float qd = qv[d] * scaling;
+        const float *row = kt + d * Se;
+        for (int64_t s = 0; s < Se; s++) sc[s] += qd * row[s];
+      }
+      softmax_row(sc, Se);
+      float *o = a.data() + r * D + hh * Dh;
+      for (int64_t d = 0; d < Dh; d++) o[d] = 0.f;
+      for (int64_t s = 0; s < Se; s++) {
+        const float w = sc[s], *vs = vv + s * Dh;
+        for (int64_t d = 0; d < Dh; d++) o[d] += w * vs[d];
+      }
+    }
+    bar.wait();
+    add_into_x(P(18), P(19), a.data(), D);
+    bar.wait();
+    norm(P(22), P(23));
+    rows_part(h, R, D, P(24), F, P(25), f.data(), lo(F), hi(F));
+    for (int64_t r = 0; r < R; r++) gelu_row(f.data() + r * F + lo(F), nullptr, 0.f, f.data() + r * F + lo(F), hi(F) - lo(F));
+    bar.wait();
+    add_into_x(P(26), P(27), f.data(), F);
   });
   return 0;
 }

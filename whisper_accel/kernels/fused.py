@@ -10,7 +10,8 @@ changes: MindSpore CPU runs every element-wise operator as its own pass over mem
 kernel from ``fused.cc`` (benchmarks/PROFILE_NOTES.md section 17).
 
 :data:`DECODER` holds the decoder-step graphs of :func:`.graphs.decoder_graphs` with the
-``RowsMatMul`` kernel as the vocabulary projection (MindSpore's MatMul runs it on one thread).
+``RowsMatMul`` kernel as the vocabulary projection (MindSpore's MatMul runs it on one thread)
+and, for one-token steps, each decoder layer as one ``DecoderLayer`` kernel.
 
 Pure MindSpore. :func:`configure` binds the kernels to a built library (the caller,
 :mod:`whisper_accel.runtime.native`, builds and checks it) before any graph here is traced.
@@ -25,15 +26,16 @@ from . import graphs
 from .graphs import conv1d, linear
 
 #: The operators in ``fused.cc``, each checked by :func:`whisper_accel.runtime.native.check`.
-NAMES = ("LayerNorm", "ResLayerNorm", "BiasResidual", "BiasGelu", "ChanBiasGelu", "Attention", "RowsMatMul")
+NAMES = ("LayerNorm", "ResLayerNorm", "BiasResidual", "BiasGelu", "ChanBiasGelu", "Attention", "RowsMatMul", "DecoderLayer")
 
 _mm_t = ops.MatMul(transpose_b=True)
 
 # The kernels as ops.Custom primitives, set by :func:`configure` (module globals: the graphs
 # below resolve them when first traced).
-_LN = _RES_LN = _BIAS_RES = _BIAS_GELU = _CHAN_GELU = _ATTN = _ROWS_MM = None
+_LN = _RES_LN = _BIAS_RES = _BIAS_GELU = _CHAN_GELU = _ATTN = _ROWS_MM = _DEC_LAYER = None
 _GLOBAL = {"LayerNorm": "_LN", "ResLayerNorm": "_RES_LN", "BiasResidual": "_BIAS_RES", "BiasGelu": "_BIAS_GELU",
-           "ChanBiasGelu": "_CHAN_GELU", "Attention": "_ATTN", "RowsMatMul": "_ROWS_MM"}
+           "ChanBiasGelu": "_CHAN_GELU", "Attention": "_ATTN", "RowsMatMul": "_ROWS_MM",
+           "DecoderLayer": "_DEC_LAYER"}
 
 
 def _same(*shapes):
@@ -48,6 +50,15 @@ def _rows_out(x, w):
     return (x[0], w[0])
 
 
+def _layer_out(*shapes):  # DecoderLayer: x (R, D) and this step's K, V (R, H, 1, Dh) (k_cache is input 10)
+    r, h, _, dh = shapes[10]
+    return tuple(shapes[0]), (r, h, 1, dh), (r, h, 1, dh)
+
+
+def _layer_dtypes(*dtypes):
+    return dtypes[0], dtypes[0], dtypes[0]
+
+
 def configure(library: str) -> None:
     """Bind the kernels to the shared library at ``library`` (an absolute path)."""
     for name in NAMES:
@@ -58,6 +69,8 @@ def kernel(library: str, name: str):
     """One of the library's kernels as an ``ops.Custom`` primitive (usable in PyNative too)."""
     if name == "RowsMatMul":
         return ops.Custom(f"{library}:{name}", out_shape=_rows_out, out_dtype=_same, func_type="aot")
+    if name == "DecoderLayer":
+        return ops.Custom(f"{library}:{name}", out_shape=_layer_out, out_dtype=_layer_dtypes, func_type="aot")
     two = name == "ResLayerNorm"
     return ops.Custom(f"{library}:{name}", out_shape=_pair if two else _same, out_dtype=_pair if two else _same,
                       func_type="aot")
@@ -131,6 +144,19 @@ def _logits(x, proj):
     return _ROWS_MM(x, proj) if x.shape[0] <= ROWS_MATMUL_MAX else _mm_t(x, proj)
 
 
+def _decoder_layer(x, lw, k_cache, v_cache, positions, key_ok, k_x, v_x, scaling):
+    """One decoder layer of a one-token step as the ``DecoderLayer`` kernel (up to
+    :data:`ROWS_MATMUL_MAX` rows; None, the operator-by-operator layer, for more): about 30
+    operators a layer become one launch (benchmarks/PROFILE_NOTES.md section 22)."""
+    if x.shape[0] > ROWS_MATMUL_MAX:
+        return None
+    sa, ca = lw[1], lw[3]
+    return _DEC_LAYER(x, lw[0][0], lw[0][1], sa[0], sa[1], sa[2], sa[3], sa[4], sa[5], sa[6], k_cache, v_cache,
+                      positions, ops.cast(key_ok, x.dtype), lw[2][0], lw[2][1], ca[0], ca[1], ca[2], ca[3], k_x, v_x,
+                      lw[4][0], lw[4][1], lw[5], lw[6], lw[7], lw[8], ops.fill(x.dtype, (1,), scaling))
+
+
 #: The decoder-step graphs of :func:`.graphs.decoder_graphs` with ``RowsMatMul`` as the
-#: vocabulary projection (the step's largest cost: tiny reads 80 MB of weights a step).
-DECODER = graphs.decoder_graphs(_logits)
+#: vocabulary projection (the step's largest cost: tiny reads 80 MB of weights a step) and each
+#: layer of a one-token step as the ``DecoderLayer`` kernel.
+DECODER = graphs.decoder_graphs(_logits, _decoder_layer)

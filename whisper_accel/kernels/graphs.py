@@ -140,7 +140,7 @@ def _cross(q, k_x, v_x, beams, with_probs=False):
 
 
 def _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers, final_ln, n_heads, scaling,
-             pos_ids, key_ok, beams=1, with_probs=False):
+             pos_ids, key_ok, beams=1, with_probs=False, layer_of=None):
     """ids (B,T); positions (T,) int32 = pos0..pos0+T-1 (the cache slots this step writes);
     cols (S,) int32 = 0..S-1; caches: per-layer tuples of (B,H,S,Dh); cross K/V per audio
     (``beams`` rows share one). ``pos_ids`` (1 or B, T) int32: the position-embedding rows
@@ -148,7 +148,11 @@ def _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table,
     ``cumsum(mask) - 1``, 1 at padding); ``key_ok`` (1 or B, S) bool: the slots a query may
     attend to besides causality (False at padding). Returns the final-norm hidden states (B,T,D),
     the updated caches and (``with_probs``) each layer's cross-attention probabilities, else an
-    empty tuple. Traced inside the jit functions below (not a graph of its own)."""
+    empty tuple. ``layer_of(x (B, D), layer, k_cache, v_cache, positions, key_ok, k_x, v_x,
+    scaling) -> (x, k, v (B, H, 1, Dh))``, when given and the step feeds one token per row
+    without ``with_probs``, computes a whole layer (:mod:`.fused`'s kernel) and returns this
+    step's K/V for the cache; it may return None for a shape it does not take. Traced inside the
+    jit functions below (not a graph of its own)."""
     t = ids.shape[1]
     s = k_cache[0].shape[2]
     x = ops.gather(embed, ids, 0) + ops.gather(pos_table, pos_ids, 0)
@@ -163,6 +167,15 @@ def _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table,
     new_k, new_v = [], []
     probs = ()
     for i, lw in enumerate(layers):  # (ln1, self_attn, ln2, cross(q_w,q_b,o_w,o_b), ln3, fc1w, fc1b, fc2w, fc2b)
+        fused = None
+        if layer_of is not None and t == 1 and not with_probs:
+            fused = layer_of(x.reshape(x.shape[0], x.shape[2]), lw, k_cache[i], v_cache[i], positions, key_ok,
+                             k_x[i], v_x[i], scaling)
+        if fused is not None:
+            x = fused[0].reshape(x.shape)
+            new_k.append(ops.where(write, ops.gather(fused[1], src, 2), k_cache[i]))
+            new_v.append(ops.where(write, ops.gather(fused[2], src, 2), v_cache[i]))
+            continue
         sa = lw[1]
         h = _layer_norm(x, lw[0])
         q = _heads(linear(h, sa[0], sa[1]) * scaling, n_heads)
@@ -193,11 +206,13 @@ def decode(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, proj, pos_ta
     return linear(x, proj), new_k, new_v
 
 
-def decoder_graphs(logits_of) -> SimpleNamespace:
+def decoder_graphs(logits_of, layer_of=None) -> SimpleNamespace:
     """The greedy and beam step graphs (``decode_next``, ``decode_next_attn``, ``decode_beams``,
     ``decode_beams_attn``) with ``logits_of(x (R, D), proj (V, D)) -> (R, V)`` as the vocabulary
     projection of the last positions: :data:`PLAIN` uses MindSpore's MatMul,
-    :mod:`.fused` its own kernel. Each call makes new jit functions (their own compile cache)."""
+    :mod:`.fused` its own kernel; ``layer_of``: a whole decoder layer for one-token steps (see
+    :func:`_decoder`), None for the operator-by-operator layers. Each call makes new jit
+    functions (their own compile cache)."""
 
     @ms.jit
     def decode_next(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, proj, pos_table, layers, final_ln,
@@ -206,7 +221,7 @@ def decoder_graphs(logits_of) -> SimpleNamespace:
         to -inf (what the masking logits processors return), their argmax (B,), and the caches. The
         vocabulary projection runs for the last position only."""
         x, new_k, new_v, _ = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
-                                      final_ln, n_heads, scaling, pos_ids, key_ok)
+                                      final_ln, n_heads, scaling, pos_ids, key_ok, layer_of=layer_of)
         logits = logits_of(x[:, ids.shape[1] - 1, :], proj)
         scores = ops.masked_fill(logits, suppress, float("-inf"))
         return ops.argmax(scores, -1), scores, logits, new_k, new_v
@@ -233,7 +248,7 @@ def decoder_graphs(logits_of) -> SimpleNamespace:
         k_cache = tuple(ops.gather(c, beam_idx, 0) for c in k_cache)
         v_cache = tuple(ops.gather(c, beam_idx, 0) for c in v_cache)
         x, new_k, new_v, _ = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
-                                      final_ln, n_heads, scaling, pos_ids, key_ok, beams)
+                                      final_ln, n_heads, scaling, pos_ids, key_ok, beams, layer_of=layer_of)
         logits = logits_of(x[:, ids.shape[1] - 1, :], proj)
         return logits, ops.log_softmax(logits, -1), new_k, new_v
 

@@ -108,11 +108,58 @@ def _attention(q, k, v):  # (B, T, H, Dh), (B, S, H, Dh) -> (B, T, H, Dh)
     return np.einsum("bhts,bshd->bthd", p / p.sum(-1, keepdims=True), v)
 
 
+def _layer_inputs(rng, rows, audios, pos0, heads=2, dh=12, slots=6, frames=9, ffn=40):
+    """Random ``DecoderLayer`` inputs: D = 24 (a tail after the 8-wide vectors), slot ``pos0``
+    written by the step; with several rows, slot 1 of row 0 is masked."""
+    d = heads * dh
+
+    def m(*shape):
+        return rng.standard_normal(shape) / np.sqrt(shape[-1])
+
+    ok = np.ones((rows if rows > 1 else 1, slots))
+    if rows > 1:
+        ok[0, 1] = 0
+    ln = lambda: (1 + 0.1 * m(d), 0.1 * m(d))  # noqa: E731
+    return (m(rows, d) * 3, *ln(), m(d, d), m(d), m(d, d), m(d, d), m(d), m(d, d), m(d),
+            m(rows, heads, slots, dh), m(rows, heads, slots, dh), np.array([pos0], np.int32), ok, *ln(), m(d, d), m(d),
+            m(d, d), m(d), m(audios, heads, dh, frames), m(audios, heads, frames, dh), *ln(), m(ffn, d), m(ffn),
+            m(d, ffn), m(d), np.array([0.3]))
+
+
+def _softmax(s):
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True)
+
+
+def _decoder_layer(a):
+    """The ``DecoderLayer`` kernel's inputs (see ``fused.cc``) -> (x, k, v), in float64."""
+    (x, g1, b1, wq, bq, wk, wv, bv, wo, bo, kc, vc, pos, ok, g2, b2, wcq, bcq, wco, bco, kx, vx, g3, b3,
+     w1, c1, w2, c2, scaling) = a
+    r, d = x.shape
+    _, h, s, dh = kc.shape
+    p0, sc, beams = int(pos[0]), float(scaling[0]), r // kx.shape[0]
+    heads = lambda t: t.reshape(r, h, 1, dh)  # noqa: E731
+    n = _ln(x, g1, b1)
+    q, k, v = heads((n @ wq.T + bq) * sc), heads(n @ wk.T), heads(n @ wv.T + bv)
+    keys, vals = kc.copy(), vc.copy()
+    keys[:, :, p0:p0 + 1], vals[:, :, p0:p0 + 1] = k, v
+    visible = (np.arange(s) <= p0) & (ok > 0)  # (1 or R, S)
+    # the graph's mask: float32's lowest added (a row with nothing visible averages every slot)
+    scores = q @ keys.transpose(0, 1, 3, 2) + np.where(visible, 0.0, -3.4028234663852886e38)[:, None, None, :]
+    x = x + (_softmax(scores) @ vals).reshape(r, d) @ wo.T + bo
+    q = heads((_ln(x, g2, b2) @ wcq.T + bcq) * sc)
+    kt, vv = np.repeat(kx, beams, 0), np.repeat(vx, beams, 0)  # rows of one audio share its K/V
+    x = x + (_softmax(q @ kt) @ vv).reshape(r, d) @ wco.T + bco
+    x = x + _gelu(_ln(x, g3, b3) @ w1.T + c1) @ w2.T + c2
+    return x, k, v
+
+
 def check(library: str) -> Optional[str]:
     """Run every kernel once against a float64 numpy reference (rows of 37 values: a tail after
     the 8-wide vectors; attention with 7 queries and 37 keys: a partial row block and a partial
-    key tile, and with a head dim of 20; the projection with 5 rows and with 1, 39 outputs). None
-    when all agree within 1e-5, else what differs."""
+    key tile, and with a head dim of 20; the projection with 5 rows and with 1, 39 outputs; the
+    decoder layer for 3 beams of one audio with a masked slot, and for one row). None when all
+    agree within 1e-5, else what differs."""
     import mindspore as ms
 
     from ..kernels import fused
@@ -124,6 +171,7 @@ def check(library: str) -> Optional[str]:
     q, k, v = (rng.standard_normal(shape) for shape in ((2, 7, 2, 16), (2, 37, 2, 16), (2, 37, 2, 16)))
     q2, kv2 = rng.standard_normal((1, 13, 3, 20)) * 3, rng.standard_normal((1, 13, 3, 20))
     rows, w = rng.standard_normal((5, 37)), rng.standard_normal((39, 37))
+    layer3, layer1 = _layer_inputs(rng, 3, 1, 3), _layer_inputs(rng, 1, 1, 0)
     r = x + (y + bias)
     want = (("LayerNorm", (x, g, b), (_ln(x, g, b),)),
             ("ResLayerNorm", (x, y, bias, g, b), (r, _ln(r, g, b))),
@@ -133,9 +181,11 @@ def check(library: str) -> Optional[str]:
             ("Attention", (q, k, v), (_attention(q, k, v),)),
             ("Attention", (q2, kv2, -kv2), (_attention(q2, kv2, -kv2),)),  # head dim not a multiple of 16
             ("RowsMatMul", (rows, w), (rows @ w.T,)),  # 5 rows: a partial block of 4; 39 outputs: an odd one
-            ("RowsMatMul", (rows[:1], w), (rows[:1] @ w.T,)))  # one row: blocks of 8 outputs, then 2, then 1
+            ("RowsMatMul", (rows[:1], w), (rows[:1] @ w.T,)),  # one row: blocks of 8 outputs, then 2, then 1
+            ("DecoderLayer", layer3, _decoder_layer(layer3)),  # 3 beams of one audio, a masked slot
+            ("DecoderLayer", layer1, _decoder_layer(layer1)))  # one row, mask shared
     for name, args, outs in want:
-        got = fused.kernel(library, name)(*(ms.Tensor(a.astype(np.float32)) for a in args))
+        got = fused.kernel(library, name)(*(ms.Tensor(a if a.dtype == np.int32 else a.astype(np.float32)) for a in args))
         got = got if isinstance(got, tuple) else (got,)
         for out, ref in zip(got, outs):
             err = float(np.abs(out.asnumpy() - ref).max() / (np.abs(ref).max() + 1e-30))
