@@ -26,7 +26,8 @@ from . import graphs
 from .graphs import conv1d, linear
 
 #: The operators in ``fused.cc``, each checked by :func:`whisper_accel.runtime.native.check`.
-NAMES = ("LayerNorm", "ResLayerNorm", "BiasResidual", "BiasGelu", "ChanBiasGelu", "Attention", "RowsMatMul", "DecoderLayer")
+NAMES = ("LayerNorm", "ResLayerNorm", "BiasResidual", "BiasGelu", "ChanBiasGelu", "Attention", "RowsMatMul",
+         "DecoderLayer")
 
 _mm_t = ops.MatMul(transpose_b=True)
 

@@ -185,7 +185,8 @@ def check(library: str) -> Optional[str]:
             ("DecoderLayer", layer3, _decoder_layer(layer3)),  # 3 beams of one audio, a masked slot
             ("DecoderLayer", layer1, _decoder_layer(layer1)))  # one row, mask shared
     for name, args, outs in want:
-        got = fused.kernel(library, name)(*(ms.Tensor(a if a.dtype == np.int32 else a.astype(np.float32)) for a in args))
+        tensors = (ms.Tensor(a if a.dtype == np.int32 else a.astype(np.float32)) for a in args)
+        got = fused.kernel(library, name)(*tensors)
         got = got if isinstance(got, tuple) else (got,)
         for out, ref in zip(got, outs):
             err = float(np.abs(out.asnumpy() - ref).max() / (np.abs(ref).max() + 1e-30))
