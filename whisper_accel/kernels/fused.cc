@@ -1,8 +1,8 @@
 // whisper_accel's fused float32 CPU kernels for the Whisper encoder and the decoder step (its
 // vocabulary projection, RowsMatMul, and whole layers, DecoderLayer), as MindSpore Custom AOT
 // operators (ops.Custom("<lib>:<Name>", func_type="aot")): each takes contiguous float32
-// inputs (DecoderLayer's position: int32) and writes its outputs (the params after the inputs). They replace chains of MindSpore
-// CPU element-wise operators that run one pass over memory each, some single-threaded
+// inputs (DecoderLayer's position: int32) and writes its outputs (the params after the
+// inputs). They replace chains of MindSpore CPU element-wise operators that run one pass over memory each, some single-threaded
 // (Erf: ~13 ms for the tiny encoder's 2.3M fc1 activations; benchmarks/PROFILE_NOTES.md section 17).
 //
 //   LayerNorm(x, g, b)              -> LN(x) over the last dim, eps 1e-5 (two-pass mean/variance)
@@ -300,20 +300,6 @@ template <int NW> static inline void rows_block(const float *x, const float *w, 
     }
   }
 }
-extern "C" int RowsMatMul(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream, void *extra) {
-  const float *x = (const float *)params[0], *w = (const float *)params[1]; float *y = (float *)params[2];
-  const int64_t M = shapes[0][0], K = shapes[0][1], N = shapes[1][0];
-  if (shapes[1][1] != K) return 1;
-  enum { CH = 64 };
-  parallel((N + CH - 1) / CH, [&](int64_t lo, int64_t hi) {
-    const int64_t end = std::min(N, hi * CH);
-    int64_t n0 = lo * CH;
-    if (M == 1) for (; n0 + 8 <= end; n0 += 8) rows_block<8>(x, w, y, M, K, N, n0);
-    for (; n0 + 2 <= end; n0 += 2) rows_block<2>(x, w, y, M, K, N, n0);
-    for (; n0 < end; n0++) rows_block<1>(x, w, y, M, K, N, n0);
-  });
-  return 0;
-}
 // y[:, n0:n1] = x (R, K) w[n0:n1]^T (+ b), y with row stride N
 static void rows_part(const float *x, int64_t R, int64_t K, const float *w, int64_t N, const float *b, float *y,
                       int64_t n0, int64_t n1) {
@@ -322,6 +308,15 @@ static void rows_part(const float *x, int64_t R, int64_t K, const float *w, int6
   for (; n + 2 <= n1; n += 2) rows_block<2>(x, w, y, R, K, N, n);
   for (; n < n1; n++) rows_block<1>(x, w, y, R, K, N, n);
   if (b) for (int64_t r = 0; r < R; r++) for (int64_t j = n0; j < n1; j++) y[r * N + j] += b[j];
+}
+extern "C" int RowsMatMul(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream, void *extra) {
+  const float *x = (const float *)params[0], *w = (const float *)params[1]; float *y = (float *)params[2];
+  const int64_t M = shapes[0][0], K = shapes[0][1], N = shapes[1][0];
+  if (shapes[1][1] != K) return 1;
+  enum { CH = 64 };
+  parallel((N + CH - 1) / CH,
+           [&](int64_t lo, int64_t hi) { rows_part(x, M, K, w, N, nullptr, y, lo * CH, std::min(N, hi * CH)); });
+  return 0;
 }
 // softmax(s[0..n)) in place; entries at -inf (masked) give 0
 static inline void softmax_row(float *s, int64_t n) {
@@ -390,9 +385,9 @@ extern "C" int DecoderLayer(int nparam, void **params, int *ndims, int64_t **sha
     auto hi = [&](int64_t N) { return i == n - 1 ? N : N * (i + 1) / n / 8 * 8; };
     const int64_t p0 = R * H * i / n, p1 = R * H * (i + 1) / n;  // this thread's (row, head) pairs
     auto norm = [&](const float *g, const float *b) { for (int64_t r = 0; r < R; r++) ln_row(xo + r * D, g, b, h + r * D, D, 1e-5f); };
+    std::vector<float> t(R * D);
     auto add_into_x = [&](const float *w, const float *b, const float *in, int64_t K) {
       // xo[:, lo:hi] += in (R, K) w[lo:hi]^T + b[lo:hi]
-      std::vector<float> t(R * D);
       rows_part(in, R, K, w, D, b, t.data(), lo(D), hi(D));
       for (int64_t r = 0; r < R; r++) for (int64_t j = lo(D); j < hi(D); j++) xo[r * D + j] += t[r * D + j];
     };

@@ -102,10 +102,13 @@ def _ln(x, g, b):
     return (x - m) / np.sqrt(((x - m) ** 2).mean(-1, keepdims=True) + 1e-5) * g + b
 
 
-def _attention(q, k, v):  # (B, T, H, Dh), (B, S, H, Dh) -> (B, T, H, Dh)
-    s = np.einsum("bthd,bshd->bhts", q, k)
+def _softmax(s):
     p = np.exp(s - s.max(-1, keepdims=True))
-    return np.einsum("bhts,bshd->bthd", p / p.sum(-1, keepdims=True), v)
+    return p / p.sum(-1, keepdims=True)
+
+
+def _attention(q, k, v):  # (B, T, H, Dh), (B, S, H, Dh) -> (B, T, H, Dh)
+    return np.einsum("bhts,bshd->bthd", _softmax(np.einsum("bthd,bshd->bhts", q, k)), v)
 
 
 def _layer_inputs(rng, rows, audios, pos0, heads=2, dh=12, slots=6, frames=9, ffn=40):
@@ -124,11 +127,6 @@ def _layer_inputs(rng, rows, audios, pos0, heads=2, dh=12, slots=6, frames=9, ff
             m(rows, heads, slots, dh), m(rows, heads, slots, dh), np.array([pos0], np.int32), ok, *ln(), m(d, d), m(d),
             m(d, d), m(d), m(audios, heads, dh, frames), m(audios, heads, frames, dh), *ln(), m(ffn, d), m(ffn),
             m(d, ffn), m(d), np.array([0.3]))
-
-
-def _softmax(s):
-    p = np.exp(s - s.max(-1, keepdims=True))
-    return p / p.sum(-1, keepdims=True)
 
 
 def _decoder_layer(a):
