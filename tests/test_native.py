@@ -189,6 +189,62 @@ def test_one_token_steps_run_the_layer_kernel_and_match_the_operator_layers(mode
 
 
 @needs_fused
+@pytest.mark.parametrize("audios, frames, heads, dh, layers", [(1, 1500, 6, 64, 4), (3, 13, 2, 132, 2)],
+                         ids=["tiny", "3-audios-odd-frames-two-inner-blocks"])
+def test_the_cross_kv_kernel_matches_its_reference(audios, frames, heads, dh, layers):
+    """Every layer's K^T and V in the step graphs' layouts, against native's float64 reference:
+    tiny's widths, and row panels straddling audios, a partial column block, D over one inner block."""
+    rng = np.random.default_rng(5)
+    d = heads * dh
+    args = (rng.standard_normal((audios, frames, d)),) + tuple(
+        rng.standard_normal(shape) / np.sqrt(d) for _ in range(layers) for shape in ((d, d), (d, d), (d,)))
+    got = fused.kernel(HERE["library"], "CrossKV", heads)(*(ms.Tensor(a.astype(np.float32)) for a in args))
+    want = native._cross_kv(*args, heads=heads)
+    assert len(got) == 2 * layers
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        assert rel_diff(g.asnumpy(), w) < 1e-5
+
+
+@needs_fused
+def test_cross_kv_runs_the_kernel_with_the_per_layer_graphs_values(model):
+    feats = features(2, seed=13)
+    with whisper_accel.patched(), torch.no_grad():
+        model.generate(feats, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+        cw = model.__dict__[ATTR]
+        assert cw.cross_kernels == "fused"
+        hidden = ms.Tensor(model.model.encoder(feats).last_hidden_state.asnumpy())
+        kx, vx = cw.cross_kv(hidden)
+        ks, vs = cw._cross_kv(hidden)  # MindSpore's graphs, a layer a launch
+    assert len(kx) == len(ks) == len(model.model.decoder.layers)
+    for got, want in zip(kx + vx, ks + vs):
+        assert got.shape == want.shape
+        assert rel_diff(got.asnumpy(), want.asnumpy()) < 1e-5
+
+
+@needs_fused
+def test_a_failing_cross_kv_kernel_falls_back_to_the_graphs(model, monkeypatch):
+    feats = features(1, seed=14)
+    with torch.no_grad():
+        stock = model.generate(feats, max_new_tokens=6, min_new_tokens=6, do_sample=False).asnumpy()
+
+    def broken(*a, **k):
+        raise RuntimeError("injected cross K/V failure")
+
+    monkeypatch.setattr(fused, "cross_kv", broken)
+    try:
+        with whisper_accel.patched(), torch.no_grad():
+            got = model.generate(feats, max_new_tokens=6, min_new_tokens=6, do_sample=False).asnumpy()
+            cw = model.__dict__[ATTR]
+        assert cw.cross_kernels == "mindspore"
+        assert "injected cross K/V failure" in native.state()["reason"]
+        assert np.array_equal(got, stock)
+    finally:
+        native.reset()
+        native.state()
+
+
+@needs_fused
 def test_a_failing_fused_step_graph_falls_back_to_the_plain_one(model, monkeypatch):
     feats = features(1, seed=10)
     with torch.no_grad():

@@ -16,6 +16,8 @@
 //                                      projection): streams w once, split over the threads
 //   DecoderLayer(x (R, D), ...)     -> one decoder layer of a one-token step for R rows (greedy
 //                                      or beam), this step's K/V for the cache (see below)
+//   CrossKV(enc (B, S, D), per layer Wk, Wv, bv) -> every decoder layer's cross-attention K^T
+//                                      (B, H, Dh, S) and V (B, H, S, Dh), one launch (see below)
 //
 // GELU is the exact erf form, x * 0.5 * (erf(x / sqrt(2)) + 1), with erf as Eigen's float
 // rational approximation (relative error ~1e-7, as MindSpore's own erff). AVX2 + FMA. The
@@ -452,6 +454,98 @@ extern "C" int DecoderLayer(int nparam, void **params, int *ndims, int64_t **sha
     for (int64_t r = 0; r < R; r++) gelu_row(f.data() + r * F + lo(F), nullptr, 0.f, f.data() + r * F + lo(F), hi(F) - lo(F));
     bar.wait();
     add_into_x(P(26), P(27), f.data(), F);
+  });
+  return 0;
+}
+// C (MR x NR, row stride ldc) = A (MR rows packed k-major: ap[k][MR]) x B (packed: bp[k][NR]), kc terms.
+// add: C += instead of C =. A 6 x 16 register tile: 12 accumulators, 2 B loads and 6 broadcasts
+// per k.
+static inline void gemm_tile(int64_t kc, const float *ap, const float *bp, float *c, int64_t ldc, bool add) {
+  __m256 acc[MR][2];
+  for (int r = 0; r < MR; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; k++) {
+    const __m256 b0 = _mm256_loadu_ps(bp), b1 = _mm256_loadu_ps(bp + 8);
+    for (int r = 0; r < MR; r++) {
+      const __m256 a = _mm256_broadcast_ss(ap + r);
+      acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]); acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
+    }
+    ap += MR; bp += NR;
+  }
+  for (int r = 0; r < MR; r++) {
+    float *row = c + r * ldc;
+    if (add) { acc[r][0] = _mm256_add_ps(acc[r][0], _mm256_loadu_ps(row)); acc[r][1] = _mm256_add_ps(acc[r][1], _mm256_loadu_ps(row + 8)); }
+    _mm256_storeu_ps(row, acc[r][0]); _mm256_storeu_ps(row + 8, acc[r][1]);
+  }
+}
+// The cross-attention K and V of every decoder layer from the encoder output, in one launch and
+// straight into the layouts the step graphs read (no transposes after the MatMuls): what
+// graphs.cross_kv computes per layer, k = enc Wk^T, v = enc Wv^T + bv, as K^T (B, H, Dh, S) and
+// V (B, H, S, Dh). inputs: 0 enc (B, S, D); then per layer Wk (D, D), Wv (D, D), bv (D).
+// outputs, after the inputs: per layer K^T, V. The encoder rows are packed once (6-row panels,
+// k-major); the work items, (layer, K or V, audio, 64 output columns), pack their weight columns
+// once and run the 6 x 16 tile over 96-row blocks (PROFILE_NOTES section 23).
+extern "C" int CrossKV(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                       void *extra) {
+  if ((nparam - 1) % 5 != 0 || nparam < 6) return 1;
+  const int64_t L = (nparam - 1) / 5, B = shapes[0][0], S = shapes[0][1], D = shapes[0][2];
+  const int64_t H = shapes[1 + 3 * L][1], Dh = shapes[1 + 3 * L][2];
+  if (H * Dh != D) return 1;
+  for (int64_t l = 0; l < L; l++)
+    if (shapes[1 + 3 * l][0] != D || shapes[1 + 3 * l][1] != D || shapes[2 + 3 * l][0] != D || shapes[3 + 3 * l][0] != D) return 1;
+  const float *enc = (const float *)params[0];
+  enum { GROUP = 4 * NR, KC = 256, MC = 96 };
+  const int64_t panels = (B * S + MR - 1) / MR;  // row panels over all audios' frames
+  std::vector<float> ap(panels * MR * D);  // ap[p][k][MR]
+  parallel(panels, [&](int64_t lo, int64_t hi) {
+    for (int64_t p = lo; p < hi; p++) {
+      float *dst = ap.data() + p * MR * D;
+      for (int i = 0; i < MR; i++) {
+        const int64_t row = p * MR + i;
+        if (row < B * S) { const float *src = enc + row * D; for (int64_t k = 0; k < D; k++) dst[k * MR + i] = src[k]; }
+        else for (int64_t k = 0; k < D; k++) dst[k * MR + i] = 0.f;
+      }
+    }
+  });
+  const int64_t groups = (D + GROUP - 1) / GROUP;
+  parallel(L * 2 * B * groups, [&](int64_t lo, int64_t hi) {
+    std::vector<float> bp(D * GROUP), cb(MC * GROUP);
+    for (int64_t item = lo; item < hi; item++) {
+      const int64_t g = item % groups, b = item / groups % B, kind = item / groups / B % 2, l = item / groups / B / 2;
+      const float *w = (const float *)params[1 + 3 * l + kind], *bias = kind ? (const float *)params[3 + 3 * l] : nullptr;
+      float *out = (float *)params[1 + 3 * L + 2 * l + kind];
+      const int64_t n0 = g * GROUP, nc = std::min<int64_t>(GROUP, D - n0);
+      int64_t col[GROUP];  // V's offset of column n0 + j from its frame's row of head 0
+      for (int64_t j = 0; j < nc; j++) col[j] = (n0 + j) / Dh * S * Dh + (n0 + j) % Dh;
+      for (int64_t s = 0; s < GROUP / NR; s++)  // bp[s][k][NR] = w[n0 + s NR + j][k], zeros past D
+        for (int j = 0; j < NR; j++) {
+          const int64_t n = n0 + s * NR + j;
+          float *dst = bp.data() + s * D * NR + j;
+          if (n < D) { const float *src = w + n * D; for (int64_t k = 0; k < D; k++) dst[k * NR] = src[k]; }
+          else for (int64_t k = 0; k < D; k++) dst[k * NR] = 0.f;
+        }
+      // this audio's frames: rows b S .. b S + S of the packed panels (a panel may straddle two audios)
+      for (int64_t m0 = b * S / MR * MR; m0 < (b + 1) * S; m0 += MC) {
+        const int64_t mc = std::min<int64_t>(MC, (b + 1) * S - m0);
+        for (int64_t k0 = 0; k0 < D; k0 += KC) {
+          const int64_t kc = std::min<int64_t>(KC, D - k0);
+          for (int64_t s = 0; s * NR < nc; s++)
+            for (int64_t i = 0; i < mc; i += MR)
+              gemm_tile(kc, ap.data() + (m0 + i) / MR * MR * D + k0 * MR, bp.data() + s * D * NR + k0 * NR,
+                        cb.data() + i * GROUP + s * NR, GROUP, k0 > 0);
+        }
+        const int64_t i0 = std::max<int64_t>(0, b * S - m0);  // the block's first row of this audio
+        if (kind == 0)  // K^T (B, H, Dh, S) is (B, D, S): column n of the block is a run of frames
+          for (int64_t j = 0; j < nc; j++) {
+            float *o = out + (b * D + n0 + j) * S + (m0 - b * S);
+            for (int64_t i = i0; i < mc; i++) o[i] = cb[i * GROUP + j];
+          }
+        else  // V (B, H, S, Dh): column n is element n % Dh of head n / Dh
+          for (int64_t i = i0; i < mc; i++) {
+            float *o = out + (b * H * S + m0 + i - b * S) * Dh;
+            for (int64_t j = 0; j < nc; j++) o[col[j]] = cb[i * GROUP + j] + bias[n0 + j];
+          }
+      }
+    }
   });
   return 0;
 }

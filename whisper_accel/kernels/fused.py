@@ -27,13 +27,15 @@ from .graphs import conv1d, linear
 
 #: The operators in ``fused.cc``, each checked by :func:`whisper_accel.runtime.native.check`.
 NAMES = ("LayerNorm", "ResLayerNorm", "BiasResidual", "BiasGelu", "ChanBiasGelu", "Attention", "RowsMatMul",
-         "DecoderLayer")
+         "DecoderLayer", "CrossKV")
 
 _mm_t = ops.MatMul(transpose_b=True)
 
 # The kernels as ops.Custom primitives, set by :func:`configure` (module globals: the graphs
 # below resolve them when first traced).
 _LN = _RES_LN = _BIAS_RES = _BIAS_GELU = _CHAN_GELU = _ATTN = _ROWS_MM = _DEC_LAYER = None
+_LIBRARY = None  # the library's path: CrossKV's graphs are made per head count (_CROSS)
+_CROSS = {}
 _GLOBAL = {"LayerNorm": "_LN", "ResLayerNorm": "_RES_LN", "BiasResidual": "_BIAS_RES", "BiasGelu": "_BIAS_GELU",
            "ChanBiasGelu": "_CHAN_GELU", "Attention": "_ATTN", "RowsMatMul": "_ROWS_MM",
            "DecoderLayer": "_DEC_LAYER"}
@@ -60,14 +62,33 @@ def _layer_dtypes(*dtypes):
     return dtypes[0], dtypes[0], dtypes[0]
 
 
+def _cross_out(heads: int):
+    def shapes(*s):  # CrossKV: enc (B, S, D), then (Wk, Wv, bv) per layer -> per layer K^T, V
+        b, t, d = s[0]
+        k, v = (b, heads, d // heads, t), (b, heads, t, d // heads)
+        return tuple(kv for _ in range((len(s) - 1) // 3) for kv in (k, v))
+    return shapes
+
+
+def _cross_dtypes(*dtypes):
+    return tuple(dtypes[0] for _ in range(2 * ((len(dtypes) - 1) // 3)))
+
+
 def configure(library: str) -> None:
     """Bind the kernels to the shared library at ``library`` (an absolute path)."""
+    global _LIBRARY
     for name in NAMES:
-        globals()[_GLOBAL[name]] = kernel(library, name)
+        if name in _GLOBAL:
+            globals()[_GLOBAL[name]] = kernel(library, name)
+    _LIBRARY = library
+    _CROSS.clear()
 
 
-def kernel(library: str, name: str):
-    """One of the library's kernels as an ``ops.Custom`` primitive (usable in PyNative too)."""
+def kernel(library: str, name: str, heads: int = 0):
+    """One of the library's kernels as an ``ops.Custom`` primitive (usable in PyNative too);
+    ``heads``: CrossKV's head count (its output shapes depend on it)."""
+    if name == "CrossKV":
+        return ops.Custom(f"{library}:{name}", out_shape=_cross_out(heads), out_dtype=_cross_dtypes, func_type="aot")
     if name == "RowsMatMul":
         return ops.Custom(f"{library}:{name}", out_shape=_rows_out, out_dtype=_same, func_type="aot")
     if name == "DecoderLayer":
@@ -161,3 +182,26 @@ def _decoder_layer(x, lw, k_cache, v_cache, positions, key_ok, k_x, v_x, scaling
 #: vocabulary projection (the step's largest cost: tiny reads 80 MB of weights a step) and each
 #: layer of a one-token step as the ``DecoderLayer`` kernel.
 DECODER = graphs.decoder_graphs(_logits, _decoder_layer)
+
+
+def _cross_graph(heads: int):
+    prim = kernel(_LIBRARY, "CrossKV", heads)
+
+    @ms.jit
+    def run(enc, weights):
+        return prim(enc, *weights)
+
+    return run
+
+
+def cross_kv(enc, weights, n_heads: int):
+    """Every decoder layer's cross-attention K^T (B, H, Dh, S) and V (B, H, S, Dh), as per-layer
+    tuples, from the encoder output ``enc`` (B, S, D) and ``weights``, (k_w, v_w, v_b) of every
+    layer in one flat tuple: what :func:`.graphs.cross_kv` computes a layer at a time, as one
+    ``CrossKV`` launch that writes the step graphs' layouts directly (benchmarks/PROFILE_NOTES.md
+    section 23). A graph of that one operator: launched in PyNative it took ~15 ms more."""
+    run = _CROSS.get(n_heads)
+    if run is None:
+        run = _CROSS[n_heads] = _cross_graph(n_heads)
+    out = run(enc, weights)
+    return tuple(out[0::2]), tuple(out[1::2])

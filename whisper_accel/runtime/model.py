@@ -146,6 +146,7 @@ class CompiledWhisper:
                 + _lin(l.fc1) + _lin(l.fc2) for l in decoder.layers))
             self.xattn = tuple(ms.mutable(
                 _lin(l.encoder_attn.k_proj, False) + _lin(l.encoder_attn.v_proj)) for l in decoder.layers)
+            self.xattn_flat = ms.mutable(tuple(w for p in self.xattn for w in p))  # CrossKV's arguments
             self.dec_ln = ms.mutable(_ln_p(decoder.layer_norm))
             self.max_positions = int(self.dec_pos.shape[0])
             self.head_dim = int(self.embed.shape[1]) // self.n_heads_dec
@@ -162,6 +163,8 @@ class CompiledWhisper:
         self.encoder_layers_per_launch = None
         #: which step graphs ran last: "fused" (the projection kernel) or "mindspore"
         self.decoder_kernels = None
+        #: which cross K/V ran last: "fused" (the ``CrossKV`` kernel) or "mindspore"
+        self.cross_kernels = None
         self.lock = _GRAPH_LOCK
 
     @classmethod
@@ -224,15 +227,22 @@ class CompiledWhisper:
 
     def cross_kv(self, encoder_hidden_states):
         """-> (K^T, V): per-layer tuples of (B, H, Dh, S_enc) and (B, H, S_enc, Dh). (Tuples, not one stacked tensor:
-        indexing a stacked (L, ...) tensor inside the graph copies it, ~20 ms per layer.) One launch per layer:
-        all layers in one graph measured slower (PROFILE_NOTES section 19)."""
-        ks, vs = [], []
+        indexing a stacked (L, ...) tensor inside the graph copies it, ~20 ms per layer.) With the fused kernels,
+        every layer in one ``CrossKV`` launch (PROFILE_NOTES section 23); else one graph launch per layer: all
+        layers in one MindSpore graph measured slower (section 19)."""
         with self.lock:
-            for p in self.xattn:
-                k, v = G.cross_kv(encoder_hidden_states, p, self.n_heads_dec)
-                ks.append(k)
-                vs.append(v)
+            self.cross_kernels, (ks, vs) = _fused_or_plain(
+                "cross K/V", lambda fused: fused.cross_kv(encoder_hidden_states, self.xattn_flat, self.n_heads_dec),
+                lambda: self._cross_kv(encoder_hidden_states))
         return ms.mutable(tuple(ks)), ms.mutable(tuple(vs))
+
+    def _cross_kv(self, encoder_hidden_states):
+        ks, vs = [], []
+        for p in self.xattn:
+            k, v = G.cross_kv(encoder_hidden_states, p, self.n_heads_dec)
+            ks.append(k)
+            vs.append(v)
+        return ks, vs
 
     @staticmethod
     def bucket_for(length: int, max_positions: int = 448) -> int:

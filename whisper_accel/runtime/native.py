@@ -152,12 +152,23 @@ def _decoder_layer(a):
     return x, k, v
 
 
+def _cross_kv(enc, *weights, heads=2):
+    """The ``CrossKV`` kernel's inputs -> per layer K^T (B, H, Dh, S), V (B, H, S, Dh), in float64."""
+    b, s, d = enc.shape
+    out = []
+    for wk, wv, bv in zip(weights[0::3], weights[1::3], weights[2::3]):
+        out += [(enc @ wk.T).reshape(b, s, heads, d // heads).transpose(0, 2, 3, 1),
+                (enc @ wv.T + bv).reshape(b, s, heads, d // heads).transpose(0, 2, 1, 3)]
+    return tuple(out)
+
+
 def check(library: str) -> Optional[str]:
     """Run every kernel once against a float64 numpy reference (rows of 37 values: a tail after
     the 8-wide vectors; attention with 7 queries and 37 keys: a partial row block and a partial
     key tile, and with a head dim of 20; the projection with 5 rows and with 1, 39 outputs; the
-    decoder layer for 3 beams of one audio with a masked slot, and for one row). None when all
-    agree within 1e-5, else what differs."""
+    decoder layer for 3 beams of one audio with a masked slot, and for one row; cross K/V of two
+    layers for two audios of 13 frames, D 264: a row panel across the audios, a partial column
+    block, two blocks of the inner dimension). None when all agree within 1e-5, else what differs."""
     import mindspore as ms
 
     from ..kernels import fused
@@ -170,6 +181,8 @@ def check(library: str) -> Optional[str]:
     q2, kv2 = rng.standard_normal((1, 13, 3, 20)) * 3, rng.standard_normal((1, 13, 3, 20))
     rows, w = rng.standard_normal((5, 37)), rng.standard_normal((39, 37))
     layer3, layer1 = _layer_inputs(rng, 3, 1, 3), _layer_inputs(rng, 1, 1, 0)
+    cross = (rng.standard_normal((2, 13, 264)),) + tuple(
+        rng.standard_normal(shape) / 16 for _ in range(2) for shape in ((264, 264), (264, 264), (264,)))
     r = x + (y + bias)
     want = (("LayerNorm", (x, g, b), (_ln(x, g, b),)),
             ("ResLayerNorm", (x, y, bias, g, b), (r, _ln(r, g, b))),
@@ -181,10 +194,11 @@ def check(library: str) -> Optional[str]:
             ("RowsMatMul", (rows, w), (rows @ w.T,)),  # 5 rows: a partial block of 4; 39 outputs: an odd one
             ("RowsMatMul", (rows[:1], w), (rows[:1] @ w.T,)),  # one row: blocks of 8 outputs, then 2, then 1
             ("DecoderLayer", layer3, _decoder_layer(layer3)),  # 3 beams of one audio, a masked slot
-            ("DecoderLayer", layer1, _decoder_layer(layer1)))  # one row, mask shared
+            ("DecoderLayer", layer1, _decoder_layer(layer1)),  # one row, mask shared
+            ("CrossKV", cross, _cross_kv(*cross, heads=2)))
     for name, args, outs in want:
         tensors = (ms.Tensor(a if a.dtype == np.int32 else a.astype(np.float32)) for a in args)
-        got = fused.kernel(library, name)(*tensors)
+        got = fused.kernel(library, name, heads=2)(*tensors)
         got = got if isinstance(got, tuple) else (got,)
         for out, ref in zip(got, outs):
             err = float(np.abs(out.asnumpy() - ref).max() / (np.abs(ref).max() + 1e-30))
