@@ -223,43 +223,24 @@ def test_cross_kv_runs_the_kernel_with_the_per_layer_graphs_values(model):
 
 
 @needs_fused
-def test_a_failing_cross_kv_kernel_falls_back_to_the_graphs(model, monkeypatch):
-    feats = features(1, seed=14)
-    with torch.no_grad():
-        stock = model.generate(feats, max_new_tokens=6, min_new_tokens=6, do_sample=False).asnumpy()
-
-    def broken(*a, **k):
-        raise RuntimeError("injected cross K/V failure")
-
-    monkeypatch.setattr(fused, "cross_kv", broken)
-    try:
-        with whisper_accel.patched(), torch.no_grad():
-            got = model.generate(feats, max_new_tokens=6, min_new_tokens=6, do_sample=False).asnumpy()
-            cw = model.__dict__[ATTR]
-        assert cw.cross_kernels == "mindspore"
-        assert "injected cross K/V failure" in native.state()["reason"]
-        assert np.array_equal(got, stock)
-    finally:
-        native.reset()
-        native.state()
-
-
-@needs_fused
-def test_a_failing_fused_step_graph_falls_back_to_the_plain_one(model, monkeypatch):
+@pytest.mark.parametrize("owner, name, ran", [(fused, "cross_kv", "cross_kernels"),
+                                              (fused.DECODER, "decode_next", "decoder_kernels")],
+                         ids=["cross-kv-kernel", "fused-step-graph"])
+def test_a_failing_fused_launch_in_generate_falls_back_to_the_plain_graphs(model, monkeypatch, owner, name, ran):
     feats = features(1, seed=10)
     with torch.no_grad():
         stock = model.generate(feats, max_new_tokens=8, min_new_tokens=8, do_sample=False).asnumpy()
 
     def broken(*a, **k):
-        raise RuntimeError("injected fused step failure")
+        raise RuntimeError(f"injected {name} failure")
 
-    monkeypatch.setattr(fused.DECODER, "decode_next", broken)
+    monkeypatch.setattr(owner, name, broken)
     try:
         with whisper_accel.patched(), torch.no_grad():
             got = model.generate(feats, max_new_tokens=8, min_new_tokens=8, do_sample=False).asnumpy()
             cw = model.__dict__[ATTR]
-        assert cw.decoder_kernels == "mindspore"
-        assert "injected fused step failure" in native.state()["reason"]
+        assert getattr(cw, ran) == "mindspore"
+        assert f"injected {name} failure" in native.state()["reason"]
         assert np.array_equal(got, stock)
     finally:
         native.reset()
