@@ -17,7 +17,8 @@ import torch  # noqa: E402  (mindtorch, via mindnlp)
 import whisper_accel  # noqa: E402
 from conftest import build_model, features, rel_diff  # noqa: E402
 from whisper_accel.kernels import fused, graphs  # noqa: E402
-from whisper_accel.runtime import calls, native  # noqa: E402
+from whisper_accel.runtime import calls, host_step, native  # noqa: E402
+from whisper_accel.runtime import model as model_module  # noqa: E402
 from whisper_accel.runtime.binding import ATTR  # noqa: E402
 
 HERE = native.state()
@@ -122,7 +123,11 @@ def test_the_step_projection_matches_x_w_transposed(rows):
 
 
 @needs_fused
-def test_the_decoder_steps_use_the_projection_kernel_with_stock_tokens(model):
+@pytest.mark.parametrize("host", [True, False], ids=["host-steps", "step-graphs"])
+def test_the_decoder_steps_use_the_projection_kernel_with_stock_tokens(model, monkeypatch, host):
+    """Greedy and beam steps with the fused kernels: on the host (the kernels through ctypes)
+    or as the fused step graphs (``HOST_STEP`` off), stock's tokens either way."""
+    monkeypatch.setattr(model_module, "HOST_STEP", host)
     feats = features(2, seed=9)
     with torch.no_grad():
         stock = model.generate(feats, max_new_tokens=12, min_new_tokens=12, do_sample=False).asnumpy()
@@ -130,9 +135,9 @@ def test_the_decoder_steps_use_the_projection_kernel_with_stock_tokens(model):
     with whisper_accel.patched(), torch.no_grad():
         got = model.generate(feats, max_new_tokens=12, min_new_tokens=12, do_sample=False).asnumpy()
         cw = model.__dict__[ATTR]
-        assert cw.decoder_kernels == "fused"
+        assert cw.decoder_kernels == ("host" if host else "fused")
         got_beams = model.generate(feats, max_new_tokens=6, min_new_tokens=6, num_beams=3, do_sample=False).asnumpy()
-        assert cw.decoder_kernels == "fused"
+        assert cw.decoder_kernels == ("host" if host else "fused")
     assert np.array_equal(got, stock) and np.array_equal(got_beams, beams)
 
 
@@ -223,10 +228,13 @@ def test_cross_kv_runs_the_kernel_with_the_per_layer_graphs_values(model):
 
 
 @needs_fused
-@pytest.mark.parametrize("owner, name, ran", [(fused, "cross_kv", "cross_kernels"),
-                                              (fused.DECODER, "decode_next", "decoder_kernels")],
-                         ids=["cross-kv-kernel", "fused-step-graph"])
-def test_a_failing_fused_launch_in_generate_falls_back_to_the_plain_graphs(model, monkeypatch, owner, name, ran):
+@pytest.mark.parametrize("owner, name, ran, host", [(fused, "cross_kv", "cross_kernels", True),
+                                                    (fused.DECODER, "decode_next", "decoder_kernels", False),
+                                                    (host_step.HostStep, "next", "decoder_kernels", True)],
+                         ids=["cross-kv-kernel", "fused-step-graph", "host-step"])
+def test_a_failing_fused_launch_in_generate_falls_back_to_the_plain_graphs(model, monkeypatch, owner, name, ran,
+                                                                           host):
+    monkeypatch.setattr(model_module, "HOST_STEP", host)  # the step graphs only run without host steps
     feats = features(1, seed=10)
     with torch.no_grad():
         stock = model.generate(feats, max_new_tokens=8, min_new_tokens=8, do_sample=False).asnumpy()

@@ -36,6 +36,7 @@ from .._patcher import Patch
 from ..runtime.beam_search import beam_search, unsupported
 from ..runtime.binding import to_compute
 from ..runtime.decode_state import DecodeState
+from ..runtime.host_step import on_device
 from ..runtime.interop import import_whisper
 from ..runtime.loops import cross_attentions, fast_or_stock, for_stock, prepare, wants_cross, why_stock
 from ..runtime.model import CompiledWhisper
@@ -128,8 +129,8 @@ def _beams(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any:
         """The HF cache stock returns: the static cache after the last step, in the last order."""
         idx = mindspore.Tensor(beam_idx.astype(np.int32))
         per_row = mindspore.Tensor((np.arange(n) // group).astype(np.int32))
-        state = DecodeState(cw, tuple(ops.gather(c, idx, 0) for c in cache["k"]),
-                            tuple(ops.gather(c, idx, 0) for c in cache["v"]),
+        state = DecodeState(cw, tuple(ops.gather(c, idx, 0) for c in on_device(cache["k"])),
+                            tuple(ops.gather(c, idx, 0) for c in on_device(cache["v"])),
                             tuple(ops.gather(c, per_row, 0) for c in kx),
                             tuple(ops.gather(c, per_row, 0) for c in vx), n)
         state.length, state.like = cache["fed"], input_ids

@@ -15,6 +15,7 @@ import mindspore as ms
 from mindspore import ops
 
 from .binding import to_model
+from .host_step import on_device
 from .interop import adopt
 
 STATE = "_whisper_accel_state"  # on the EncoderDecoderCache: DecodeState
@@ -26,6 +27,7 @@ class DecodeState:
     """Static KV cache of one generation, attached to its EncoderDecoderCache."""
 
     def __init__(self, cw, k, v, kx, vx, batch):
+        k, v = on_device(k), on_device(v)  # a host step's cache: as MindSpore tensors
         self.cw, self.k, self.v, self.kx, self.vx, self.batch = cw, k, v, kx, vx, batch
         self.length = 0
         self.like = None  # a mindtorch tensor to copy ``_device`` from

@@ -39,7 +39,7 @@ import numpy as np
 from mindspore import ops
 
 from ..kernels import graphs as G
-from . import native
+from . import host_step, native
 
 #: Static self-attention cache sizes; a generation uses the smallest that fits.
 BUCKETS = (64, 128, 256, 448)
@@ -49,6 +49,10 @@ BUCKETS = (64, 128, 256, 448)
 _GRAPH_LOCK = threading.Lock()
 _COLS: Dict[int, Any] = {}  # bucket size -> arange(bucket) int32
 _EVERY: Dict[int, Any] = {}  # bucket size -> (1, bucket) all-True bool: no padding
+
+#: One-token greedy steps on the host (:mod:`.host_step`: the fused kernels through ctypes, no
+#: graph) where they can run; False: always the step graphs (benchmarks compare the two).
+HOST_STEP = True
 
 #: Speed/memory trade-off of :meth:`CompiledWhisper.encode`. True: the whole encoder in one
 #: graph, whichever kernels run (with MindSpore's own attention that holds every layer's
@@ -161,8 +165,10 @@ class CompiledWhisper:
         self.encoder_kernels = None
         #: how many encoder layers the last :meth:`encode` ran per graph launch
         self.encoder_layers_per_launch = None
-        #: which step graphs ran last: "fused" (the projection kernel) or "mindspore"
+        #: which step ran last: "host" (:mod:`.host_step`), "fused" (the graphs with the fused
+        #: kernels) or "mindspore"
         self.decoder_kernels = None
+        self._host = None  # the HostStep, once built (False: this model's weights cannot take it)
         #: which cross K/V ran last: "fused" (the ``CrossKV`` kernel) or "mindspore"
         self.cross_kernels = None
         self.lock = _GRAPH_LOCK
@@ -259,6 +265,9 @@ class CompiledWhisper:
 
     def grow_cache(self, k_cache, v_cache, bucket: int):
         """Zero-pad per-layer caches along the position axis to ``bucket`` slots."""
+        if isinstance(k_cache, host_step.HostCache):
+            return host_step.grow(k_cache, bucket), host_step.grow(v_cache, bucket)
+
         def pad(c):
             b, h, s, d = c.shape
             return ops.concat((c, ops.zeros((b, h, bucket - s, d), c.dtype)), 2)
@@ -283,6 +292,12 @@ class CompiledWhisper:
         mask with padding), else None."""
         t, s = int(ids.shape[1]), int(k_cache[0].shape[2])
         self._note(("next",) + tuple(ids.shape) + (s,))
+        if t == 1 and cross is None and HOST_STEP and int(ids.shape[0]) <= host_step.MAX_ROWS:
+            with self.lock:
+                out = self._host_next(ids, pos0, k_cache, v_cache, k_x, v_x, suppress, padding)
+            if out is not None:
+                return out
+        k_cache, v_cache = host_step.on_device(k_cache), host_step.on_device(v_cache)
         pos, cols, pos_ids, key_ok = self._positions(pos0, t, s, padding)
         args = (ids, pos, cols, k_cache, v_cache, k_x, v_x, self.embed, self.proj, self.dec_pos,
                 self.dec_layers, self.dec_ln, self.n_heads_dec, self.scaling_dec, suppress, pos_ids, key_ok)
@@ -303,6 +318,12 @@ class CompiledWhisper:
         :meth:`decode_next` (beams of one audio share their padding, so reordering keeps it)."""
         t, s = int(ids.shape[1]), int(k_cache[0].shape[2])
         self._note(("beams",) + tuple(ids.shape) + (s, beams))
+        if t == 1 and cross is None and HOST_STEP and int(ids.shape[0]) <= host_step.MAX_ROWS:
+            with self.lock:
+                out = self._host_beams(ids, pos0, k_cache, v_cache, beam_idx, k_x, v_x, padding)
+            if out is not None:
+                return out
+        k_cache, v_cache = host_step.on_device(k_cache), host_step.on_device(v_cache)
         pos, cols, pos_ids, key_ok = self._positions(pos0, t, s, padding)
         args = (ids, pos, cols, k_cache, v_cache, beam_idx, k_x, v_x, self.embed, self.proj, self.dec_pos,
                 self.dec_layers, self.dec_ln, self.n_heads_dec, self.scaling_dec, beams, pos_ids, key_ok)
@@ -313,6 +334,51 @@ class CompiledWhisper:
                 logits, logp, k, v, probs = self._step("decode_beams_attn", args)
                 cross.append(tuple(probs))
         return logits, logp, ms.mutable(tuple(k)), ms.mutable(tuple(v))
+
+    def _host_ready(self) -> bool:
+        if native.fused_graphs() is None:
+            return False
+        if self._host is None:
+            self._host = host_step.for_model(self) or False
+        return self._host is not False
+
+    def _host_run(self, run, ids, pos0, k_cache, v_cache, padding, order=None):
+        """``run(ids (R,), k, v, pos_ids, key_ok)`` on the host caches (rows reordered by
+        ``order`` first, for beam search), or None: the host step is not usable here, or it
+        failed (then the fused kernels are dropped for the process, as after a failing fused
+        graph, and the graphs run the step)."""
+        if not self._host_ready():
+            return None
+        try:
+            k, v = host_step.on_host(k_cache), host_step.on_host(v_cache)
+            if order is not None:
+                k, v = host_step.reordered(k, order), host_step.reordered(v, order)
+            s = int(k[0].shape[2])
+            out = run(ids.asnumpy().reshape(-1).astype(np.int64), k, v,
+                      None if padding is None else padding.positions(pos0, 1).reshape(-1),
+                      None if padding is None else padding.keys(s))
+        except Exception as exc:  # noqa: BLE001
+            native.disable(f"a host decoder step failed: {exc!r}")
+            return None
+        self.decoder_kernels = "host"
+        return out + (k, v)
+
+    def _host_next(self, ids, pos0, k_cache, v_cache, k_x, v_x, suppress, padding):
+        """:meth:`decode_next` as a host step (None: the graphs run it)."""
+        def run(rows, k, v, pos_ids, key_ok):
+            nxt, scores, logits = self._host.next(rows, pos0, k, v, k_x, v_x, suppress, pos_ids, key_ok)
+            return ms.Tensor(nxt), ms.Tensor(scores), ms.Tensor(logits)
+        return self._host_run(run, ids, pos0, k_cache, v_cache, padding)
+
+    def _host_beams(self, ids, pos0, k_cache, v_cache, beam_idx, k_x, v_x, padding):
+        """:meth:`decode_beams` as a host step (None: the graphs run it). The log-softmax is
+        MindSpore's, as in the graph (what stock beam search applies)."""
+        order = beam_idx.asnumpy().astype(np.int64)
+
+        def run(rows, k, v, pos_ids, key_ok):
+            logits = ms.Tensor(self._host.logits(rows, pos0, k, v, k_x, v_x, pos_ids, key_ok))
+            return logits, ops.log_softmax(logits, -1)
+        return self._host_run(run, ids, pos0, k_cache, v_cache, padding, order)
 
     def _step(self, name: str, args):
         """Launch step graph ``name`` with the fused projection kernel when usable."""

@@ -1,0 +1,164 @@
+"""The greedy decode step on the host (runtime.host_step): the fused kernels through ctypes,
+against the step graphs and stock."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+mindnlp = pytest.importorskip("mindnlp")
+import mindspore as ms  # noqa: E402
+import torch  # noqa: E402  (mindtorch, via mindnlp)
+
+import whisper_accel  # noqa: E402
+from conftest import build_model, features, rel_diff  # noqa: E402
+from whisper_accel.runtime import host_step, model as rm, native  # noqa: E402
+from whisper_accel.runtime.binding import ATTR  # noqa: E402
+from whisper_accel.runtime.padding import DecoderPadding  # noqa: E402
+
+HERE = native.state()
+pytestmark = pytest.mark.skipif(HERE["library"] is None, reason=f"fused kernels unavailable here: {HERE['reason']}")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(seed=3)
+
+
+def _generate(model, feats, n, **kw):
+    with torch.no_grad():
+        return model.generate(feats, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kw).asnumpy()
+
+
+def _bound(model, feats):
+    """The model's CompiledWhisper and one audio's cross K/V, after a patched generate."""
+    _generate(model, feats, 2)
+    cw = model.__dict__[ATTR]
+    hidden = ms.Tensor(model.model.encoder(feats).last_hidden_state.asnumpy())
+    return cw, cw.cross_kv(hidden)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["one-row", "two-rows-padded"])
+def test_host_steps_match_the_step_graphs(model, monkeypatch, padded):
+    """Prompt by the graph, then six one-token steps on the host and on the step graphs: the
+    same next ids, logits and caches (within float32 summation order)."""
+    rows = 2 if padded else 1
+    feats = features(rows, seed=21)
+    padding = DecoderPadding(np.array([[1, 1, 1], [0, 1, 1]])) if padded else None
+    prompt = np.array([[50258, 50359, 50363]] * rows, np.int64)
+    with whisper_accel.patched(), torch.no_grad():
+        cw, (kx, vx) = _bound(model, feats)
+        suppress = ms.Tensor(np.isin(np.arange(int(cw.proj.shape[0])), [50257, 50362]))
+        runs = []
+        for host in (True, False):
+            monkeypatch.setattr(rm, "HOST_STEP", host)
+            k, v = cw.new_cache(rows, 64)
+            nxt, _, _, k, v = cw.decode_next(torch.tensor(prompt), 0, k, v, kx, vx, suppress, padding=padding)
+            got, before = [], cw._host.steps if cw._host else 0
+            for pos0 in range(3, 9):
+                nxt, scores, logits, k, v = cw.decode_next(torch.tensor(nxt.asnumpy().reshape(rows, 1)), pos0, k, v,
+                                                           kx, vx, suppress, padding=padding)
+                got.append((nxt.asnumpy(), scores.asnumpy(), logits.asnumpy()))
+                assert cw.decoder_kernels == ("host" if host else "fused")
+            assert isinstance(k, host_step.HostCache) == host
+            steps = cw._host.steps - before
+            runs.append((got, [np.asarray(c.asnumpy() if hasattr(c, "asnumpy") else c) for c in k + v], steps))
+    (a, ca, host_steps), (b, cb, graph_steps) = runs
+    assert (host_steps, graph_steps) == (6, 0)
+    for (n1, s1, l1), (n2, s2, l2) in zip(a, b):
+        assert np.array_equal(n1, n2)
+        assert rel_diff(l1, l2) < 1e-5
+        assert np.array_equal(np.isinf(s1), np.isinf(s2)) and np.isinf(s1[:, 50257]).all()
+    for x, y in zip(ca, cb):
+        assert rel_diff(x, y) < 1e-5
+
+
+def test_host_beam_steps_match_the_beam_graphs(model, monkeypatch):
+    """2 audios x 3 beams: prompt by the graph, then one-token steps with reordered rows on the
+    host and on the graphs: the same logits, log-probabilities and caches; the caller's cache is
+    left as it was (the reorder writes the spare buffers)."""
+    feats = features(2, seed=25)
+    n, beams = 6, 3
+    orders = [np.arange(n), np.array([0, 0, 1, 3, 5, 5]), np.array([2, 1, 0, 4, 4, 3]), np.array([1, 1, 1, 3, 4, 5])]
+    with whisper_accel.patched(), torch.no_grad():
+        cw, (kx, vx) = _bound(model, feats)
+        runs = []
+        for host in (True, False):
+            monkeypatch.setattr(rm, "HOST_STEP", host)
+            k, v = cw.new_cache(n, 64)
+            ids = ms.Tensor(np.array([[50258, 50359, 50363]] * n, np.int64))
+            _, logp, k, v = cw.decode_beams(ids, 0, k, v, ms.Tensor(np.arange(n, dtype=np.int32)), kx, vx, beams)
+            got = []
+            for pos0, order in zip(range(3, 7), orders):
+                tok = ms.Tensor(logp.asnumpy().argmax(-1).reshape(n, 1).astype(np.int64))
+                before = [np.array(c) for c in k] if host and pos0 > 3 else None
+                logits, logp, k2, v2 = cw.decode_beams(tok, pos0, k, v, ms.Tensor(order.astype(np.int32)), kx, vx,
+                                                       beams)
+                if before is not None:
+                    assert all(np.array_equal(a, b) for a, b in zip(before, k))
+                k, v = k2, v2
+                got.append((logits.asnumpy(), logp.asnumpy()))
+                assert cw.decoder_kernels == ("host" if host else "fused")
+            runs.append((got, [np.asarray(c.asnumpy() if hasattr(c, "asnumpy") else c) for c in k + v]))
+    (a, ca), (b, cb) = runs
+    for (l1, p1), (l2, p2) in zip(a, b):
+        assert rel_diff(l1, l2) < 1e-5 and rel_diff(p1, p2) < 1e-5
+        assert np.array_equal(p1.argmax(-1), p2.argmax(-1))
+    for x, y in zip(ca, cb):
+        assert rel_diff(x, y) < 1e-5
+
+
+def test_beam_search_takes_host_steps_with_stock_tokens(model):
+    feats = features(2, seed=26)
+    stock = _generate(model, feats, 8, num_beams=3)
+    with whisper_accel.patched():
+        before = model.__dict__[ATTR]._host.steps if ATTR in model.__dict__ and model.__dict__[ATTR]._host else 0
+        got = _generate(model, feats, 8, num_beams=3)
+        cw = model.__dict__[ATTR]
+    assert np.array_equal(got, stock)
+    assert cw.decoder_kernels == "host" and cw._host.steps > before
+
+
+def test_greedy_generate_takes_host_steps_with_stock_tokens(model):
+    feats = features(2, seed=22)
+    stock = _generate(model, feats, 10)
+    with whisper_accel.patched():
+        got = _generate(model, feats, 10)
+        cw = model.__dict__[ATTR]
+    assert np.array_equal(got, stock)
+    assert cw.decoder_kernels == "host" and cw._host.steps > 0
+
+
+def test_host_steps_cross_a_cache_bucket_like_the_graphs(model, monkeypatch):
+    """70 tokens: the 64-slot cache grows to 128 slots (numpy padding on the host)."""
+    feats = features(1, seed=23)
+    with whisper_accel.patched():
+        host = _generate(model, feats, 70)
+        monkeypatch.setattr(rm, "HOST_STEP", False)
+        graphs = _generate(model, feats, 70)
+    assert host.shape[1] > 64 + 3
+    assert np.array_equal(host, graphs)
+
+
+def test_a_model_whose_weights_it_cannot_read_keeps_the_graphs(model, monkeypatch):
+    feats = features(1, seed=24)
+    monkeypatch.setattr(host_step, "_same", lambda view, t: False)  # no view reads its tensor
+    with whisper_accel.patched():
+        model.__dict__.pop(ATTR, None)
+        got = _generate(model, feats, 6)
+        cw = model.__dict__[ATTR]
+    assert cw._host is False and cw.decoder_kernels == "fused"
+    assert np.array_equal(got, _generate(model, feats, 6))
+    model.__dict__.pop(ATTR, None)
+
+
+def test_a_host_cache_round_trips_and_grows():
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal((2, 3, 4, 5)).astype(np.float32) for _ in range(2)]
+    cache = host_step.on_host(tuple(ms.Tensor(a) for a in arrays))
+    assert isinstance(cache, host_step.HostCache) and host_step.on_host(cache) is cache
+    back = host_step.on_device(cache)
+    assert all(np.array_equal(b.asnumpy(), a) for a, b in zip(arrays, back))
+    grown = host_step.grow(cache, 9)
+    assert grown[0].shape == (2, 3, 9, 5)
+    assert np.array_equal(grown[0][:, :, :4], arrays[0]) and not grown[0][:, :, 4:].any()

@@ -1,0 +1,221 @@
+"""Decode steps on the host: the fused kernels called through ``ctypes``, no graph.
+
+Why: with every decoder layer one ``DecoderLayer`` kernel (PROFILE_NOTES section 22), a tiny
+one-token step's arithmetic is ~12 ms of memory traffic (the layers' weights, the cross K/V,
+the 51865 x 384 projection), but a step graph took ~22 ms: ~5 ms of Python before the launch
+(MindSpore builds an argument key over ~120 tensors) and the graph runtime around its ~30
+operators. Here the same kernels (``DecoderLayer`` per layer, ``LayerNorm``, ``RowsMatMul``)
+run back to back on numpy views of the weights' buffers, the self-attention cache lives in
+numpy arrays (:class:`HostCache`), and the token embedding, the suppression mask and the argmax
+are numpy (PROFILE_NOTES section 24).
+
+What runs here: one-token greedy and beam-search steps (no cross-attention probabilities) of
+up to :data:`MAX_ROWS` rows (batch x beams), with or without a decoder padding mask, when the
+fused kernels are usable. :class:`HostStep` refuses (``None`` from :func:`for_model`) a model whose weights are
+not float32 host buffers it can verify; the caller then runs the step graphs. Not thread-safe
+by itself: :class:`whisper_accel.runtime.model.CompiledWhisper` calls it under its lock.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import mindspore as ms
+import numpy as np
+
+from . import native
+
+#: Rows (batch) one host step takes: the kernels' limit (``fused.ROWS_MATMUL_MAX``).
+MAX_ROWS = 16
+
+_F32 = np.float32
+
+
+class HostCache(tuple):
+    """A self-attention cache as per-layer numpy arrays (R, H, S, Dh), written in place by the
+    host steps (the step graphs take MindSpore tensors: :func:`on_device`). ``spare``: the
+    other buffers beam search reorders into (:func:`reordered`)."""
+
+    spare: Optional["HostCache"] = None
+
+
+def on_host(cache) -> HostCache:
+    """``cache`` (per-layer MindSpore tensors or a HostCache) as a HostCache (copies)."""
+    if isinstance(cache, HostCache):
+        return cache
+    return HostCache(np.array(c.asnumpy(), dtype=_F32, copy=True) for c in cache)
+
+
+def on_device(cache):
+    """``cache`` as per-layer MindSpore tensors (copies a HostCache; anything else as is)."""
+    if isinstance(cache, HostCache):
+        return ms.mutable(tuple(ms.Tensor(a.copy()) for a in cache))
+    return cache
+
+
+def grow(cache: HostCache, bucket: int) -> HostCache:
+    """Zero-pad a HostCache along the slot axis to ``bucket`` slots."""
+    return HostCache(np.pad(a, ((0, 0), (0, 0), (0, bucket - a.shape[2]), (0, 0))) for a in cache)
+
+
+def _view(t) -> Optional[np.ndarray]:
+    """A numpy view of a float32 MindSpore tensor's host buffer (no copy), or None."""
+    if t.dtype != ms.float32:
+        return None
+    ptr = t._data_ptr()
+    if not ptr:
+        return None
+    n = int(np.prod(t.shape))
+    return np.frombuffer((ctypes.c_float * n).from_address(ptr), _F32).reshape(tuple(t.shape))
+
+
+def _same(view: np.ndarray, t) -> bool:
+    """The view reads what the tensor holds: all of a vector, the first row of a matrix."""
+    want = t.asnumpy() if view.ndim == 1 else t[0].asnumpy()
+    return np.array_equal(view if view.ndim == 1 else view[0], want)
+
+
+class _Call:
+    """One kernel call with its argument arrays fixed (MindSpore's Custom AOT signature)."""
+
+    def __init__(self, fn, arrays: Sequence[np.ndarray]):
+        n = len(arrays)
+        self.fn, self.n, self.arrays = fn, n, tuple(arrays)  # the arrays stay alive with the call
+        self.params = (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrays])
+        self.ndims = (ctypes.c_int * n)(*[a.ndim for a in arrays])
+        self._dims = [(ctypes.c_int64 * max(a.ndim, 1))(*(a.shape or (1,))) for a in arrays]
+        self.shapes = (ctypes.POINTER(ctypes.c_int64) * n)(
+            *[ctypes.cast(d, ctypes.POINTER(ctypes.c_int64)) for d in self._dims])
+
+    def __call__(self) -> None:
+        if self.fn(self.n, self.params, self.ndims, self.shapes, None, None, None) != 0:
+            raise RuntimeError("a fused kernel refused its arguments")
+
+
+class HostStep:
+    """One model's decoder weights as host views and the step's kernel calls."""
+
+    def __init__(self, library: str, cw, layers: List[tuple], embed, pos, final_ln, proj):
+        self.lib = ctypes.CDLL(library)
+        self.layers, self.embed, self.pos, self.final_ln, self.proj = layers, embed, pos, final_ln, proj
+        self.heads, self.head_dim, self.scaling = cw.n_heads_dec, cw.head_dim, cw.scaling_dec
+        self._plans: Dict[Tuple, Any] = {}
+        self._audio: Optional[Tuple[Any, Any]] = None  # the cross K/V the plans read
+        self._masks: Dict[int, Tuple[Any, np.ndarray]] = {}
+        #: one-token steps this object has run (tests and reports)
+        self.steps = 0
+
+    def _plan(self, rows: int, k: HostCache, v: HostCache, kx, vx, ok_rows: int):
+        """Buffers and kernel calls for this shape, cache and audio. Plans are kept for the
+        latest audio only, with its cross K/V tensors (so their buffers, which the calls read,
+        live as long as the plans, and no other tensor can take their ids)."""
+        if self._audio is None or self._audio[0] is not kx or self._audio[1] is not vx:
+            self._plans.clear()
+            self._audio = (kx, vx)
+        key = (rows, ok_rows, tuple(id(a) for a in k + v))  # the calls hold the cache arrays too
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        vx[-1].asnumpy()  # the cross K/V graph has finished writing (launches are asynchronous)
+        kxs, vxs = [_view(t) for t in kx], [_view(t) for t in vx]
+        if any(a is None for a in kxs + vxs):
+            raise RuntimeError("cross-attention K/V without a float32 host buffer")
+        d, s = self.embed.shape[1], k[0].shape[2]
+        xs = [np.zeros((rows, d), _F32), np.zeros((rows, d), _F32)]
+        kn, vn = np.zeros((rows, self.heads, 1, self.head_dim), _F32), np.zeros((rows, self.heads, 1, self.head_dim), _F32)
+        pos0, ok, scaling = np.zeros(1, np.int32), np.ones((ok_rows, s), _F32), np.array([self.scaling], _F32)
+        calls = []
+        for i, (a, b, c) in enumerate(self.layers):
+            calls.append(_Call(self.lib.DecoderLayer, [xs[i % 2], *a, k[i], v[i], pos0, ok, *b, kxs[i], vxs[i], *c,
+                                                       scaling, xs[(i + 1) % 2], kn, vn]))
+        h = np.zeros((rows, d), _F32)
+        logits = np.zeros((rows, self.proj.shape[0]), _F32)
+        tail = [_Call(self.lib.LayerNorm, [xs[len(self.layers) % 2], *self.final_ln, h]),
+                _Call(self.lib.RowsMatMul, [h, self.proj, logits])]
+        if len(self._plans) > 8:
+            self._plans.clear()
+        plan = self._plans[key] = (xs[0], pos0, ok, kn, vn, calls, tail, logits)
+        return plan
+
+    def _mask(self, suppress) -> np.ndarray:
+        hit = self._masks.get(id(suppress))
+        if hit is None or hit[0] is not suppress:
+            if len(self._masks) > 64:
+                self._masks.clear()
+            hit = self._masks[id(suppress)] = (suppress, suppress.asnumpy().astype(bool))
+        return hit[1]
+
+    def logits(self, ids: np.ndarray, pos0: int, k: HostCache, v: HostCache, kx, vx,
+               pos_ids: Optional[np.ndarray], key_ok: Optional[np.ndarray]) -> np.ndarray:
+        """One token per row, ``ids`` (R,), at cache slot ``pos0`` (position-embedding rows
+        ``pos_ids`` (R,), else ``pos0``; attendable slots ``key_ok`` (R, S) bool, else all;
+        R / B consecutive rows share an audio's cross K/V, ``kx``/``vx`` (B, ...)). Writes this
+        step's K/V into ``k``/``v`` at ``pos0``; returns the logits (R, V), a new array."""
+        rows = int(ids.shape[0])
+        x, slot, ok, kn, vn, calls, tail, logits = self._plan(rows, k, v, kx, vx, 1 if key_ok is None else rows)
+        np.add(self.embed[ids], self.pos[pos0 if pos_ids is None else pos_ids], out=x)
+        slot[0] = pos0
+        if key_ok is not None:
+            ok[...] = key_ok
+        for i, call in enumerate(calls):
+            call()
+            k[i][:, :, pos0] = kn[:, :, 0]
+            v[i][:, :, pos0] = vn[:, :, 0]
+        for call in tail:
+            call()
+        self.steps += 1
+        return logits.copy()
+
+    def next(self, ids: np.ndarray, pos0: int, k: HostCache, v: HostCache, kx, vx, suppress,
+             pos_ids: Optional[np.ndarray], key_ok: Optional[np.ndarray]):
+        """A greedy step (see :meth:`logits`): (argmax (R,), scores (R, V) with ``suppress``
+        (a (V,) bool tensor) at -inf, logits (R, V)), new numpy arrays."""
+        out = self.logits(ids, pos0, k, v, kx, vx, pos_ids, key_ok)
+        scores = out.copy()
+        scores[:, self._mask(suppress)] = -np.inf
+        return scores.argmax(-1), scores, out
+
+
+def reordered(cache: HostCache, order: np.ndarray) -> HostCache:
+    """Beam search: the cache whose row r continues row ``order[r]`` of ``cache``, written into
+    the cache's spare buffers (two alternate; ``cache`` itself is left as it was, so a step that
+    fails after this can still run as a graph on it)."""
+    if np.array_equal(order, np.arange(len(order))):
+        return cache
+    spare = getattr(cache, "spare", None)
+    if spare is None or len(spare) != len(cache) or any(a.shape != b.shape for a, b in zip(cache, spare)):
+        spare = HostCache(np.empty_like(a) for a in cache)
+    for a, b in zip(cache, spare):
+        np.take(a, order, axis=0, out=b)
+    spare.spare = cache
+    return spare
+
+
+def for_model(cw) -> Optional[HostStep]:
+    """A :class:`HostStep` for the decoder of ``cw`` (a ``CompiledWhisper``), or None when the
+    fused kernels are not usable here or a weight is not a float32 host buffer whose view reads
+    the tensor's values."""
+    library = native.state()["library"]
+    if library is None:
+        return None
+
+    def views(tensors):
+        out = [_view(t) for t in tensors]
+        if any(a is None for a in out) or not all(_same(a, t) for a, t in zip(out, tensors)):
+            return None
+        return out
+
+    layers = []
+    for lw in cw.dec_layers:  # (ln1, self_attn, ln2, cross (q_w, q_b, o_w, o_b), ln3, fc1_w, fc1_b, fc2_w, fc2_b)
+        sa, ca = lw[1], lw[3]
+        parts = [views((lw[0][0], lw[0][1], *sa)), views((lw[2][0], lw[2][1], *ca)),
+                 views((lw[4][0], lw[4][1], lw[5], lw[6], lw[7], lw[8]))]
+        if any(p is None for p in parts):
+            return None
+        layers.append(tuple(parts))
+    rest = views((cw.embed, cw.dec_pos, cw.dec_ln[0], cw.dec_ln[1], cw.proj))
+    if rest is None:
+        return None
+    embed, pos, g, b, proj = rest
+    return HostStep(library, cw, layers, embed, pos, (g, b), proj)
