@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import mindspore as ms
 import numpy as np
+from mindspore import ops
 
 from . import native
 
@@ -72,8 +73,10 @@ def _view(t) -> Optional[np.ndarray]:
 
 def _same(view: np.ndarray, t) -> bool:
     """The view reads what the tensor holds: all of a vector, the first row of a matrix."""
-    want = t.asnumpy() if view.ndim == 1 else t[0].asnumpy()
-    return np.array_equal(view if view.ndim == 1 else view[0], want)
+    if view.ndim == 1:
+        return np.array_equal(view, t.asnumpy())
+    first = ops.slice(t, (0,) * view.ndim, (1,) + view.shape[1:])  # MindSpore's: a cast copy has no mindtorch device
+    return np.array_equal(view[:1], first.asnumpy())
 
 
 class _Call:
