@@ -21,7 +21,9 @@ so an address cannot come back while captured. It exposes:
 * :meth:`cross_kv` -- cross-attention K/V of every decoder layer, once per encoder output.
 * :meth:`new_cache` / :meth:`decode_step` -- all decoder layers + final norm + vocab
   projection on a static-shape self-attention KV cache of ``bucket`` positions;
-  :meth:`decode_next` the same for greedy search, with the suppression mask and argmax in-graph.
+  :meth:`decode_next` the same for greedy search, with the suppression mask and argmax in-graph;
+  :meth:`decode_beams` for beam search. With the fused kernels, their one-token steps run on the
+  host instead (:mod:`.host_step`, :data:`HOST_STEP`), the cache then in numpy.
 
 The graphs themselves are in :mod:`whisper_accel.kernels.graphs`. MindSpore's jit cache keys
 them on argument shapes/dtypes (one graph per (batch, tokens-per-step, bucket) for the decoder,
@@ -50,8 +52,8 @@ _GRAPH_LOCK = threading.Lock()
 _COLS: Dict[int, Any] = {}  # bucket size -> arange(bucket) int32
 _EVERY: Dict[int, Any] = {}  # bucket size -> (1, bucket) all-True bool: no padding
 
-#: One-token greedy steps on the host (:mod:`.host_step`: the fused kernels through ctypes, no
-#: graph) where they can run; False: always the step graphs (benchmarks compare the two).
+#: One-token greedy and beam steps on the host (:mod:`.host_step`: the fused kernels through
+#: ctypes, no graph) where they can run; False: always the step graphs (benchmarks compare them).
 HOST_STEP = True
 
 #: Speed/memory trade-off of :meth:`CompiledWhisper.encode`. True: the whole encoder in one
@@ -292,11 +294,10 @@ class CompiledWhisper:
         mask with padding), else None."""
         t, s = int(ids.shape[1]), int(k_cache[0].shape[2])
         self._note(("next",) + tuple(ids.shape) + (s,))
-        if t == 1 and cross is None and HOST_STEP and int(ids.shape[0]) <= host_step.MAX_ROWS:
-            with self.lock:
-                out = self._host_next(ids, pos0, k_cache, v_cache, k_x, v_x, suppress, padding)
-            if out is not None:
-                return out
+        out = self._try_host(ids, cross, lambda: self._host_next(ids, pos0, k_cache, v_cache, k_x, v_x, suppress,
+                                                                 padding))
+        if out is not None:
+            return out
         k_cache, v_cache = host_step.on_device(k_cache), host_step.on_device(v_cache)
         pos, cols, pos_ids, key_ok = self._positions(pos0, t, s, padding)
         args = (ids, pos, cols, k_cache, v_cache, k_x, v_x, self.embed, self.proj, self.dec_pos,
@@ -318,11 +319,10 @@ class CompiledWhisper:
         :meth:`decode_next` (beams of one audio share their padding, so reordering keeps it)."""
         t, s = int(ids.shape[1]), int(k_cache[0].shape[2])
         self._note(("beams",) + tuple(ids.shape) + (s, beams))
-        if t == 1 and cross is None and HOST_STEP and int(ids.shape[0]) <= host_step.MAX_ROWS:
-            with self.lock:
-                out = self._host_beams(ids, pos0, k_cache, v_cache, beam_idx, k_x, v_x, padding)
-            if out is not None:
-                return out
+        out = self._try_host(ids, cross, lambda: self._host_beams(ids, pos0, k_cache, v_cache, beam_idx, k_x, v_x,
+                                                                  padding))
+        if out is not None:
+            return out
         k_cache, v_cache = host_step.on_device(k_cache), host_step.on_device(v_cache)
         pos, cols, pos_ids, key_ok = self._positions(pos0, t, s, padding)
         args = (ids, pos, cols, k_cache, v_cache, beam_idx, k_x, v_x, self.embed, self.proj, self.dec_pos,
@@ -334,6 +334,14 @@ class CompiledWhisper:
                 logits, logp, k, v, probs = self._step("decode_beams_attn", args)
                 cross.append(tuple(probs))
         return logits, logp, ms.mutable(tuple(k)), ms.mutable(tuple(v))
+
+    def _try_host(self, ids, cross, step):
+        """``step()`` under the lock when this step may run on the host (one token per row, at
+        most ``host_step.MAX_ROWS`` rows, no cross-attention probabilities asked), else None."""
+        if int(ids.shape[1]) != 1 or cross is not None or not HOST_STEP or int(ids.shape[0]) > host_step.MAX_ROWS:
+            return None
+        with self.lock:
+            return step()
 
     def _host_ready(self) -> bool:
         if native.fused_graphs() is None:
