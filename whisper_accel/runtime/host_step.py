@@ -25,10 +25,11 @@ import mindspore as ms
 import numpy as np
 from mindspore import ops
 
+from ..kernels.fused import ROWS_MATMUL_MAX
 from . import native
 
-#: Rows (batch) one host step takes: the kernels' limit (``fused.ROWS_MATMUL_MAX``).
-MAX_ROWS = 16
+#: Rows (batch x beams) one host step takes: the projection kernel's limit.
+MAX_ROWS = ROWS_MATMUL_MAX
 
 _F32 = np.float32
 
