@@ -241,3 +241,204 @@ def test_undo_restores_stock(env):
     after = (lp.SuppressTokensLogitsProcessor.__call__, lp.LogitsProcessorList.__call__,
              sc.StoppingCriteriaList.__call__, sc.EosTokenCriteria.__call__)
     assert all(a is b for a, b in zip(before, after))
+
+
+# ------------------------------------------------------------------- _retrieve_segment
+
+BEGIN = 50364  # tiny.en's first timestamp token
+
+
+def _window_cases():
+    """(ids, seek, frames, prev_idx) windows: pairs of timestamps, a single ending, none, ..."""
+    t = lambda k: BEGIN + k  # noqa: E731
+    rng = np.random.default_rng(7)
+    words = lambda n: rng.integers(0, 50000, n).tolist()  # noqa: E731
+    return [
+        ([t(0)] + words(5) + [t(150), t(150)] + words(3) + [t(400)], [0, 0], [3000, 3000], 0),  # single ending
+        ([t(0)] + words(5) + [t(150), t(151)] + words(4) + [t(900), t(901)] + words(2), [1237, 0], [3000, 3000], 0),
+        ([t(12)] + words(4) + [t(250), t(250)] + words(2) + [t(777), t(777)], [4411, 90], [1589, 3000], 1),
+        (words(9), [0], [3000], 0),  # no timestamps at all
+        (words(3) + [t(0)] + words(2), [6000], [1238], 0),  # only the first timestamp: window end from frames
+        (words(3) + [t(333)] + words(2), [6000], [1237], 0),  # a lone timestamp: the window ends there
+        ([t(0)] + words(6) + [t(1500)], [2999, 17], [1, 3000], 0),  # [False, True] ending without a pair
+        ([t(0), t(0)], [0], [3000], 0),
+        ([t(3)] + words(2) + [t(97), t(97)] + words(3) + [t(211), t(233)] + words(1) + [t(1234), t(1234)]
+         + words(4) + [t(1499)], [3001], [2999], 0),  # three pairs, single ending: four segments
+        ([], [0], [2999], 0),
+        ([t(5)], [0], [3000], 0),
+    ]
+
+
+def _window_args(ids, seek, frames, prev_idx):
+    time_precision, input_stride = 0.02, 2
+    seek_t = torch.tensor(np.array(seek, dtype=np.int64))
+    return dict(seek_sequence=torch.tensor(np.array(ids, dtype=np.int64)),
+                seek_outputs=[{"marker": i} for i in range(len(seek))],
+                time_offset=seek_t.to(torch.float64) * time_precision / input_stride,
+                timestamp_begin=BEGIN, seek_num_frames=torch.tensor(np.array(frames, dtype=np.int64)),
+                time_precision=time_precision, time_precision_features=0.01, input_stride=input_stride,
+                prev_idx=prev_idx, idx=prev_idx, return_token_timestamps=False,
+                decoder_input_ids=torch.tensor(np.zeros((len(seek), 3), dtype=np.int64)))
+
+
+def _same_value(a, b, path):
+    if is_tensor_like(a):
+        assert is_tensor_like(b), path
+        assert str(a.dtype) == str(b.dtype) and tuple(a.shape) == tuple(b.shape), (path, a.dtype, b.dtype)
+        assert np.array_equal(a.asnumpy(), b.asnumpy()), (path, a.asnumpy(), b.asnumpy())  # bit for bit
+    else:
+        assert type(a) is type(b) and a == b, (path, a, b)
+
+
+def is_tensor_like(x):
+    return hasattr(x, "asnumpy")
+
+
+def test_retrieve_segment_equals_stock():
+    from transformers.models.whisper.generation_whisper import WhisperGenerationMixin as W
+
+    stock = W._retrieve_segment
+    results = []
+    for case in _window_cases():
+        args = _window_args(*case)
+        ref = stock(**args)
+        ours = GEN.make_retrieve_segment(vars(W)["_retrieve_segment"]).__func__
+        calls = []
+        real_split = GEN.segments.split
+        GEN.segments.split = lambda *a, **k: calls.append(1) or real_split(*a, **k)
+        try:
+            out = ours(**args)
+        finally:
+            GEN.segments.split = real_split
+        assert calls, f"numpy split did not run for {case}"
+        (rs, roff), (os_, ooff) = ref, out
+        _same_value(roff, ooff, f"{case}: offset")
+        assert len(rs) == len(os_), case
+        for i, (r, o) in enumerate(zip(rs, os_)):
+            assert list(r) == list(o), (case, list(r), list(o))
+            for k in r:
+                if k == "result":
+                    assert o[k] is r[k]
+                else:
+                    _same_value(r[k], o[k], f"{case}: segment {i} {k}")
+        results.append(len(rs))
+    assert max(results) >= 3 and min(results) == 1  # the cases reach both branches
+
+
+def test_retrieve_segment_keeps_stock_for_token_timestamps_and_odd_inputs():
+    from transformers.models.whisper.generation_whisper import WhisperGenerationMixin as W
+
+    ours = GEN.make_retrieve_segment(vars(W)["_retrieve_segment"]).__func__
+    ids, seek, frames, prev = _window_cases()[1]
+    args = _window_args(ids, seek, frames, prev)
+    float32 = dict(args, time_offset=args["time_offset"].to(torch.float32))
+    two_d = dict(args, seek_sequence=args["seek_sequence"][None])
+    assert not GEN.segments.handles(float32["seek_sequence"], float32["time_offset"], float32["seek_num_frames"], False)
+    assert not GEN.segments.handles(two_d["seek_sequence"], args["time_offset"], args["seek_num_frames"], False)
+    assert not GEN.segments.handles(args["seek_sequence"], args["time_offset"], args["seek_num_frames"], True)
+    # a failing split: the stock function answers
+    real_split = GEN.segments.split
+    GEN.segments.split = lambda *a, **k: 1 / 0
+    try:
+        out = ours(**args)
+    finally:
+        GEN.segments.split = real_split
+    ref = W._retrieve_segment(**args)
+    assert len(out[0]) == len(ref[0]) and out[1] == ref[1]
+    # float32 offsets run stock code and give stock's values
+    out = ours(**float32)
+    ref = W._retrieve_segment(**float32)
+    for r, o in zip(ref[0], out[0]):
+        _same_value(r["start"], o["start"], "float32 start")
+
+
+def _segments_np(out):
+    return [[(float(s["start"].asnumpy()), float(s["end"].asnumpy()), s["tokens"].asnumpy().tolist(), s["idxs"])
+             for s in segs] for segs in out["segments"]]
+
+
+def test_long_form_segments_equal_stock(env):
+    """Sequential long-form with timestamps (> 64 frames a window here): the segments, their
+    times and the sequences equal stock's, and the numpy split ran for every window."""
+    torch.manual_seed(0)
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+    from conftest import MINI
+
+    model = WhisperForConditionalGeneration(WhisperConfig(**MINI, init_std=0.3)).eval()
+    model.generation_config.no_timestamps_token_id = 200  # timestamps: ids 201..299
+    feats = torch.tensor(np.random.default_rng(2).standard_normal((2, 16, 300)).astype(np.float32))
+    kw = dict(attention_mask=torch.ones((2, 300), dtype=torch.int64), max_new_tokens=20,
+              return_timestamps=True, return_segments=True)
+    with torch.no_grad():
+        ref = model.generate(feats, **kw)
+    calls = []
+    real_split = GEN.segments.split
+    GEN.segments.split = lambda *a, **k: calls.append(1) or real_split(*a, **k)
+    try:
+        with _Ctx(env), torch.no_grad():
+            out = model.generate(feats, **kw)
+    finally:
+        GEN.segments.split = real_split
+    assert len(calls) >= 4  # two audios, at least two windows each
+    assert sum(len(s) for s in ref["segments"]) > 2
+    np.testing.assert_array_equal(out["sequences"].asnumpy(), ref["sequences"].asnumpy())
+    assert _segments_np(out) == _segments_np(ref)
+
+
+# ------------------------------------------------------------------- _prepare_special_tokens
+
+SPECIAL_CASES = [
+    dict(bos_token_id=2, eos_token_id=3, pad_token_id=0, decoder_start_token_id=1),
+    dict(bos_token_id=2, eos_token_id=3, pad_token_id=3, decoder_start_token_id=1),  # pad == eos
+    dict(bos_token_id=None, eos_token_id=[3, 7], pad_token_id=None, decoder_start_token_id=1),  # pad from eos
+    dict(bos_token_id=2, eos_token_id=None, pad_token_id=None, decoder_start_token_id=None),  # start from bos
+    dict(bos_token_id=2, eos_token_id=[-1, 3], pad_token_id=0, decoder_start_token_id=1),  # negative eos
+    dict(bos_token_id=None, eos_token_id=3, pad_token_id=0, decoder_start_token_id=None),  # error
+    dict(bos_token_id=2, eos_token_id=torch.tensor([3]), pad_token_id=0, decoder_start_token_id=1),  # stock
+]
+
+
+def _special(model, case, has_mask):
+    """What ``_prepare_special_tokens`` leaves on a config, the warnings it logs, or its error."""
+    import copy
+
+    from transformers import GenerationConfig
+    from transformers.generation import utils as gu
+
+    gc = copy.deepcopy(model.generation_config)
+    for k, v in case.items():
+        setattr(gc, k, v)
+    logged = []
+    real = gu.logger.warning, gu.logger.warning_once
+    gu.logger.warning = lambda msg, *a, **k: logged.append(("warning", msg))
+    gu.logger.warning_once = lambda msg, *a, **k: logged.append(("once", msg))
+    try:
+        model._prepare_special_tokens(gc, has_mask)
+    except ValueError as e:
+        return ("error", str(e)), logged
+    finally:
+        gu.logger.warning, gu.logger.warning_once = real
+    assert isinstance(gc, GenerationConfig)
+    out = []
+    for name in ("_bos_token_tensor", "_eos_token_tensor", "_pad_token_tensor", "_decoder_start_token_tensor"):
+        t = getattr(gc, name)
+        out.append(None if t is None else (str(t.dtype), tuple(t.shape), t.asnumpy().tolist()))
+    return out, logged
+
+
+@pytest.mark.parametrize("has_mask", [None, True, False])
+def test_prepare_special_tokens_equals_stock(env, has_mask):
+    from conftest import mini_model
+
+    model = mini_model()
+    ref = [_special(model, c, has_mask) for c in SPECIAL_CASES]
+    calls, real_isin = [], torch.isin
+    torch.isin = lambda *a, **k: calls.append(1) or real_isin(*a, **k)
+    try:
+        with _Ctx(env):
+            ours = [_special(model, c, has_mask) for c in SPECIAL_CASES]
+    finally:
+        torch.isin = real_isin
+    assert ours == ref
+    assert len(calls) == 1  # only the tensor-valued eos ran the stock checks
+    assert any(logged for _, logged in ref) and any(r[0] == "error" for r, _ in ref)

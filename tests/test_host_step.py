@@ -40,8 +40,9 @@ def _bound(model, feats):
 
 @pytest.mark.parametrize("padded", [False, True], ids=["one-row", "two-rows-padded"])
 def test_host_steps_match_the_step_graphs(model, monkeypatch, padded):
-    """Prompt by the graph, then six one-token steps on the host and on the step graphs: the
-    same next ids, logits and caches (within float32 summation order)."""
+    """A three-token prompt, then six one-token steps, on the host and on the step graphs: the
+    same next ids, logits and caches (within float32 summation order). On the host the prompt's
+    tokens run one after another; a padded prompt runs the prompt graph (its padding slots)."""
     rows = 2 if padded else 1
     feats = features(rows, seed=21)
     padding = DecoderPadding(np.array([[1, 1, 1], [0, 1, 1]])) if padded else None
@@ -53,8 +54,11 @@ def test_host_steps_match_the_step_graphs(model, monkeypatch, padded):
         for host in (True, False):
             monkeypatch.setattr(rm, "HOST_STEP", host)
             k, v = cw.new_cache(rows, 64)
-            nxt, _, _, k, v = cw.decode_next(torch.tensor(prompt), 0, k, v, kx, vx, suppress, padding=padding)
-            got, before = [], cw._host.steps if cw._host else 0
+            first = cw._host.steps if cw._host else 0
+            nxt, _, logits, k, v = cw.decode_next(torch.tensor(prompt), 0, k, v, kx, vx, suppress, padding=padding)
+            assert cw.decoder_kernels == ("host" if host and not padded else "fused")
+            got, before = [(nxt.asnumpy(), None, logits.asnumpy())], cw._host.steps if cw._host else 0
+            assert before - first == (1 if host and not padded else 0)
             for pos0 in range(3, 9):
                 nxt, scores, logits, k, v = cw.decode_next(torch.tensor(nxt.asnumpy().reshape(rows, 1)), pos0, k, v,
                                                            kx, vx, suppress, padding=padding)
@@ -68,13 +72,14 @@ def test_host_steps_match_the_step_graphs(model, monkeypatch, padded):
     for (n1, s1, l1), (n2, s2, l2) in zip(a, b):
         assert np.array_equal(n1, n2)
         assert rel_diff(l1, l2) < 1e-5
-        assert np.array_equal(np.isinf(s1), np.isinf(s2)) and np.isinf(s1[:, 50257]).all()
+        if s1 is not None:
+            assert np.array_equal(np.isinf(s1), np.isinf(s2)) and np.isinf(s1[:, 50257]).all()
     for x, y in zip(ca, cb):
         assert rel_diff(x, y) < 1e-5
 
 
 def test_host_beam_steps_match_the_beam_graphs(model, monkeypatch):
-    """2 audios x 3 beams: prompt by the graph, then one-token steps with reordered rows on the
+    """2 audios x 3 beams: a three-token prompt, then one-token steps with reordered rows, on the
     host and on the graphs: the same logits, log-probabilities and caches; the caller's cache is
     left as it was (the reorder writes the spare buffers)."""
     feats = features(2, seed=25)
@@ -87,8 +92,9 @@ def test_host_beam_steps_match_the_beam_graphs(model, monkeypatch):
             monkeypatch.setattr(rm, "HOST_STEP", host)
             k, v = cw.new_cache(n, 64)
             ids = ms.Tensor(np.array([[50258, 50359, 50363]] * n, np.int64))
-            _, logp, k, v = cw.decode_beams(ids, 0, k, v, ms.Tensor(np.arange(n, dtype=np.int32)), kx, vx, beams)
-            got = []
+            logits, logp, k, v = cw.decode_beams(ids, 0, k, v, ms.Tensor(np.arange(n, dtype=np.int32)), kx, vx, beams)
+            assert cw.decoder_kernels == ("host" if host else "fused")
+            got = [(logits.asnumpy(), logp.asnumpy())]
             for pos0, order in zip(range(3, 7), orders):
                 tok = ms.Tensor(logp.asnumpy().argmax(-1).reshape(n, 1).astype(np.int64))
                 before = [np.array(c) for c in k] if host and pos0 > 3 else None
@@ -162,3 +168,19 @@ def test_a_host_cache_round_trips_and_grows():
     grown = host_step.grow(cache, 9)
     assert grown[0].shape == (2, 3, 9, 5)
     assert np.array_equal(grown[0][:, :, :4], arrays[0]) and not grown[0][:, :, 4:].any()
+
+
+def test_a_prompt_longer_than_the_host_limit_runs_the_prompt_graph(model):
+    feats = features(1, seed=27)
+    prompt = np.array([[50258] + [50359] * host_step.MAX_TOKENS], np.int64)
+    with whisper_accel.patched(), torch.no_grad():
+        cw, (kx, vx) = _bound(model, feats)
+        suppress = ms.Tensor(np.zeros(int(cw.proj.shape[0]), bool))
+        before = cw._host.steps
+        k, v = cw.new_cache(1, 64)
+        _, _, _, k, v = cw.decode_next(torch.tensor(prompt), 0, k, v, kx, vx, suppress)
+        assert cw.decoder_kernels == "fused" and cw._host.steps == before
+        assert not isinstance(k, host_step.HostCache)
+        _, _, _, k, v = cw.decode_next(torch.tensor(prompt[:, :host_step.MAX_TOKENS]), 0, *cw.new_cache(1, 64),
+                                       kx, vx, suppress)
+        assert cw.decoder_kernels == "host" and cw._host.steps == before + 1

@@ -17,6 +17,10 @@ same values using fewer ops:
   result is computed in numpy from ``input_ids`` (which ``_sample`` syncs on right afterwards
   anyway) and handed back as one bool tensor; the list ORs in numpy when every criterion is one
   of these two (exact type), else the stock loop runs.
+* ``WhisperGenerationMixin._retrieve_segment`` (once per window and audio, after the decode):
+  the split of a window's tokens into timestamped segments from one numpy copy of the ids
+  (:mod:`whisper_accel.runtime.segments`) instead of ~15-40 mindtorch operators; the same
+  segments, times (float64) and seek offset. Token timestamps run the stock function.
 
 Every replacement falls back to the original for inputs it does not handle: non-mindspore
 tensors, non-floating scores, scores that require grad, ``input_ids`` that are not 2-D,
@@ -35,9 +39,11 @@ from .._environment import Gates
 from .._patcher import Patch
 from ..runtime.interop import as_tensor, ids_np, import_whisper, is_tensor
 from ..runtime.masks import FAIL, apply_processors, rules
+from ..runtime import segments
 
 GATES = Gates(backends=("CPU",))
-SUMMARY = "masking logits processors and max-length/EOS criteria as one cached mask / numpy check"
+SUMMARY = ("masking logits processors and max-length/EOS criteria as one cached mask / numpy check; "
+           "a window's timestamp segments in numpy")
 
 #: class -> the replacement ``__call__`` installed (to check a class is still ours).
 _installed: dict = {}
@@ -155,6 +161,98 @@ def make_criteria_list_call(original):
     return __call__
 
 
+# ------------------------------------------------------------------- segments of a window
+
+def make_retrieve_segment(original):
+    """Replacement for the staticmethod ``_retrieve_segment`` (same arguments, same result)."""
+    inner = original.__func__
+
+    def _retrieve_segment(seek_sequence, seek_outputs, time_offset, timestamp_begin, seek_num_frames,
+                          time_precision, time_precision_features, input_stride, prev_idx, idx,
+                          return_token_timestamps, decoder_input_ids):
+        if segments.handles(seek_sequence, time_offset, seek_num_frames, return_token_timestamps):
+            try:
+                return segments.split(seek_sequence, seek_outputs, time_offset, timestamp_begin, seek_num_frames,
+                                      time_precision, time_precision_features, input_stride, prev_idx, idx,
+                                      decoder_input_ids)
+            except Exception:  # noqa: BLE001  anything unexpected: stock answers
+                pass
+        return inner(seek_sequence, seek_outputs, time_offset, timestamp_begin, seek_num_frames, time_precision,
+                     time_precision_features, input_stride, prev_idx, idx, return_token_timestamps,
+                     decoder_input_ids)
+
+    return staticmethod(_retrieve_segment)
+
+
+# ------------------------------------------------------------------- special tokens
+
+_SPECIAL = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+def _id_list(token):
+    """A special token as a list of Python ints (``[]``: not set), or ``None`` when it is
+    anything else (a tensor, an empty or nested list, a bool): then stock code runs."""
+    if token is None:
+        return []
+    if isinstance(token, int) and not isinstance(token, bool):
+        return [token]
+    if isinstance(token, list) and token and all(isinstance(t, int) and not isinstance(t, bool) for t in token):
+        return list(token)
+    return None
+
+
+def make_prepare_special_tokens(original):
+    """Replacement ``GenerationMixin._prepare_special_tokens``: the same four tensors on the
+    generation config, the same warnings and error, with the checks on Python ints instead of
+    ``isin`` / ``any`` / comparisons on tensors (each a mindtorch operator and a sync)."""
+    def _prepare_special_tokens(self, generation_config, kwargs_has_attention_mask=None, device=None):
+        lists = [_id_list(getattr(generation_config, name, None)) for name in _SPECIAL]
+        if any(v is None for v in lists) or not self.config.is_encoder_decoder:
+            return original(self, generation_config, kwargs_has_attention_mask, device=device)
+        import torch
+        from transformers.generation import utils as gu
+
+        device = device if device is not None else self.device
+        raw = [getattr(generation_config, name) for name in _SPECIAL]
+        bos, eos, pad, start = (None if v is None else torch.tensor(v, device=device, dtype=torch.long) for v in raw)
+        start = start if start is not None else bos
+        eos_ids = lists[1]
+        if eos is not None and eos.ndim == 0:
+            eos = torch.tensor(eos_ids, device=device, dtype=torch.long)
+        pad_ids = lists[2]
+        if pad is None and eos is not None:
+            if kwargs_has_attention_mask is not None and not kwargs_has_attention_mask:
+                gu.logger.warning(
+                    "The attention mask and the pad token id were not set. As a consequence, you may observe "
+                    "unexpected behavior. Please pass your input's `attention_mask` to obtain reliable results."
+                )
+            pad = torch.tensor(eos_ids[0], device=device, dtype=torch.long)
+            pad_ids = [eos_ids[0]]
+            gu.logger.warning(f"Setting `pad_token_id` to `eos_token_id`:{pad} for open-end generation.")
+        if start is None:
+            raise ValueError(
+                "`decoder_start_token_id` or `bos_token_id` has to be defined for encoder-decoder generation."
+            )
+        if eos is not None and any(e in pad_ids for e in eos_ids):
+            if kwargs_has_attention_mask is not None and not kwargs_has_attention_mask:
+                gu.logger.warning_once(
+                    "The attention mask is not set and cannot be inferred from input because pad token is same as "
+                    "eos token. As a consequence, you may observe unexpected behavior. Please pass your input's "
+                    "`attention_mask` to obtain reliable results."
+                )
+        if eos is not None and any(e < 0 for e in eos_ids):
+            gu.logger.warning(
+                f"`eos_token_id` should consist of positive integers, but is {eos}. Your generation "
+                "will not stop until the maximum length is reached. Depending on other flags, it may even crash."
+            )
+        generation_config._bos_token_tensor = bos
+        generation_config._eos_token_tensor = eos
+        generation_config._pad_token_tensor = pad
+        generation_config._decoder_start_token_tensor = start
+
+    return _prepare_special_tokens
+
+
 # ------------------------------------------------------------------- the group
 
 def _register(cls, make):
@@ -170,6 +268,7 @@ def patches(env) -> List[Patch]:
     import_whisper()  # mindnlp before transformers, and torch must be mindtorch
     from transformers.generation import logits_process as lp
     from transformers.generation import stopping_criteria as sc
+    from transformers.models.whisper.generation_whisper import WhisperGenerationMixin
 
     out = []
     for cls in (lp.SuppressTokensLogitsProcessor, lp.SuppressTokensAtBeginLogitsProcessor,
@@ -183,6 +282,12 @@ def patches(env) -> List[Patch]:
                      "max-length check in Python, one tensor out"))
     out.append(Patch("generation", sc.EosTokenCriteria, "__call__",
                      _register(sc.EosTokenCriteria, make_eos_call), "EOS check in numpy, one tensor out"))
+    from transformers.generation.utils import GenerationMixin
+
+    out.append(Patch("generation", GenerationMixin, "_prepare_special_tokens", make_prepare_special_tokens,
+                     "special-token checks on Python ints instead of isin/any on tensors"))
+    out.append(Patch("generation", WhisperGenerationMixin, "_retrieve_segment", make_retrieve_segment,
+                     "a window's timestamp segments from one numpy copy of its ids"))
     out.append(Patch("generation", sc.StoppingCriteriaList, "__call__", make_criteria_list_call,
                      "known criteria OR-ed in numpy, one tensor out"))
     return out

@@ -9,8 +9,9 @@ run back to back on numpy views of the weights' buffers, the self-attention cach
 numpy arrays (:class:`HostCache`), and the token embedding, the suppression mask and the argmax
 are numpy (PROFILE_NOTES section 24).
 
-What runs here: one-token greedy and beam-search steps (no cross-attention probabilities) of
-up to :data:`MAX_ROWS` rows (batch x beams), with or without a decoder padding mask, when the
+What runs here: greedy and beam-search steps (no cross-attention probabilities) of one token
+a row, and prompts without padding of up to :data:`MAX_TOKENS` tokens (one after another), of up to
+:data:`MAX_ROWS` rows (batch x beams), with or without a decoder padding mask, when the
 fused kernels are usable. :class:`HostStep` refuses (``None`` from :func:`for_model`) a model whose weights are
 not float32 host buffers it can verify; the caller then runs the step graphs. Not thread-safe
 by itself: :class:`whisper_accel.runtime.model.CompiledWhisper` calls it under its lock.
@@ -30,6 +31,10 @@ from . import native
 
 #: Rows (batch x beams) one host step takes: the projection kernel's limit.
 MAX_ROWS = ROWS_MATMUL_MAX
+#: The most tokens a row one host step takes: a window's prompt (start of transcript, language,
+#: task, timestamps) runs its tokens one after another; a longer one (previous text as a
+#: prompt) runs the prompt graph, which takes all its positions in one pass.
+MAX_TOKENS = 8
 
 _F32 = np.float32
 
@@ -152,20 +157,27 @@ class HostStep:
 
     def logits(self, ids: np.ndarray, pos0: int, k: HostCache, v: HostCache, kx, vx,
                pos_ids: Optional[np.ndarray], key_ok: Optional[np.ndarray]) -> np.ndarray:
-        """One token per row, ``ids`` (R,), at cache slot ``pos0`` (position-embedding rows
-        ``pos_ids`` (R,), else ``pos0``; attendable slots ``key_ok`` (R, S) bool, else all;
-        R / B consecutive rows share an audio's cross K/V, ``kx``/``vx`` (B, ...)). Writes this
-        step's K/V into ``k``/``v`` at ``pos0``; returns the logits (R, V), a new array."""
-        rows = int(ids.shape[0])
+        """Tokens ``ids`` (R,) or (R, T) per row at cache slots ``pos0``.. (position-embedding rows
+        ``pos_ids`` of the same shape, else the slots; attendable slots ``key_ok`` (R, S) bool,
+        else all; R / B consecutive rows share an audio's cross K/V, ``kx``/``vx`` (B, ...)).
+        Tokens run one after another (each attends the slots before it and its own, as the
+        causal prompt graph does). Writes their K/V into ``k``/``v``; returns the logits of
+        the last token (R, V), a new array."""
+        ids = ids.reshape(ids.shape[0], -1)
+        rows, t = int(ids.shape[0]), int(ids.shape[1])
+        if pos_ids is not None:
+            pos_ids = pos_ids.reshape(rows, t)
         x, slot, ok, kn, vn, calls, tail, logits = self._plan(rows, k, v, kx, vx, 1 if key_ok is None else rows)
-        np.add(self.embed[ids], self.pos[pos0 if pos_ids is None else pos_ids], out=x)
-        slot[0] = pos0
         if key_ok is not None:
             ok[...] = key_ok
-        for i, call in enumerate(calls):
-            call()
-            k[i][:, :, pos0] = kn[:, :, 0]
-            v[i][:, :, pos0] = vn[:, :, 0]
+        for j in range(t):
+            at = pos0 + j
+            np.add(self.embed[ids[:, j]], self.pos[at if pos_ids is None else pos_ids[:, j]], out=x)
+            slot[0] = at
+            for i, call in enumerate(calls):
+                call()
+                k[i][:, :, at] = kn[:, :, 0]
+                v[i][:, :, at] = vn[:, :, 0]
         for call in tail:
             call()
         self.steps += 1

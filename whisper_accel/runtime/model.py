@@ -294,8 +294,8 @@ class CompiledWhisper:
         mask with padding), else None."""
         t, s = int(ids.shape[1]), int(k_cache[0].shape[2])
         self._note(("next",) + tuple(ids.shape) + (s,))
-        out = self._try_host(ids, cross, lambda: self._host_next(ids, pos0, k_cache, v_cache, k_x, v_x, suppress,
-                                                                 padding))
+        out = self._try_host(ids, cross, padding, lambda: self._host_next(ids, pos0, k_cache, v_cache, k_x, v_x,
+                                                                          suppress, padding))
         if out is not None:
             return out
         k_cache, v_cache = host_step.on_device(k_cache), host_step.on_device(v_cache)
@@ -319,8 +319,8 @@ class CompiledWhisper:
         :meth:`decode_next` (beams of one audio share their padding, so reordering keeps it)."""
         t, s = int(ids.shape[1]), int(k_cache[0].shape[2])
         self._note(("beams",) + tuple(ids.shape) + (s, beams))
-        out = self._try_host(ids, cross, lambda: self._host_beams(ids, pos0, k_cache, v_cache, beam_idx, k_x, v_x,
-                                                                  padding))
+        out = self._try_host(ids, cross, padding, lambda: self._host_beams(ids, pos0, k_cache, v_cache, beam_idx,
+                                                                           k_x, v_x, padding))
         if out is not None:
             return out
         k_cache, v_cache = host_step.on_device(k_cache), host_step.on_device(v_cache)
@@ -335,10 +335,15 @@ class CompiledWhisper:
                 cross.append(tuple(probs))
         return logits, logp, ms.mutable(tuple(k)), ms.mutable(tuple(v))
 
-    def _try_host(self, ids, cross, step):
-        """``step()`` under the lock when this step may run on the host (one token per row, at
-        most ``host_step.MAX_ROWS`` rows, no cross-attention probabilities asked), else None."""
-        if int(ids.shape[1]) != 1 or cross is not None or not HOST_STEP or int(ids.shape[0]) > host_step.MAX_ROWS:
+    def _try_host(self, ids, cross, padding, step):
+        """``step()`` under the lock when this step may run on the host (at most
+        ``host_step.MAX_TOKENS`` tokens and ``host_step.MAX_ROWS`` rows, no cross-attention
+        probabilities asked, a prompt without padding), else None. A padded prompt's padding
+        tokens attend to nothing: the graph computes their cache slots as stock does, a host
+        step would not (never read, but returned with the cache)."""
+        t = int(ids.shape[1])
+        if (t > host_step.MAX_TOKENS or (t > 1 and padding is not None) or cross is not None or not HOST_STEP
+                or int(ids.shape[0]) > host_step.MAX_ROWS):
             return None
         with self.lock:
             return step()
@@ -354,7 +359,7 @@ class CompiledWhisper:
         return self._host is not False
 
     def _host_run(self, run, ids, pos0, k_cache, v_cache, padding, order=None):
-        """``run(ids (R,), k, v, pos_ids, key_ok)`` on the host caches (rows reordered by
+        """``run(ids (R, T), k, v, pos_ids, key_ok)`` on the host caches (rows reordered by
         ``order`` first, for beam search), or None: the host step is not usable here, or it
         failed (then the fused kernels are dropped for the process, as after a failing fused
         graph, and the graphs run the step)."""
@@ -365,8 +370,8 @@ class CompiledWhisper:
             if order is not None:
                 k, v = host_step.reordered(k, order), host_step.reordered(v, order)
             s = int(k[0].shape[2])
-            out = run(ids.asnumpy().reshape(-1).astype(np.int64), k, v,
-                      None if padding is None else padding.positions(pos0, 1).reshape(-1),
+            rows = ids.asnumpy().astype(np.int64)
+            out = run(rows, k, v, None if padding is None else padding.positions(pos0, rows.shape[1]),
                       None if padding is None else padding.keys(s))
         except Exception as exc:  # noqa: BLE001
             native.disable(f"a host decoder step failed: {exc!r}")

@@ -1,0 +1,120 @@
+"""One decoded window split into timestamped segments, in numpy (Whisper's ``_retrieve_segment``).
+
+After every 30 s window, transformers' ``WhisperGenerationMixin.generate`` calls the staticmethod
+``_retrieve_segment`` once per audio: it finds the pairs of timestamp tokens in the window's
+tokens, cuts the tokens into segments with their start and end times, and says how far the
+window's seek moves. Stock does that with ~15-40 mindtorch operators on a few dozen ids (~30 ms a
+window on CPU, each operator ~1-2 ms of dispatch). :func:`split` computes the same segments from
+one numpy copy of the ids and builds the result tensors from numpy:
+
+* the same dict keys, in the same order; ``tokens`` int tensors holding the same ids (fresh
+  tensors rather than views of the window's ids; nothing writes to either);
+* ``start`` / ``end`` float64 0-d tensors holding stock's values: ``offset + position *
+  time_precision``. The products are mindtorch's own, one operator for all of a window's
+  positions: mindtorch multiplies a float64 tensor by a Python float rounded to float32 first
+  (150 * 0.02 gives 2.99999993), which numpy would not reproduce. The sums are float64 on
+  both sides (IEEE rounding, the same in numpy);
+* the seek offset of the same kind as stock's: the window's frame count as an int 0-d tensor,
+  or a Python int.
+
+Where stock adds Python floats to tensors (the window's end when it holds no usable timestamp:
+``offset + int(frames * time_precision_features / time_precision) * time_precision``), the
+result depends on the same promotion; :func:`split` runs that expression as stock code.
+
+:func:`handles` says which calls :func:`split` takes: CPU MindSpore tensors, 1-D integer ids,
+float64 offsets, and no token timestamps (those slice another tensor per segment; stock runs).
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Tuple
+
+import numpy as np
+
+from .interop import adopt, is_tensor
+
+
+def handles(seek_sequence, time_offset, seek_num_frames, return_token_timestamps) -> bool:
+    """Whether :func:`split` computes this call (else the stock function runs)."""
+    if return_token_timestamps:
+        return False
+    if not (is_tensor(seek_sequence) and is_tensor(time_offset) and is_tensor(seek_num_frames)):
+        return False
+    if seek_sequence.ndim != 1 or time_offset.ndim != 1 or seek_num_frames.ndim != 1:
+        return False
+    names = (str(seek_sequence.dtype), str(time_offset.dtype), str(seek_num_frames.dtype))
+    return (names[0].split(".")[-1] in ("int64", "int32") and names[1].split(".")[-1] == "float64"
+            and names[2].split(".")[-1] in ("int64", "int32"))
+
+
+def _scalar(value, dtype, like):
+    import mindspore
+
+    return adopt(mindspore.Tensor(np.array(value, dtype=dtype)), like)
+
+
+def _ids(arr: np.ndarray, like):
+    import mindspore
+
+    return adopt(mindspore.Tensor(np.array(arr, copy=True)), like)
+
+
+def split(seek_sequence, seek_outputs, time_offset, timestamp_begin, seek_num_frames, time_precision,
+          time_precision_features, input_stride, prev_idx, idx, decoder_input_ids) -> Tuple[List[dict], Any]:
+    """``(segments, segment_offset)`` as stock ``_retrieve_segment`` returns them (without token
+    timestamps; see :func:`handles`)."""
+    seq = seek_sequence.asnumpy()
+    offset = np.float64(time_offset.asnumpy()[prev_idx])
+    frames = seek_num_frames.asnumpy()[prev_idx]
+    is_ts = seq >= timestamp_begin
+    single_timestamp_ending = is_ts[-2:].tolist() == [False, True]
+    cuts = (np.nonzero(is_ts[:-1] & is_ts[1:])[0] + 1).tolist()
+    idx_offset = decoder_input_ids.shape[-1]
+
+    def seconds(positions):
+        """``offset + position * time_precision`` for each position, as stock computes it."""
+        import mindspore
+
+        pos = adopt(mindspore.Tensor(np.array(positions, dtype=np.float64)), time_offset)
+        scaled = (pos * time_precision).asnumpy()
+        return [_scalar(offset + x, np.float64, time_offset) for x in scaled]
+
+    if cuts:
+        if single_timestamp_ending:
+            cuts.append(len(seq))
+        else:
+            cuts[-1] += 1
+        starts = [0] + cuts[:-1]
+        ends = [-1] * (len(cuts) - 1) + [-1 if single_timestamp_ending else -2]
+        times = seconds([int(seq[a]) - timestamp_begin for a in starts]
+                        + [int(seq[a:b][e]) - timestamp_begin for a, b, e in zip(starts, cuts, ends)])
+        n = len(cuts)
+        segments = [{
+            "start": times[i],
+            "end": times[n + i],
+            "tokens": _ids(seq[a:b], seek_sequence),
+            "idxs": (idx_offset + a, idx_offset + b),
+            "result": seek_outputs[idx],
+        } for i, (a, b) in enumerate(zip(starts, cuts))]
+        last = cuts[-1]
+        if single_timestamp_ending:
+            segment_offset = _scalar(frames, frames.dtype, seek_num_frames)
+        else:
+            segment_offset = (int(seq[last - 2]) - timestamp_begin) * input_stride
+        return segments, segment_offset
+
+    stamps = seq[is_ts]
+    if stamps.size > 0 and int(stamps[-1]) != timestamp_begin:
+        end = seconds([int(stamps[-1]) - timestamp_begin])[0]
+    else:
+        # stock's expression (tensors and Python floats: mindtorch's promotion), as stock runs it
+        last_pos = int(seek_num_frames[prev_idx] * time_precision_features / time_precision)
+        end = time_offset[prev_idx] + last_pos * time_precision
+    segments = [{
+        "start": _scalar(offset, np.float64, time_offset),
+        "end": end,
+        "tokens": seek_sequence,
+        "idxs": (idx_offset, idx_offset + len(seq)),
+        "result": seek_outputs[idx],
+    }]
+    return segments, _scalar(frames, frames.dtype, seek_num_frames)
