@@ -21,6 +21,10 @@ same values using fewer ops:
   the split of a window's tokens into timestamped segments from one numpy copy of the ids
   (:mod:`whisper_accel.runtime.segments`) instead of ~15-40 mindtorch operators; the same
   segments, times (float64) and seek offset. Token timestamps run the stock function.
+* ``GenerationMixin._prepare_special_tokens`` (once per ``generate`` call, so once per window in
+  long-form): the same four special-token tensors, warnings and error, with its checks (pad id
+  among the EOS ids, negative EOS ids) on Python ints instead of ``isin`` / ``any`` on tensors.
+  Ids given as tensors run the stock function.
 
 Every replacement falls back to the original for inputs it does not handle: non-mindspore
 tensors, non-floating scores, scores that require grad, ``input_ids`` that are not 2-D,
@@ -43,7 +47,7 @@ from ..runtime import segments
 
 GATES = Gates(backends=("CPU",))
 SUMMARY = ("masking logits processors and max-length/EOS criteria as one cached mask / numpy check; "
-           "a window's timestamp segments in numpy")
+           "a window's timestamp segments and the special-token checks without per-id operators")
 
 #: class -> the replacement ``__call__`` installed (to check a class is still ours).
 _installed: dict = {}
@@ -268,6 +272,7 @@ def patches(env) -> List[Patch]:
     import_whisper()  # mindnlp before transformers, and torch must be mindtorch
     from transformers.generation import logits_process as lp
     from transformers.generation import stopping_criteria as sc
+    from transformers.generation.utils import GenerationMixin
     from transformers.models.whisper.generation_whisper import WhisperGenerationMixin
 
     out = []
@@ -282,8 +287,6 @@ def patches(env) -> List[Patch]:
                      "max-length check in Python, one tensor out"))
     out.append(Patch("generation", sc.EosTokenCriteria, "__call__",
                      _register(sc.EosTokenCriteria, make_eos_call), "EOS check in numpy, one tensor out"))
-    from transformers.generation.utils import GenerationMixin
-
     out.append(Patch("generation", GenerationMixin, "_prepare_special_tokens", make_prepare_special_tokens,
                      "special-token checks on Python ints instead of isin/any on tensors"))
     out.append(Patch("generation", WhisperGenerationMixin, "_retrieve_segment", make_retrieve_segment,

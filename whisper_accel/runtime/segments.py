@@ -1,4 +1,5 @@
-"""One decoded window split into timestamped segments, in numpy (Whisper's ``_retrieve_segment``).
+"""One decoded window split into timestamped segments from a numpy copy of its ids (Whisper's
+``_retrieve_segment``).
 
 After every 30 s window, transformers' ``WhisperGenerationMixin.generate`` calls the staticmethod
 ``_retrieve_segment`` once per audio: it finds the pairs of timestamp tokens in the window's
@@ -21,8 +22,8 @@ Where stock adds Python floats to tensors (the window's end when it holds no usa
 ``offset + int(frames * time_precision_features / time_precision) * time_precision``), the
 result depends on the same promotion; :func:`split` runs that expression as stock code.
 
-:func:`handles` says which calls :func:`split` takes: CPU MindSpore tensors, 1-D integer ids,
-float64 offsets, and no token timestamps (those slice another tensor per segment; stock runs).
+:func:`handles` says which calls :func:`split` takes: MindSpore tensors (the ``generation`` group
+runs on CPU only), 1-D integer ids, float64 offsets, and no token timestamps (those slice another tensor per segment; stock runs).
 """
 
 from __future__ import annotations
