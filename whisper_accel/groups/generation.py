@@ -217,13 +217,12 @@ def make_prepare_special_tokens(original):
         from transformers.generation import utils as gu
 
         device = device if device is not None else self.device
-        raw = [getattr(generation_config, name) for name in _SPECIAL]
-        bos, eos, pad, start = (None if v is None else torch.tensor(v, device=device, dtype=torch.long) for v in raw)
+        bos, pad, start = (None if v is None else torch.tensor(v, device=device, dtype=torch.long)
+                           for v in (generation_config.bos_token_id, generation_config.pad_token_id,
+                                     generation_config.decoder_start_token_id))
         start = start if start is not None else bos
-        eos_ids = lists[1]
-        if eos is not None and eos.ndim == 0:
-            eos = torch.tensor(eos_ids, device=device, dtype=torch.long)
-        pad_ids = lists[2]
+        eos_ids, pad_ids = lists[1], lists[2]
+        eos = torch.tensor(eos_ids, device=device, dtype=torch.long) if eos_ids else None  # 1-D, as stock's
         if pad is None and eos is not None:
             if kwargs_has_attention_mask is not None and not kwargs_has_attention_mask:
                 gu.logger.warning(

@@ -55,9 +55,14 @@ def ids_np(tokens) -> Optional[np.ndarray]:
     return arr.reshape(-1).astype(np.int64, copy=False)
 
 
+def dtype_name(tensor) -> str:
+    """A tensor's dtype as a bare name (``"int64"``, ``"float32"``, ...)."""
+    return str(tensor.dtype).split(".")[-1]
+
+
 def as_tensor(arr: np.ndarray, like, dtype=None):
     """A mindtorch-ready tensor of ``arr`` (``dtype``: a MindSpore dtype to cast to), tagged
-    like ``like``."""
+    like ``like``; a 0-d array gives a 0-d tensor."""
     import mindspore
 
-    return adopt(mindspore.Tensor(np.ascontiguousarray(arr), dtype=dtype), like)
+    return adopt(mindspore.Tensor(np.asarray(arr, order="C"), dtype=dtype), like)

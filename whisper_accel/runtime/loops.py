@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 from . import calls, padding
 from .binding import INFERENCE_LOCK, compiled_to_decode, fault
 from .decode_state import is_empty
-from .interop import adopt
+from .interop import adopt, dtype_name
 from .rules import max_length
 
 #: Model kwargs the loops understand (``attention_mask`` is the encoder's, unread by the decoder).
@@ -74,7 +74,7 @@ def why_stock(model, input_ids, stopping_criteria, gc, synced_gpus, kw) -> Optio
         return why
     if not (kw.get("use_cache") if kw.get("use_cache") is not None else model.config.use_cache):
         return "use_cache=False"
-    if getattr(input_ids, "ndim", 0) != 2 or str(input_ids.dtype).split(".")[-1] not in ("int64", "int32"):
+    if getattr(input_ids, "ndim", 0) != 2 or dtype_name(input_ids) not in ("int64", "int32"):
         return "decoder input ids are not a 2-D integer tensor"
     cache = kw.get("past_key_values")
     if cache is not None and (type(cache) is not EncoderDecoderCache

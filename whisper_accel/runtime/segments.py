@@ -23,7 +23,8 @@ Where stock adds Python floats to tensors (the window's end when it holds no usa
 result depends on the same promotion; :func:`split` runs that expression as stock code.
 
 :func:`handles` says which calls :func:`split` takes: MindSpore tensors (the ``generation`` group
-runs on CPU only), 1-D integer ids, float64 offsets, and no token timestamps (those slice another tensor per segment; stock runs).
+runs on CPU only), 1-D integer ids, float64 offsets, and no token timestamps (those slice
+another tensor per segment; stock runs).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any, List, Tuple
 
 import numpy as np
 
-from .interop import adopt, is_tensor
+from .interop import as_tensor, dtype_name, is_tensor
 
 
 def handles(seek_sequence, time_offset, seek_num_frames, return_token_timestamps) -> bool:
@@ -43,21 +44,8 @@ def handles(seek_sequence, time_offset, seek_num_frames, return_token_timestamps
         return False
     if seek_sequence.ndim != 1 or time_offset.ndim != 1 or seek_num_frames.ndim != 1:
         return False
-    names = (str(seek_sequence.dtype), str(time_offset.dtype), str(seek_num_frames.dtype))
-    return (names[0].split(".")[-1] in ("int64", "int32") and names[1].split(".")[-1] == "float64"
-            and names[2].split(".")[-1] in ("int64", "int32"))
-
-
-def _scalar(value, dtype, like):
-    import mindspore
-
-    return adopt(mindspore.Tensor(np.array(value, dtype=dtype)), like)
-
-
-def _ids(arr: np.ndarray, like):
-    import mindspore
-
-    return adopt(mindspore.Tensor(np.array(arr, copy=True)), like)
+    return (dtype_name(seek_sequence) in ("int64", "int32") and dtype_name(time_offset) == "float64"
+            and dtype_name(seek_num_frames) in ("int64", "int32"))
 
 
 def split(seek_sequence, seek_outputs, time_offset, timestamp_begin, seek_num_frames, time_precision,
@@ -74,11 +62,8 @@ def split(seek_sequence, seek_outputs, time_offset, timestamp_begin, seek_num_fr
 
     def seconds(positions):
         """``offset + position * time_precision`` for each position, as stock computes it."""
-        import mindspore
-
-        pos = adopt(mindspore.Tensor(np.array(positions, dtype=np.float64)), time_offset)
-        scaled = (pos * time_precision).asnumpy()
-        return [_scalar(offset + x, np.float64, time_offset) for x in scaled]
+        scaled = (as_tensor(np.array(positions, dtype=np.float64), time_offset) * time_precision).asnumpy()
+        return [as_tensor(offset + x, time_offset) for x in scaled]
 
     if cuts:
         if single_timestamp_ending:
@@ -93,13 +78,13 @@ def split(seek_sequence, seek_outputs, time_offset, timestamp_begin, seek_num_fr
         segments = [{
             "start": times[i],
             "end": times[n + i],
-            "tokens": _ids(seq[a:b], seek_sequence),
+            "tokens": as_tensor(seq[a:b].copy(), seek_sequence),
             "idxs": (idx_offset + a, idx_offset + b),
             "result": seek_outputs[idx],
         } for i, (a, b) in enumerate(zip(starts, cuts))]
         last = cuts[-1]
         if single_timestamp_ending:
-            segment_offset = _scalar(frames, frames.dtype, seek_num_frames)
+            segment_offset = as_tensor(frames, seek_num_frames)
         else:
             segment_offset = (int(seq[last - 2]) - timestamp_begin) * input_stride
         return segments, segment_offset
@@ -112,10 +97,10 @@ def split(seek_sequence, seek_outputs, time_offset, timestamp_begin, seek_num_fr
         last_pos = int(seek_num_frames[prev_idx] * time_precision_features / time_precision)
         end = time_offset[prev_idx] + last_pos * time_precision
     segments = [{
-        "start": _scalar(offset, np.float64, time_offset),
+        "start": as_tensor(offset, time_offset),
         "end": end,
         "tokens": seek_sequence,
         "idxs": (idx_offset, idx_offset + len(seq)),
         "result": seek_outputs[idx],
     }]
-    return segments, _scalar(frames, frames.dtype, seek_num_frames)
+    return segments, as_tensor(frames, seek_num_frames)
