@@ -31,3 +31,34 @@ def test_seed_scale_counts_the_windows_long_form_decodes():
     gen = out["generate_s"]
     per_window = (gen - out["windows"] * out["encoder_window_s"]) / out["windows"]
     assert out["decode_per_window_s"] == pytest.approx(per_window)
+
+
+def test_encoder_products_arm_runs_every_matrix_product(monkeypatch):
+    """``encoder.py --products`` times the encoder's matrix products alone: the two convolutions,
+    per layer the four attention projections, two products per head and the two feed-forward
+    layers, at the config's shapes."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("encoder_bench", os.path.join(ROOT, "benchmarks", "encoder.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = SimpleNamespace(d_model=64, encoder_ffn_dim=128, encoder_attention_heads=4, num_mel_bins=16, encoder_layers=3)
+    calls, matmul = [], np.matmul
+
+    def counted(a, b, out):
+        calls.append((a.shape, b.shape))
+        return matmul(a, b, out=out)
+
+    run = bench.matrix_products(cfg, batch=2)
+    monkeypatch.setattr(bench.np, "matmul", counted)
+    run(None)
+    assert calls[:2] == [((6000, 48), (48, 64)), ((3000, 192), (192, 64))]
+    per_layer = 4 + 2 * 2 * 4 + 2  # projections, (scores, weighted sum) per audio and head, fc1 and fc2
+    assert len(calls) == 2 + 3 * per_layer
+    layer = calls[2:2 + per_layer]
+    assert layer[:4] == [((3000, 64), (64, 64))] * 4
+    assert layer[4:6] == [((1500, 16), (16, 1500)), ((1500, 1500), (1500, 16))]
+    assert layer[-2:] == [((3000, 64), (64, 128)), ((3000, 128), (128, 64))]

@@ -12,7 +12,7 @@ import torch  # noqa: E402  (mindtorch, via mindnlp)
 
 import whisper_accel  # noqa: E402
 from conftest import build_model, features, rel_diff  # noqa: E402
-from whisper_accel.runtime import host_step, model as rm, native  # noqa: E402
+from whisper_accel.runtime import host_calls, host_step, model as rm, native  # noqa: E402
 from whisper_accel.runtime.binding import ATTR  # noqa: E402
 from whisper_accel.runtime.padding import DecoderPadding  # noqa: E402
 
@@ -148,7 +148,7 @@ def test_host_steps_cross_a_cache_bucket_like_the_graphs(model, monkeypatch):
 
 def test_a_model_whose_weights_it_cannot_read_keeps_the_graphs(model, monkeypatch):
     feats = features(1, seed=24)
-    monkeypatch.setattr(host_step, "_same", lambda view, t: False)  # no view reads its tensor
+    monkeypatch.setattr(host_calls, "same", lambda view, t: False)  # no view reads its tensor
     with whisper_accel.patched():
         model.__dict__.pop(ATTR, None)
         got = _generate(model, feats, 6)
@@ -184,3 +184,48 @@ def test_a_prompt_longer_than_the_host_limit_runs_the_prompt_graph(model):
         _, _, _, k, v = cw.decode_next(torch.tensor(prompt[:, :host_step.MAX_TOKENS]), 0, *cw.new_cache(1, 64),
                                        kx, vx, suppress)
         assert cw.decoder_kernels == "host" and cw._host.steps == before + 1
+
+
+@pytest.mark.parametrize("name", ["float16", "bfloat16"])
+def test_a_half_precision_model_steps_on_its_weights_as_stored(name):
+    """A float16/bfloat16 model's host steps read its weight matrices as stored (half the bytes
+    of the float32 compute copy) and compute what the steps on that copy compute, bit for bit:
+    the same logits and caches for a three-token prompt and two further steps."""
+    dtype = getattr(torch, name)
+    half = build_model(seed=7, decoder_layers=2).to(dtype)
+    feats = features(1, seed=25).to(dtype)
+    prompt = np.array([[50258, 50359, 50363]], np.int64)
+    with whisper_accel.patched(), torch.no_grad():
+        _generate(half, feats, 2)
+        cw = half.__dict__[ATTR]
+        assert cw.decoder_kernels == "host" and cw._host.weights == name
+        hidden = ms.Tensor(half.model.encoder(feats).last_hidden_state.float().asnumpy())
+        kx, vx = cw.cross_kv(hidden)
+        stored, dec_half = cw._host, cw.dec_half
+        cw.dec_half = None  # the same model's steps on its float32 compute copy
+        try:
+            copy = host_step.for_model(cw)
+        finally:
+            cw.dec_half = dec_half
+        assert copy.weights == "float32" and copy.proj.dtype == np.float32
+        runs = []
+        for step in (stored, copy):
+            k, v = (host_step.on_host(c) for c in cw.new_cache(1, 64))
+            out = [step.logits(prompt, 0, k, v, kx, vx, None, None)]
+            for pos, token in ((3, 220), (4, 50257)):
+                out.append(step.logits(np.array([[token]]), pos, k, v, kx, vx, None, None))
+            runs.append((out, k, v))
+    (a, ka, va), (b, kb, vb) = runs
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert all(np.array_equal(x, y) for x, y in zip(ka + va, kb + vb))
+    assert np.abs(a[-1]).max() > 0
+
+
+def test_the_half_precision_kernels_pass_their_check(monkeypatch):
+    """``native.check_half`` (part of the check a library passes before use): the F16/BF16
+    kernels equal the float32 ones on the same weights; and it reports a kernel that differs
+    (here the float32 kernels read weights one part in 1024 larger)."""
+    assert native.check_half(HERE["library"]) is None
+    exact = host_calls.upcast
+    monkeypatch.setattr(host_calls, "upcast", lambda a: exact(a) * np.float32(1 + 2 ** -10))
+    assert native.check_half(HERE["library"]) == "kernel DecoderLayerF16 differs from DecoderLayer on the same weights"

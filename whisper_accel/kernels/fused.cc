@@ -13,14 +13,17 @@
 //   Attention(q, k, v)              -> softmax(q k^T) v per head; q (B, T, H, Dh) already scaled,
 //                                      k, v (B, S, H, Dh); out (B, T, H, Dh)
 //   RowsMatMul(x (M, K), w (N, K))  -> x w^T for a few rows M (the decoder step's vocabulary
-//                                      projection): streams w once, split over the threads
+//                                      projection): streams w once, split over the threads;
+//                                      RowsMatMulF16 / BF16: w float16 / bfloat16 as stored
 //   DecoderLayer(x (R, D), ...)     -> one decoder layer of a one-token step for R rows (greedy
-//                                      or beam), this step's K/V for the cache (see below)
+//                                      or beam), this step's K/V for the cache (see below);
+//                                      DecoderLayerF16 / BF16: its weight matrices half precision
 //   CrossKV(enc (B, S, D), per layer Wk, Wv, bv) -> every decoder layer's cross-attention K^T
 //                                      (B, H, Dh, S) and V (B, H, S, Dh), one launch (see below)
 //
 // GELU is the exact erf form, x * 0.5 * (erf(x / sqrt(2)) + 1), with erf as Eigen's float
-// rational approximation (relative error ~1e-7, as MindSpore's own erff). AVX2 + FMA. The
+// rational approximation (relative error ~1e-7, as MindSpore's own erff). AVX2 + FMA (+ F16C for
+// float16 weights). The
 // element-wise kernels are single-threaded (MindSpore's pool runs the MatMuls around them);
 // Attention, most of a layer's arithmetic, splits its work over the CPUs this process may run
 // on (WHISPER_ACCEL_KERNEL_THREADS overrides the count). Built once per machine by
@@ -274,8 +277,21 @@ extern "C" int Attention(int nparam, void **params, int *ndims, int64_t **shapes
 // well under memory speed; here the threads split w's rows and each w row is read once for up
 // to MB rows of x (x stays in L1): NW w rows at a time for one row of x (more streams in flight),
 // two at a time for several.
-template <int NW> static inline void rows_block(const float *x, const float *w, float *y, int64_t M, int64_t K,
-                                                int64_t N, int64_t n0) {
+// Weights as stored: float32, float16 (IEEE half, converted with F16C) or bfloat16 (the upper
+// half of a float32). Either conversion to float32 is exact, so a kernel that reads half-precision
+// weights computes what it computes on their float32 copy, bit for bit, and reads half the bytes.
+struct Half { uint16_t bits; };
+struct BHalf { uint16_t bits; };
+static inline __m256 load8(const float *w) { return _mm256_loadu_ps(w); }
+static inline __m256 load8(const Half *w) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w)); }
+static inline __m256 load8(const BHalf *w) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)w)), 16));
+}
+static inline float load1(const float *w) { return *w; }
+static inline float load1(const Half *w) { return _cvtsh_ss(w->bits); }
+static inline float load1(const BHalf *w) { uint32_t u = (uint32_t)w->bits << 16; float f; std::memcpy(&f, &u, 4); return f; }
+template <int NW, class W> static inline void rows_block(const float *x, const W *w, float *y, int64_t M, int64_t K,
+                                                         int64_t N, int64_t n0) {
   enum { MB = NW == 2 ? 4 : 1 };
   const int64_t K8 = K / 8 * 8;
   for (int64_t m0 = 0; m0 < M; m0 += MB) {
@@ -284,7 +300,7 @@ template <int NW> static inline void rows_block(const float *x, const float *w, 
     for (int i = 0; i < MB; i++) for (int j = 0; j < NW; j++) a[i][j] = _mm256_setzero_ps();
     for (int64_t k = 0; k < K8; k += 8) {
       __m256 wv[NW];
-      for (int j = 0; j < NW; j++) wv[j] = _mm256_loadu_ps(w + (n0 + j) * K + k);
+      for (int j = 0; j < NW; j++) wv[j] = load8(w + (n0 + j) * K + k);
       for (int i = 0; i < MB; i++) {
         if (i < mm) {
           const __m256 xv = _mm256_loadu_ps(x + (m0 + i) * K + k);
@@ -295,30 +311,40 @@ template <int NW> static inline void rows_block(const float *x, const float *w, 
     for (int64_t i = 0; i < mm; i++) {
       const float *xr = x + (m0 + i) * K;
       for (int j = 0; j < NW; j++) {
-        const float *wr = w + (n0 + j) * K; float acc = hsum8(a[i][j]);
-        for (int64_t k = K8; k < K; k++) acc += xr[k] * wr[k];
+        const W *wr = w + (n0 + j) * K; float acc = hsum8(a[i][j]);
+        for (int64_t k = K8; k < K; k++) acc = std::fma(xr[k], load1(wr + k), acc);  // one rounding, in every instantiation
         y[(m0 + i) * N + n0 + j] = acc;
       }
     }
   }
 }
 // y[:, n0:n1] = x (R, K) w[n0:n1]^T (+ b), y with row stride N
-static void rows_part(const float *x, int64_t R, int64_t K, const float *w, int64_t N, const float *b, float *y,
-                      int64_t n0, int64_t n1) {
+template <class W> static void rows_part(const float *x, int64_t R, int64_t K, const W *w, int64_t N, const float *b,
+                                         float *y, int64_t n0, int64_t n1) {
   int64_t n = n0;
   if (R == 1) for (; n + 8 <= n1; n += 8) rows_block<8>(x, w, y, R, K, N, n);
   for (; n + 2 <= n1; n += 2) rows_block<2>(x, w, y, R, K, N, n);
   for (; n < n1; n++) rows_block<1>(x, w, y, R, K, N, n);
   if (b) for (int64_t r = 0; r < R; r++) for (int64_t j = n0; j < n1; j++) y[r * N + j] += b[j];
 }
-extern "C" int RowsMatMul(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream, void *extra) {
-  const float *x = (const float *)params[0], *w = (const float *)params[1]; float *y = (float *)params[2];
+template <class W> static int rows_matmul(void **params, int64_t **shapes) {
+  const float *x = (const float *)params[0]; const W *w = (const W *)params[1]; float *y = (float *)params[2];
   const int64_t M = shapes[0][0], K = shapes[0][1], N = shapes[1][0];
   if (shapes[1][1] != K) return 1;
   enum { CH = 64 };
   parallel((N + CH - 1) / CH,
            [&](int64_t lo, int64_t hi) { rows_part(x, M, K, w, N, nullptr, y, lo * CH, std::min(N, hi * CH)); });
   return 0;
+}
+extern "C" int RowsMatMul(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream, void *extra) {
+  return rows_matmul<float>(params, shapes);
+}
+// The same with w float16 / bfloat16 (host steps of a half-precision model: the weights as stored)
+extern "C" int RowsMatMulF16(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream, void *extra) {
+  return rows_matmul<Half>(params, shapes);
+}
+extern "C" int RowsMatMulBF16(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream, void *extra) {
+  return rows_matmul<BHalf>(params, shapes);
 }
 // softmax(s[0..n)) in place; entries at -inf (masked) give 0
 static inline void softmax_row(float *s, int64_t n) {
@@ -365,10 +391,12 @@ struct SpinBarrier {
 static std::atomic<long long> decoder_layer_calls{0};
 // How many DecoderLayer calls this process made (tests check that steps take the kernel).
 extern "C" long long DecoderLayerCalls() { return decoder_layer_calls.load(); }
-extern "C" int DecoderLayer(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
-                            void *extra) {
+// DecoderLayerF16 / DecoderLayerBF16: the same with the eight weight matrices (Wq, Wk, Wv, Wo,
+// Wcq, Wco, W1, W2) float16 / bfloat16 as stored; everything else float32.
+template <class W> static int decoder_layer(void **params, int64_t **shapes) {
   decoder_layer_calls.fetch_add(1);
   auto P = [&](int i) { return (const float *)params[i]; };
+  auto M = [&](int i) { return (const W *)params[i]; };
   const int64_t R = shapes[0][0], D = shapes[0][1], H = shapes[10][1], S = shapes[10][2], Dh = shapes[10][3];
   const int64_t B = shapes[20][0], Se = shapes[20][3], F = shapes[24][0], KR = shapes[13][0];
   if (H * Dh != D || R % B != 0 || (KR != 1 && KR != R) || shapes[13][1] != S || shapes[21][2] != Se) return 1;
@@ -388,15 +416,15 @@ extern "C" int DecoderLayer(int nparam, void **params, int *ndims, int64_t **sha
     const int64_t p0 = R * H * i / n, p1 = R * H * (i + 1) / n;  // this thread's (row, head) pairs
     auto norm = [&](const float *g, const float *b) { for (int64_t r = 0; r < R; r++) ln_row(xo + r * D, g, b, h + r * D, D, 1e-5f); };
     std::vector<float> t(R * D);
-    auto add_into_x = [&](const float *w, const float *b, const float *in, int64_t K) {
+    auto add_into_x = [&](const W *w, const float *b, const float *in, int64_t K) {
       // xo[:, lo:hi] += in (R, K) w[lo:hi]^T + b[lo:hi]
       rows_part(in, R, K, w, D, b, t.data(), lo(D), hi(D));
       for (int64_t r = 0; r < R; r++) for (int64_t j = lo(D); j < hi(D); j++) xo[r * D + j] += t[r * D + j];
     };
     norm(P(1), P(2));
-    rows_part(h, R, D, P(3), D, P(4), q.data(), lo(D), hi(D));
-    rows_part(h, R, D, P(5), D, nullptr, kn, lo(D), hi(D));
-    rows_part(h, R, D, P(6), D, P(7), vn, lo(D), hi(D));
+    rows_part(h, R, D, M(3), D, P(4), q.data(), lo(D), hi(D));
+    rows_part(h, R, D, M(5), D, nullptr, kn, lo(D), hi(D));
+    rows_part(h, R, D, M(6), D, P(7), vn, lo(D), hi(D));
     bar.wait();
     const float *kc = P(10), *vc = P(11), *ok = P(13);
     for (int64_t p = p0; p < p1; p++) {  // self-attention
@@ -423,10 +451,10 @@ extern "C" int DecoderLayer(int nparam, void **params, int *ndims, int64_t **sha
       }
     }
     bar.wait();
-    add_into_x(P(8), P(9), a.data(), D);
+    add_into_x(M(8), P(9), a.data(), D);
     bar.wait();
     norm(P(14), P(15));
-    rows_part(h, R, D, P(16), D, P(17), q.data(), lo(D), hi(D));
+    rows_part(h, R, D, M(16), D, P(17), q.data(), lo(D), hi(D));
     bar.wait();
     const float *kx = P(20), *vx = P(21);
     for (int64_t p = p0; p < p1; p++) {  // cross-attention
@@ -447,15 +475,27 @@ extern "C" int DecoderLayer(int nparam, void **params, int *ndims, int64_t **sha
       }
     }
     bar.wait();
-    add_into_x(P(18), P(19), a.data(), D);
+    add_into_x(M(18), P(19), a.data(), D);
     bar.wait();
     norm(P(22), P(23));
-    rows_part(h, R, D, P(24), F, P(25), f.data(), lo(F), hi(F));
+    rows_part(h, R, D, M(24), F, P(25), f.data(), lo(F), hi(F));
     for (int64_t r = 0; r < R; r++) gelu_row(f.data() + r * F + lo(F), nullptr, 0.f, f.data() + r * F + lo(F), hi(F) - lo(F));
     bar.wait();
-    add_into_x(P(26), P(27), f.data(), F);
+    add_into_x(M(26), P(27), f.data(), F);
   });
   return 0;
+}
+extern "C" int DecoderLayer(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                            void *extra) {
+  return decoder_layer<float>(params, shapes);
+}
+extern "C" int DecoderLayerF16(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                               void *stream, void *extra) {
+  return decoder_layer<Half>(params, shapes);
+}
+extern "C" int DecoderLayerBF16(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                void *stream, void *extra) {
+  return decoder_layer<BHalf>(params, shapes);
 }
 // C (MR x NR, row stride ldc) = A (MR rows packed k-major: ap[k][MR]) x B (packed: bp[k][NR]), kc terms.
 // add: C += instead of C =. A 6 x 16 register tile: 12 accumulators, 2 B loads and 6 broadcasts

@@ -12,22 +12,24 @@ are numpy (PROFILE_NOTES section 24).
 What runs here: greedy and beam-search steps (no cross-attention probabilities) of one token
 a row, and prompts without padding of up to :data:`MAX_TOKENS` tokens (one after another), of up to
 :data:`MAX_ROWS` rows (batch x beams), with or without a decoder padding mask, when the
-fused kernels are usable. :class:`HostStep` refuses (``None`` from :func:`for_model`) a model whose weights are
-not float32 host buffers it can verify; the caller then runs the step graphs. Not thread-safe
+fused kernels are usable. A float16/bfloat16 model's weight matrices are read as stored (half the
+bytes of its float32 compute copy; the same results, bit for bit). :class:`HostStep` refuses
+(``None`` from :func:`for_model`) a model whose weights are not host buffers it can verify; the
+caller then runs the step graphs. Not thread-safe
 by itself: :class:`whisper_accel.runtime.model.CompiledWhisper` calls it under its lock.
 """
 
 from __future__ import annotations
 
 import ctypes
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import mindspore as ms
 import numpy as np
-from mindspore import ops
 
 from ..kernels.fused import ROWS_MATMUL_MAX
-from . import native
+from . import host_calls, native
+from .host_calls import Call
 
 #: Rows (batch x beams) one host step takes: the projection kernel's limit.
 MAX_ROWS = ROWS_MATMUL_MAX
@@ -37,6 +39,9 @@ MAX_ROWS = ROWS_MATMUL_MAX
 MAX_TOKENS = 8
 
 _F32 = np.float32
+#: The weight matrices' dtype (numpy's, as :func:`host_calls.view` gives them) -> the suffix of
+#: the kernels that read it (``DecoderLayerF16``, ``RowsMatMulBF16``, ...)
+_SUFFIX = {np.dtype(np.float32): "", np.dtype(np.float16): "F16", np.dtype(np.uint16): "BF16"}
 
 
 class HostCache(tuple):
@@ -66,48 +71,20 @@ def grow(cache: HostCache, bucket: int) -> HostCache:
     return HostCache(np.pad(a, ((0, 0), (0, 0), (0, bucket - a.shape[2]), (0, 0))) for a in cache)
 
 
-def _view(t) -> Optional[np.ndarray]:
-    """A numpy view of a float32 MindSpore tensor's host buffer (no copy), or None."""
-    if t.dtype != ms.float32:
-        return None
-    ptr = t._data_ptr()
-    if not ptr:
-        return None
-    n = int(np.prod(t.shape))
-    return np.frombuffer((ctypes.c_float * n).from_address(ptr), _F32).reshape(tuple(t.shape))
-
-
-def _same(view: np.ndarray, t) -> bool:
-    """The view reads what the tensor holds: all of a vector, the first row of a matrix."""
-    if view.ndim == 1:
-        return np.array_equal(view, t.asnumpy())
-    first = ops.slice(t, (0,) * view.ndim, (1,) + view.shape[1:])  # MindSpore's: a cast copy has no mindtorch device
-    return np.array_equal(view[:1], first.asnumpy())
-
-
-class _Call:
-    """One kernel call with its argument arrays fixed (MindSpore's Custom AOT signature)."""
-
-    def __init__(self, fn, arrays: Sequence[np.ndarray]):
-        n = len(arrays)
-        self.fn, self.n, self.arrays = fn, n, tuple(arrays)  # the arrays stay alive with the call
-        self.params = (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrays])
-        self.ndims = (ctypes.c_int * n)(*[a.ndim for a in arrays])
-        self._dims = [(ctypes.c_int64 * max(a.ndim, 1))(*(a.shape or (1,))) for a in arrays]
-        self.shapes = (ctypes.POINTER(ctypes.c_int64) * n)(
-            *[ctypes.cast(d, ctypes.POINTER(ctypes.c_int64)) for d in self._dims])
-
-    def __call__(self) -> None:
-        if self.fn(self.n, self.params, self.ndims, self.shapes, None, None, None) != 0:
-            raise RuntimeError("a fused kernel refused its arguments")
-
-
 class HostStep:
-    """One model's decoder weights as host views and the step's kernel calls."""
+    """One model's decoder weights as host views and the step's kernel calls. The weight
+    matrices (each layer's eight and the vocabulary projection) are float32, or a half-precision
+    model's float16/bfloat16 parameters as stored (:attr:`weights`): the kernels convert them to
+    float32 as they read them, exactly, so the step computes what it computes on the float32
+    compute copy, bit for bit, and reads half the bytes."""
 
     def __init__(self, library: str, cw, layers: List[tuple], embed, pos, final_ln, proj):
         self.lib = ctypes.CDLL(library)
         self.layers, self.embed, self.pos, self.final_ln, self.proj = layers, embed, pos, final_ln, proj
+        suffix = _SUFFIX[proj.dtype]
+        #: the weight matrices' dtype as the kernels read them: "float32", "float16" or "bfloat16"
+        self.weights = {"": "float32", "F16": "float16", "BF16": "bfloat16"}[suffix]
+        self._layer_fn, self._rows_fn = getattr(self.lib, "DecoderLayer" + suffix), getattr(self.lib, "RowsMatMul" + suffix)
         self.heads, self.head_dim, self.scaling = cw.n_heads_dec, cw.head_dim, cw.scaling_dec
         self._plans: Dict[Tuple, Any] = {}
         self._audio: Optional[Tuple[Any, Any]] = None  # the cross K/V the plans read
@@ -127,8 +104,8 @@ class HostStep:
         if plan is not None:
             return plan
         vx[-1].asnumpy()  # the cross K/V graph has finished writing (launches are asynchronous)
-        kxs, vxs = [_view(t) for t in kx], [_view(t) for t in vx]
-        if any(a is None for a in kxs + vxs):
+        kxs, vxs = [host_calls.view(t) for t in kx], [host_calls.view(t) for t in vx]
+        if any(a is None or a.dtype != _F32 for a in kxs + vxs):
             raise RuntimeError("cross-attention K/V without a float32 host buffer")
         d, s = self.embed.shape[1], k[0].shape[2]
         xs = [np.zeros((rows, d), _F32), np.zeros((rows, d), _F32)]
@@ -136,12 +113,12 @@ class HostStep:
         pos0, ok, scaling = np.zeros(1, np.int32), np.ones((ok_rows, s), _F32), np.array([self.scaling], _F32)
         calls = []
         for i, (a, b, c) in enumerate(self.layers):
-            calls.append(_Call(self.lib.DecoderLayer, [xs[i % 2], *a, k[i], v[i], pos0, ok, *b, kxs[i], vxs[i], *c,
+            calls.append(Call(self._layer_fn, [xs[i % 2], *a, k[i], v[i], pos0, ok, *b, kxs[i], vxs[i], *c,
                                                        scaling, xs[(i + 1) % 2], kn, vn]))
         h = np.zeros((rows, d), _F32)
         logits = np.zeros((rows, self.proj.shape[0]), _F32)
-        tail = [_Call(self.lib.LayerNorm, [xs[len(self.layers) % 2], *self.final_ln, h]),
-                _Call(self.lib.RowsMatMul, [h, self.proj, logits])]
+        tail = [Call(self.lib.LayerNorm, [xs[len(self.layers) % 2], *self.final_ln, h]),
+                Call(self._rows_fn, [h, self.proj, logits])]
         if len(self._plans) > 8:
             self._plans.clear()
         plan = self._plans[key] = (xs[0], pos0, ok, kn, vn, calls, tail, logits)
@@ -210,28 +187,41 @@ def reordered(cache: HostCache, order: np.ndarray) -> HostCache:
 
 def for_model(cw) -> Optional[HostStep]:
     """A :class:`HostStep` for the decoder of ``cw`` (a ``CompiledWhisper``), or None when the
-    fused kernels are not usable here or a weight is not a float32 host buffer whose view reads
-    the tensor's values."""
+    fused kernels are not usable here or a weight is not a host buffer whose view reads the
+    tensor's values. A half-precision model's weight matrices are read as stored
+    (``cw.dec_half``, ``cw.proj_half``) when they all give such views, else their float32
+    copies."""
     library = native.state()["library"]
     if library is None:
         return None
 
-    def views(tensors):
-        out = [_view(t) for t in tensors]
-        if any(a is None for a in out) or not all(_same(a, t) for a, t in zip(out, tensors)):
+    def views(tensors, dtype=_F32):
+        out = [host_calls.view(t) for t in tensors]
+        if any(a is None or a.dtype != dtype for a in out) or not all(host_calls.same(a, t) for a, t in zip(out, tensors)):
             return None
         return out
 
+    half = getattr(cw, "dec_half", None)
+    dtype = host_calls.VIEW_DTYPES.get(cw.proj_half.dtype) if half is not None else None
+    if dtype is not None:
+        half = [views(m, dtype) for m in half] + [views((cw.proj_half,), dtype)]
+    if dtype is None or any(m is None for m in half):
+        half = None
     layers = []
-    for lw in cw.dec_layers:  # (ln1, self_attn, ln2, cross (q_w, q_b, o_w, o_b), ln3, fc1_w, fc1_b, fc2_w, fc2_b)
+    for j, lw in enumerate(cw.dec_layers):  # (ln1, self_attn, ln2, cross (q_w, q_b, o_w, o_b), ln3, fc1_w, fc1_b, fc2_w, fc2_b)
         sa, ca = lw[1], lw[3]
         parts = [views((lw[0][0], lw[0][1], *sa)), views((lw[2][0], lw[2][1], *ca)),
                  views((lw[4][0], lw[4][1], lw[5], lw[6], lw[7], lw[8]))]
         if any(p is None for p in parts):
             return None
+        if half is not None:  # the matrices as stored: (q, k, v, o), (cross q, cross o), (fc1, fc2)
+            m = half[j]
+            parts[0][2], parts[0][4], parts[0][5], parts[0][7] = m[0], m[1], m[2], m[3]
+            parts[1][2], parts[1][4] = m[4], m[5]
+            parts[2][2], parts[2][4] = m[6], m[7]
         layers.append(tuple(parts))
     rest = views((cw.embed, cw.dec_pos, cw.dec_ln[0], cw.dec_ln[1], cw.proj))
     if rest is None:
         return None
     embed, pos, g, b, proj = rest
-    return HostStep(library, cw, layers, embed, pos, (g, b), proj)
+    return HostStep(library, cw, layers, embed, pos, (g, b), proj if half is None else half[-1][0])

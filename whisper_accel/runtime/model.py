@@ -154,6 +154,14 @@ class CompiledWhisper:
                 _lin(l.encoder_attn.k_proj, False) + _lin(l.encoder_attn.v_proj)) for l in decoder.layers)
             self.xattn_flat = ms.mutable(tuple(w for p in self.xattn for w in p))  # CrossKV's arguments
             self.dec_ln = ms.mutable(_ln_p(decoder.layer_norm))
+            #: a half-precision model's decoder weight matrices as stored (detached: no copy), for
+            #: the host steps, which read them instead of the float32 copies (None: float32)
+            self.dec_half = self.proj_half = None
+            if self.model_dtype != ms.float32:
+                self.dec_half = tuple(tuple(m.weight.detach() for m in (
+                    l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj, l.self_attn.out_proj,
+                    l.encoder_attn.q_proj, l.encoder_attn.out_proj, l.fc1, l.fc2)) for l in decoder.layers)
+                self.proj_half = (decoder.embed_tokens.weight if tied else proj_weight).detach()
             self.max_positions = int(self.dec_pos.shape[0])
             self.head_dim = int(self.embed.shape[1]) // self.n_heads_dec
             self.dtype = self.embed.dtype

@@ -3,7 +3,7 @@ built once per machine with the system C++ compiler, checked, and handed to the 
 
 :func:`fused_graphs` returns the fused graphs module, or None, in which case the encoder and the
 decoder steps run the plain MindSpore graphs of :mod:`whisper_accel.kernels.graphs` (same
-results within ~4e-7, slower). None when: ``WHISPER_ACCEL_NATIVE=0``; the CPU lacks AVX2/FMA (read from
+results within ~4e-7, slower). None when: ``WHISPER_ACCEL_NATIVE=0``; the CPU lacks AVX2/FMA/F16C (read from
 ``/proc/cpuinfo``); no C++ compiler (``$CXX``, else ``c++``/``g++``); the build fails; or a
 kernel's self-check against numpy fails. :func:`state` says which, for ``doctor`` and reports.
 
@@ -16,6 +16,7 @@ A build costs ~1-2 s once per machine; later processes load the file. Decided on
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
@@ -29,11 +30,12 @@ from typing import Dict, Optional
 import numpy as np
 
 from .. import _probe_cache
+from . import host_calls
 
 logger = logging.getLogger("whisper_accel")
 
 ENV_SWITCH = "WHISPER_ACCEL_NATIVE"
-FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-std=c++14", "-pthread")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC", "-std=c++14", "-pthread")
 SOURCE = Path(__file__).resolve().parent.parent / "kernels" / "fused.cc"
 _OFF = {"0", "false", "off", "no"}
 
@@ -50,8 +52,8 @@ def _cpu_ok() -> Optional[str]:
                     flags = set(line.split(":", 1)[1].split())
                     break
     except OSError:
-        return "cannot read /proc/cpuinfo to check for AVX2/FMA"
-    missing = {"avx2", "fma"} - flags
+        return "cannot read /proc/cpuinfo to check for AVX2/FMA/F16C"
+    missing = {"avx2", "fma", "f16c"} - flags
     return f"the CPU lacks {', '.join(sorted(missing))}" if missing else None
 
 
@@ -162,13 +164,48 @@ def _cross_kv(enc, *weights, heads=2):
     return tuple(out)
 
 
+#: DecoderLayer's weight matrices among its inputs (Wq, Wk, Wv, Wo, Wcq, Wco, W1, W2)
+_MATRICES = (3, 5, 6, 8, 16, 18, 24, 26)
+_HALVES = (("F16", lambda a: a.astype(np.float16)),
+           ("BF16", lambda a: (a.view(np.uint32) >> 16).astype(np.uint16)))  # bfloat16 bits (truncated)
+
+
+def check_half(library: str) -> Optional[str]:
+    """The host steps' half-precision kernels (``DecoderLayerF16``/``BF16``, ``RowsMatMulF16``/
+    ``BF16``, called through ctypes) against the float32 kernels on the same weights' exact
+    float32 values: equal bit for bit (the layer for 3 beams of one audio with a masked slot;
+    the projection with 5 rows, 37 inputs: a scalar tail, 39 outputs). None, else what differs."""
+    lib = ctypes.CDLL(library)
+    rng = np.random.default_rng(1)
+    layer = [a if a.dtype == np.int32 else a.astype(np.float32) for a in _layer_inputs(rng, 3, 1, 3)]
+    (r, d), (_, h, _, dh) = layer[0].shape, layer[10].shape
+    rows, w = rng.standard_normal((5, 37)).astype(np.float32), rng.standard_normal((39, 37)).astype(np.float32)
+    for suffix, lower in _HALVES:
+        half = [lower(a) if i in _MATRICES else a for i, a in enumerate(layer)]
+        exact = [host_calls.upcast(a) if i in _MATRICES else a for i, a in enumerate(half)]
+        got = {}
+        for name, args in (("DecoderLayer", exact), ("DecoderLayer" + suffix, half)):
+            outs = [np.zeros((r, d), np.float32), np.zeros((r, h, 1, dh), np.float32), np.zeros((r, h, 1, dh), np.float32)]
+            host_calls.Call(getattr(lib, name), args + outs)()
+            got[name] = outs
+        for name, args in (("RowsMatMul", [rows, host_calls.upcast(lower(w))]), ("RowsMatMul" + suffix, [rows, lower(w)])):
+            out = np.zeros((5, 39), np.float32)
+            host_calls.Call(getattr(lib, name), args + [out])()
+            got[name] = [out]
+        for base in ("DecoderLayer", "RowsMatMul"):
+            if not all(np.array_equal(a, b) for a, b in zip(got[base], got[base + suffix])):
+                return f"kernel {base + suffix} differs from {base} on the same weights"
+    return None
+
+
 def check(library: str) -> Optional[str]:
     """Run every kernel once against a float64 numpy reference (rows of 37 values: a tail after
     the 8-wide vectors; attention with 7 queries and 37 keys: a partial row block and a partial
     key tile, and with a head dim of 20; the projection with 5 rows and with 1, 39 outputs; the
     decoder layer for 3 beams of one audio with a masked slot, and for one row; cross K/V of two
     layers for two audios of 13 frames, D 264: a row panel across the audios, a partial column
-    block, two blocks of the inner dimension). None when all agree within 1e-5, else what differs."""
+    block, two blocks of the inner dimension), then :func:`check_half`. None when all agree
+    within 1e-5 (the half-precision kernels: bit for bit), else what differs."""
     import mindspore as ms
 
     from ..kernels import fused
@@ -204,7 +241,7 @@ def check(library: str) -> Optional[str]:
             err = float(np.abs(out.asnumpy() - ref).max() / (np.abs(ref).max() + 1e-30))
             if not err < 1e-5:
                 return f"kernel {name} differs from its reference by {err:.1e}"
-    return None
+    return check_half(library)
 
 
 def _decide() -> Dict[str, Optional[str]]:

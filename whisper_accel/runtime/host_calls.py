@@ -1,0 +1,69 @@
+"""The fused kernels called through ``ctypes`` on numpy arrays, and numpy views of MindSpore
+tensors' host buffers: what the host steps (:mod:`.host_step`) and the half-precision kernels'
+check (:mod:`.native`) share.
+
+A kernel keeps MindSpore's Custom AOT signature (``nparam, params, ndims, shapes, dtypes,
+stream, extra``), so the same function runs inside a graph and here. :func:`view` reads a
+tensor's buffer without a copy; :func:`same` checks that a view reads what the tensor holds
+(a parameter whose buffer MindSpore has not materialised, or one on a device, gives no view).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Optional, Sequence
+
+import mindspore as ms
+import numpy as np
+from mindspore import ops
+
+#: MindSpore dtype -> the numpy dtype a view of its buffer has (bfloat16: its raw bits)
+VIEW_DTYPES = {ms.float32: np.dtype(np.float32), ms.float16: np.dtype(np.float16), ms.bfloat16: np.dtype(np.uint16)}
+
+
+def upcast(a: np.ndarray) -> np.ndarray:
+    """A view's values as float32 (exact for float16 and for bfloat16 bits)."""
+    if a.dtype == np.uint16:
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32, copy=False)
+
+
+def view(t) -> Optional[np.ndarray]:
+    """A numpy view of a float32, float16 or bfloat16 MindSpore tensor's host buffer (no copy),
+    or None (another dtype, no host buffer)."""
+    dtype = VIEW_DTYPES.get(t.dtype)
+    if dtype is None:
+        return None
+    ptr = t._data_ptr()
+    if not ptr:
+        return None
+    n = int(np.prod(t.shape))
+    raw = (ctypes.c_uint8 * (n * np.dtype(dtype).itemsize)).from_address(ptr)
+    return np.frombuffer(raw, dtype).reshape(tuple(t.shape))
+
+
+def same(a: np.ndarray, t) -> bool:
+    """The view reads what the tensor holds: all of a vector, the first row of a matrix."""
+    if a.ndim == 1:
+        want = t
+    else:  # MindSpore's slice: a cast copy has no mindtorch device
+        want = ops.slice(t, (0,) * a.ndim, (1,) + a.shape[1:])
+        a = a[:1]
+    return np.array_equal(upcast(a), ops.cast(want, ms.float32).asnumpy())
+
+
+class Call:
+    """One kernel call with its argument arrays fixed (MindSpore's Custom AOT signature)."""
+
+    def __init__(self, fn, arrays: Sequence[np.ndarray]):
+        n = len(arrays)
+        self.fn, self.n, self.arrays = fn, n, tuple(arrays)  # the arrays stay alive with the call
+        self.params = (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrays])
+        self.ndims = (ctypes.c_int * n)(*[a.ndim for a in arrays])
+        self._dims = [(ctypes.c_int64 * max(a.ndim, 1))(*(a.shape or (1,))) for a in arrays]
+        self.shapes = (ctypes.POINTER(ctypes.c_int64) * n)(
+            *[ctypes.cast(d, ctypes.POINTER(ctypes.c_int64)) for d in self._dims])
+
+    def __call__(self) -> None:
+        if self.fn(self.n, self.params, self.ndims, self.shapes, None, None, None) != 0:
+            raise RuntimeError("a fused kernel refused its arguments")
