@@ -1,8 +1,10 @@
 """The Whisper encoder alone: stock MindNLP, patched with MindSpore's element-wise operators
 (``plain``), patched with the fused kernels one layer a graph launch (``fused, 1 layer a
-launch``) and as the default runs them (``fused``: the attention kernel, and as many layers a
-launch as ``runtime.model.GROUP_BYTES`` allows), and PyTorch + transformers on the same
-weights and features.
+launch``) and in the graphs' default grouping (``fused``: the attention kernel, and as many
+layers a launch as ``runtime.model.GROUP_BYTES`` allows), the same kernels and numpy's GEMM on
+the host with no graph (``host``, ``runtime/host_encoder.py``, what ``patch()`` runs where the
+fused graphs would take several launches), and PyTorch + transformers on the same weights and
+features.
 
     .venv/bin/python benchmarks/encoder.py --config tiny --repeats 7 [--no-stock] [--layers N] [--products] \\
         [--json out.json]
@@ -68,22 +70,27 @@ def _arms(a, model):
 
     budget = runtime_model.GROUP_BYTES
 
-    def fused(group_bytes):
+    def fused(group_bytes, host=False):
         def prepare():
             if not whisper_accel.is_patched():
                 whisper_accel.patch()
             native.restore(decided)
             runtime_model.GROUP_BYTES = group_bytes
+            runtime_model.HOST_ENCODER = host
         return prepare
 
     arms["plain"] = (plain, run)
     arms["fused, 1 layer a launch"] = (fused(0), run)
     arms["fused"] = (fused(budget), run)
+    arms[HOST] = (fused(budget, host=True), run)
     if a.products:
         arms[PRODUCTS] = (lambda: None, matrix_products(model.config, int(a.batch)))
     return arms, decided
 
 
+#: The host encoder's arm: runtime/host_encoder.py (by default where the fused graphs would
+#: split the layers over several launches).
+HOST = "host"
 #: The ``--products`` arm's name.
 PRODUCTS = "matrix products alone (OpenBLAS)"
 
@@ -150,6 +157,7 @@ def worker_mindnlp(a) -> dict:
     for _ in range(a.repeats):
         for name, (prepare, run) in arms.items():
             prepare()
+            time.sleep(a.settle)
             t0 = time.perf_counter()
             run(feats)
             times[name].append(time.perf_counter() - t0)
@@ -196,6 +204,8 @@ def main() -> int:
     p.add_argument("--no-stock", action="store_true", help="skip the stock arm (slow on large configs)")
     p.add_argument("--layers", type=int, help="encoder layers of the model (default: the config's)")
     p.add_argument("--products", action="store_true", help="add the matrix-products-alone arm (see above)")
+    p.add_argument("--settle", type=float, default=0.0,
+                   help="seconds idle before each timed call (MindSpore's threads spin on after a graph launch)")
     p.add_argument("--json")
     p.add_argument("--worker", choices=["mindnlp", "pytorch"], help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
@@ -213,7 +223,7 @@ def main() -> int:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", worker[:7], "--folder", folder,
                    "--config", a.config, "--seed", str(a.seed), "--batch", str(a.batch),
                    "--repeats", str(a.repeats)] + (["--no-stock"] if a.no_stock else []) + (
-                       ["--layers", str(a.layers)] if a.layers else []) + (["--products"] if a.products else [])
+                       ["--layers", str(a.layers)] if a.layers else []) + (["--products"] if a.products else []) + ["--settle", str(a.settle)]
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
             if proc.returncode != 0:
                 print(f"the {worker} worker failed", file=sys.stderr)

@@ -56,9 +56,15 @@ def test_every_kernel_passes_its_check_or_the_reason_is_known():
         assert native.check(HERE["library"]) is None
 
 
+@pytest.fixture
+def graphs_only(monkeypatch):
+    """The encoder graphs, not the host encoder (runtime/host_encoder.py: tests/test_host_encoder.py)."""
+    monkeypatch.setattr(model_module, "HOST_ENCODER", False)
+
+
 @needs_fused
 @pytest.mark.parametrize("batch", [1, 2])
-def test_fused_encoder_equals_stock_and_the_plain_graphs(model, batch):
+def test_fused_encoder_equals_stock_and_the_plain_graphs(model, batch, graphs_only):
     feats = features(batch, seed=4)
     with torch.no_grad():
         stock = model.model.encoder(feats).last_hidden_state.asnumpy()
@@ -71,7 +77,7 @@ def test_fused_encoder_equals_stock_and_the_plain_graphs(model, batch):
 
 
 @needs_fused
-def test_layers_per_launch_change_the_launches_not_the_result(model, monkeypatch):
+def test_layers_per_launch_change_the_launches_not_the_result(model, monkeypatch, graphs_only):
     from whisper_accel.runtime import model as runtime_model
 
     feats = features(1, seed=5)
@@ -296,7 +302,7 @@ def test_a_kernel_that_disagrees_with_its_reference_is_not_used(fresh_decision, 
 
 
 @needs_fused
-def test_a_failing_fused_graph_falls_back_to_the_plain_graphs(model, monkeypatch):
+def test_a_failing_fused_graph_falls_back_to_the_plain_graphs(model, monkeypatch, graphs_only):
     feats = features(1, seed=7)
     with torch.no_grad():
         stock = model.model.encoder(feats).last_hidden_state.asnumpy()

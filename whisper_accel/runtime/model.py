@@ -41,7 +41,7 @@ import numpy as np
 from mindspore import ops
 
 from ..kernels import graphs as G
-from . import host_step, native
+from . import host_encoder, host_step, native
 
 #: Static self-attention cache sizes; a generation uses the smallest that fits.
 BUCKETS = (64, 128, 256, 448)
@@ -56,7 +56,14 @@ _EVERY: Dict[int, Any] = {}  # bucket size -> (1, bucket) all-True bool: no padd
 #: ctypes, no graph) where they can run; False: always the step graphs (benchmarks compare them).
 HOST_STEP = True
 
-#: Speed/memory trade-off of :meth:`CompiledWhisper.encode`. True: the whole encoder in one
+#: The encoder on the host (:mod:`.host_encoder`: numpy's GEMM and the fused kernels through
+#: ctypes, no graph). "auto" (default): where it can run and the fused graphs would split the
+#: layers over several launches (:func:`layers_per_launch`; large-v3: 16 launches, the host
+#: encoder measured 0.83x their time; tiny and base run as one graph, 1.17x / 1.06x on the host:
+#: PROFILE_NOTES section 29). True: wherever it can run. False: always the graphs.
+HOST_ENCODER = "auto"
+
+#: Speed/memory trade-off of :meth:`CompiledWhisper.encode`'s graphs. True: the whole encoder in one
 #: graph, whichever kernels run (with MindSpore's own attention that holds every layer's
 #: (B, H, T, T) scores: tiny ~+380 MB resident). False (default): see GROUP_BYTES.
 WHOLE_ENCODER_GRAPH = False
@@ -171,8 +178,10 @@ class CompiledWhisper:
         # so a buffer address seen in the fingerprint cannot be reused while this object lives.
         self._keep = tuple(p.detach() for p in params) if self.model_dtype != ms.float32 else ()
         self.compiled_shapes: List[Tuple] = []
-        #: which encoder graphs ran last: "fused" (:mod:`.native`'s kernels) or "mindspore"
+        #: which encoder ran last: "host" (:mod:`.host_encoder`), "fused" (the graphs with
+        #: :mod:`.native`'s kernels) or "mindspore"
         self.encoder_kernels = None
+        self._host_enc = None  # the HostEncoder, once built (False: this model's weights cannot take it)
         #: how many encoder layers the last :meth:`encode` ran per graph launch
         self.encoder_layers_per_launch = None
         #: which step ran last: "host" (:mod:`.host_step`), "fused" (the graphs with the fused
@@ -211,24 +220,55 @@ class CompiledWhisper:
             self.compiled_shapes.append(key)
 
     def encode(self, input_features):
-        """(B, n_mels, frames) -> (B, frames // 2, d_model). With the fused element-wise kernels
-        (:mod:`.native`) when they are usable here; should a graph with them fail, they are
-        dropped for the process and the plain graphs run the call."""
+        """(B, n_mels, frames) -> (B, frames // 2, d_model). On the host (:mod:`.host_encoder`,
+        :data:`HOST_ENCODER`) when the fused kernels are usable here and the weights can be read
+        there, else the graphs with the fused element-wise kernels (:mod:`.native`); should
+        either fail, the kernels are dropped for the process and the plain graphs run the call."""
         self._note(("encode",) + tuple(input_features.shape))
         with self.lock:
+            out = self._host_encode(input_features)
+            if out is not None:
+                self.encoder_kernels = "host"
+                return out
             self.encoder_kernels, out = _fused_or_plain(
                 "encoder", lambda fused: self._encode(fused, input_features), lambda: self._encode(G, input_features))
         return out
 
-    def _encode(self, graphs, input_features):
+    def _host_encode(self, input_features):
+        """:meth:`encode` on the host, or None: off (:data:`HOST_ENCODER`), not usable here, or it
+        failed (then the fused kernels are dropped for the process, as after a failing fused
+        graph)."""
+        if not HOST_ENCODER or native.fused_graphs() is None:
+            return None
+        if HOST_ENCODER == "auto" and self._layers_per_launch(input_features) == len(self.enc_layers):
+            return None  # one graph launch for all layers: the graphs measured faster
+        if self._host_enc is None:
+            try:
+                self._host_enc = host_encoder.for_model(self) or False
+            except Exception:  # noqa: BLE001  (a weight it cannot read: the graphs)
+                self._host_enc = False
+        if self._host_enc is False or not self._host_enc.fits(tuple(input_features.shape)):
+            return None
+        try:
+            return ms.Tensor(self._host_enc(input_features.asnumpy()))
+        except Exception as exc:  # noqa: BLE001
+            native.disable(f"a host encoder call failed: {exc!r}")
+            return None
+
+    def _layers_per_launch(self, input_features) -> int:
+        """How many encoder layers one launch of the fused graphs takes for these features."""
         n = len(self.enc_layers)
         if WHOLE_ENCODER_GRAPH:
-            group = n
-        elif graphs is G:  # MindSpore's attention writes each layer's scores out: one layer a launch
+            return n
+        batch, _, frames = input_features.shape
+        return layers_per_launch(n, encoder_layer_bytes(int(batch), int(frames) // 2, *self.enc_dims))
+
+    def _encode(self, graphs, input_features):
+        n = len(self.enc_layers)
+        if graphs is G and not WHOLE_ENCODER_GRAPH:  # MindSpore's attention writes each layer's scores out
             group = 1
         else:
-            batch, _, frames = input_features.shape
-            group = layers_per_launch(n, encoder_layer_bytes(int(batch), int(frames) // 2, *self.enc_dims))
+            group = self._layers_per_launch(input_features)
         self.encoder_layers_per_launch = group
         if group == n:
             return graphs.encode_whole(input_features, self.conv, self.enc_pos, ms.mutable(self.enc_layers),
