@@ -17,7 +17,8 @@ so an address cannot come back while captured. It exposes:
 * :meth:`encode` -- conv1/conv2/positions, every layer, final norm: with the fused kernels, as
   many layers per graph launch as :data:`GROUP_BYTES` allows (:func:`layers_per_launch`;
   the whole encoder in one graph up to base), else one launch per layer; one graph for all with
-  :data:`WHOLE_ENCODER_GRAPH`.
+  :data:`WHOLE_ENCODER_GRAPH`. Where the fused graphs would take several launches, on the host
+  instead (:mod:`.host_encoder`, :data:`HOST_ENCODER`).
 * :meth:`cross_kv` -- cross-attention K/V of every decoder layer, once per encoder output.
 * :meth:`new_cache` / :meth:`decode_step` -- all decoder layers + final norm + vocab
   projection on a static-shape self-attention KV cache of ``bucket`` positions;
