@@ -11,7 +11,7 @@ The library is built into the cache directory (``$WHISPER_ACCEL_CACHE_DIR``, els
 ``$XDG_CACHE_HOME/whisper_accel``, else ``~/.cache/whisper_accel``; a temporary directory with
 ``WHISPER_ACCEL_PROBE_CACHE=0``), named by a hash of the source, the flags and the compiler's
 version, written to a temporary file and renamed into place (safe under concurrent processes).
-A build costs ~1-2 s once per machine; later processes load the file. Decided once per process.
+A build costs ~10 s once per machine (2 cores); later processes load the file. Decided once per process.
 """
 
 from __future__ import annotations
