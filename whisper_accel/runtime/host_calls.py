@@ -52,6 +52,15 @@ def same(a: np.ndarray, t) -> bool:
     return np.array_equal(upcast(a), ops.cast(want, ms.float32).asnumpy())
 
 
+def views(tensors, dtype=np.float32) -> Optional[list]:
+    """:func:`view` of every tensor, each of numpy ``dtype`` and checked with :func:`same`; None
+    when any is not (the caller then keeps the graphs)."""
+    out = [view(t) for t in tensors]
+    if any(a is None or a.dtype != dtype for a in out) or not all(same(a, t) for a, t in zip(out, tensors)):
+        return None
+    return out
+
+
 class Call:
     """One kernel call with its argument arrays fixed (MindSpore's Custom AOT signature)."""
 

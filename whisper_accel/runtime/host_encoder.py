@@ -133,12 +133,7 @@ def for_model(cw) -> Optional[HostEncoder]:
     if library is None:
         return None
 
-    def views(tensors):
-        out = [host_calls.view(t) for t in tensors]
-        if any(a is None or a.dtype != _F32 for a in out) or not all(host_calls.same(a, t) for a, t in zip(out, tensors)):
-            return None
-        return out
-
+    views = host_calls.views
     conv = views(cw.conv)
     rest = views((cw.enc_pos, *cw.enc_ln))
     layers = []

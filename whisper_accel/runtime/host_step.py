@@ -195,12 +195,7 @@ def for_model(cw) -> Optional[HostStep]:
     if library is None:
         return None
 
-    def views(tensors, dtype=_F32):
-        out = [host_calls.view(t) for t in tensors]
-        if any(a is None or a.dtype != dtype for a in out) or not all(host_calls.same(a, t) for a, t in zip(out, tensors)):
-            return None
-        return out
-
+    views = host_calls.views
     half = getattr(cw, "dec_half", None)
     dtype = host_calls.VIEW_DTYPES.get(cw.proj_half.dtype) if half is not None else None
     if dtype is not None:
