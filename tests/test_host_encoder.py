@@ -140,3 +140,24 @@ def test_a_failing_host_encoder_falls_back_to_the_plain_graphs(model, monkeypatc
     finally:
         native.reset()
         native.state()
+
+
+def test_attention_bias_passes_its_check_and_a_wrong_one_is_reported(monkeypatch):
+    """``native.check_host`` (part of the check a library passes before use): AttentionBias
+    equals Attention on q and v biased and scaled beforehand, bit for bit; a kernel that scales
+    q 0.1% too much is reported."""
+    import ctypes
+
+    assert native.check_host(HERE["library"]) is None
+    real = ctypes.CDLL(HERE["library"])
+
+    def overscaled(n, params, *rest):
+        ctypes.cast(params[5], ctypes.POINTER(ctypes.c_float))[0] *= 1.001
+        return real.AttentionBias(n, params, *rest)
+
+    class Library:
+        Attention = real.Attention
+        AttentionBias = staticmethod(overscaled)
+
+    monkeypatch.setattr(native.ctypes, "CDLL", lambda path: Library())
+    assert native.check_host(HERE["library"]) == "kernel AttentionBias differs from Attention on the biased inputs"

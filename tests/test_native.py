@@ -262,8 +262,11 @@ def test_a_failing_fused_launch_in_generate_falls_back_to_the_plain_graphs(model
 
 
 @needs_fused
-@pytest.mark.parametrize("shape", [(1, 1500, 6, 64), (2, 50, 3, 40)], ids=["tiny-encoder", "odd-head-dim"])
+@pytest.mark.parametrize("shape", [(1, 1500, 6, 64), (2, 50, 3, 40), (1, 5, 2, 16)],
+                         ids=["tiny-encoder", "odd-head-dim", "fewer-than-a-tile"])
 def test_the_attention_kernel_matches_softmax_attention(shape):
+    """1500 queries: 31 blocks of 48 and one of 12; 50: a block and 2 rows, 3 whole key tiles
+    and 2 keys; 5: one partial row tile against 5 keys (no whole key tile)."""
     rng = np.random.default_rng(3)
     q, k, v = (rng.standard_normal(shape).astype(np.float32) for _ in range(3))
     q *= 0.6  # scores of a few units, as a scaled query gives

@@ -12,6 +12,8 @@
 //   ChanBiasGelu(y (.., C, T), b)   -> gelu(y + b[c]) (a conv1d output, channels first)
 //   Attention(q, k, v)              -> softmax(q k^T) v per head; q (B, T, H, Dh) already scaled,
 //                                      k, v (B, S, H, Dh); out (B, T, H, Dh)
+//   AttentionBias(q, k, v, bq, bv, scale) -> the same on q' = (q + bq) scale, v' = v + bv (the
+//                                      host encoder's form: no passes of their own over q and v)
 //   RowsMatMul(x (M, K), w (N, K))  -> x w^T for a few rows M (the decoder step's vocabulary
 //                                      projection): streams w once, split over the threads;
 //                                      RowsMatMulF16 / BF16: w float16 / bfloat16 as stored
@@ -187,9 +189,11 @@ template <class F> static void parallel(int64_t items, F f) {
 }
 enum { MR = 6, NR = 16 };
 // Scores of MR query rows (q: MR rows of Dh, stride qs) against one packed K tile (Dh x NR).
+// (The unrolled inner loops measured 0.92x the time of plain ones: PROFILE_NOTES section 30.)
 static inline void qk_tile(const float *q, int64_t qs, const float *kt, int64_t dh, float *out, int64_t os) {
   __m256 a[MR][2];
   for (int r = 0; r < MR; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+#pragma GCC unroll 4
   for (int64_t d = 0; d < dh; d++) {
     const __m256 k0 = _mm256_loadu_ps(kt + d * NR), k1 = _mm256_loadu_ps(kt + d * NR + 8);
     for (int r = 0; r < MR; r++) {
@@ -199,11 +203,32 @@ static inline void qk_tile(const float *q, int64_t qs, const float *kt, int64_t 
   }
   for (int r = 0; r < MR; r++) { _mm256_storeu_ps(out + r * os, a[r][0]); _mm256_storeu_ps(out + r * os + 8, a[r][1]); }
 }
-// MR rows of P (stride ps, sp columns) times packed V (sp x dh, dh a multiple of NR) -> o (MR x dh)
-static inline void pv_block(const float *p, int64_t ps, const float *v, int64_t sp, int64_t dh, float *o) {
+// Scores of MR query rows against one packed K tile, as qk_tile, and each row's running maximum
+// (8 lanes, mx[r * 8]) taken over the tile's 16 keys.
+static inline void qk_tile_max(const float *q, int64_t qs, const float *kt, int64_t dh, float *out, int64_t os, float *mx) {
+  __m256 a[MR][2];
+  for (int r = 0; r < MR; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+#pragma GCC unroll 4
+  for (int64_t d = 0; d < dh; d++) {
+    const __m256 k0 = _mm256_loadu_ps(kt + d * NR), k1 = _mm256_loadu_ps(kt + d * NR + 8);
+    for (int r = 0; r < MR; r++) {
+      const __m256 qb = _mm256_broadcast_ss(q + r * qs + d);
+      a[r][0] = _mm256_fmadd_ps(qb, k0, a[r][0]); a[r][1] = _mm256_fmadd_ps(qb, k1, a[r][1]);
+    }
+  }
+  for (int r = 0; r < MR; r++) {
+    _mm256_storeu_ps(out + r * os, a[r][0]); _mm256_storeu_ps(out + r * os + 8, a[r][1]);
+    _mm256_storeu_ps(mx + r * 8, _mm256_max_ps(_mm256_loadu_ps(mx + r * 8), _mm256_max_ps(a[r][0], a[r][1])));
+  }
+}
+// MR rows of P (stride ps, sp columns) times packed V (sp x dh, dh a multiple of NR), added to o
+// (MR x dh) when add, else written.
+static inline void pv_tile(const float *p, int64_t ps, const float *v, int64_t sp, int64_t dh, float *o, bool add) {
   for (int64_t c = 0; c < dh; c += NR) {
     __m256 a[MR][2];
-    for (int r = 0; r < MR; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+    if (add) for (int r = 0; r < MR; r++) { a[r][0] = _mm256_loadu_ps(o + r * dh + c); a[r][1] = _mm256_loadu_ps(o + r * dh + c + 8); }
+    else for (int r = 0; r < MR; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+#pragma GCC unroll 4
     for (int64_t s = 0; s < sp; s++) {
       const __m256 v0 = _mm256_loadu_ps(v + s * dh + c), v1 = _mm256_loadu_ps(v + s * dh + c + 8);
       for (int r = 0; r < MR; r++) {
@@ -214,16 +239,19 @@ static inline void pv_block(const float *p, int64_t ps, const float *v, int64_t 
     for (int r = 0; r < MR; r++) { _mm256_storeu_ps(o + r * dh + c, a[r][0]); _mm256_storeu_ps(o + r * dh + c + 8, a[r][1]); }
   }
 }
-// softmax(q k^T) v per head, without writing the score matrix out. q (B, T, H, Dh), already scaled;
-// k, v (B, S, H, Dh) -> o (B, T, H, Dh). Work: blocks of MR query rows of one head, split over
-// the threads; each block's MR x S scores stay in a per-thread buffer.
-extern "C" int Attention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream, void *extra) {
-  const float *q = (const float *)params[0], *k = (const float *)params[1], *v = (const float *)params[2];
-  float *o = (float *)params[3];
-  const int64_t B = shapes[0][0], T = shapes[0][1], H = shapes[0][2], Dh = shapes[0][3], S = shapes[1][1];
+// softmax(q' k^T) v' per head, without writing the score matrix out: q' = (q + bq) * scale and
+// v' = v + bv where bq / bv are given, else q and v. q (B, T, H, Dh); k, v (B, S, H, Dh) ->
+// o (B, T, H, Dh). K^T is packed in 16-key tiles and V per head. The work, blocks of QB query
+// rows of one head, is taken by the threads from a shared counter. A block's QB x S scores stay
+// in a per-thread buffer (in L2), so each packed K tile and V chunk is read once per QB rows;
+// each row's maximum is taken as its scores are stored, and its 1 / sum is applied to its output
+// row, not to its S probabilities.
+enum { QT = 8, QB = MR * QT, VC = 64 };
+static int attention(const float *q, const float *k, const float *v, const float *bq, const float *bv, float scale,
+                     float *o, int64_t B, int64_t T, int64_t H, int64_t Dh, int64_t S) {
   if (S <= 0 || Dh <= 0) return 1;
-  // K^T packed in tiles of Dh x NR keys, V as SP x DP (keys and head columns zero-padded), per (b, h)
   const int64_t SP = (S + NR - 1) / NR * NR, DP = (Dh + NR - 1) / NR * NR, D = H * Dh, BH = B * H;
+  const int64_t full = S / NR * NR;  // keys in whole tiles; the rest (and the padding) in the last
   std::vector<float> kt((size_t)(BH * SP * Dh)), vp((size_t)(BH * SP * DP), 0.f);
   parallel(BH, [&](int64_t lo, int64_t hi) {
     for (int64_t bh = lo; bh < hi; bh++) {
@@ -232,45 +260,73 @@ extern "C" int Attention(int nparam, void **params, int *ndims, int64_t **shapes
       for (int64_t s = 0; s < SP; s++) {
         float *tile = K + (s / NR) * Dh * NR + (s % NR);
         if (s < S) {
-          const float *ks = k + (b * S + s) * D + h * Dh;
+          const float *ks = k + (b * S + s) * D + h * Dh, *vs = v + (b * S + s) * D + h * Dh;
           for (int64_t d = 0; d < Dh; d++) tile[d * NR] = ks[d];
-          std::memcpy(V + s * DP, v + (b * S + s) * D + h * Dh, Dh * sizeof(float));
+          if (bv) for (int64_t d = 0; d < Dh; d++) V[s * DP + d] = vs[d] + bv[h * Dh + d];
+          else std::memcpy(V + s * DP, vs, Dh * sizeof(float));
         } else {
           for (int64_t d = 0; d < Dh; d++) tile[d * NR] = 0.f;
         }
       }
     }
   });
-  const int64_t nblk = (T + MR - 1) / MR;
-  parallel(BH * nblk, [&](int64_t lo, int64_t hi) {
-    std::vector<float> sc((size_t)(MR * SP)), qb((size_t)(MR * Dh)), ob((size_t)(MR * DP));
-    for (int64_t it = lo; it < hi; it++) {
-      const int64_t bh = it / nblk, blk = it % nblk, b = bh / H, h = bh % H, t0 = blk * MR;
-      const int64_t rows = std::min<int64_t>(MR, T - t0);
-      for (int64_t r = 0; r < MR; r++) {
-        if (r < rows) std::memcpy(&qb[r * Dh], q + (b * T + t0 + r) * D + h * Dh, Dh * sizeof(float));
-        else std::memset(&qb[r * Dh], 0, Dh * sizeof(float));
+  const int64_t nblk = (T + QB - 1) / QB, items = BH * nblk;
+  std::atomic<int64_t> next{0};
+  parallel(std::min<int64_t>(items, 64), [&](int64_t, int64_t) {
+    std::vector<float> sc((size_t)(QB * SP)), qb((size_t)(QB * Dh)), ob((size_t)(QB * DP)), mx((size_t)(QB * 8)), iz((size_t)QB);
+    for (int64_t it; (it = next.fetch_add(1)) < items;) {
+      const int64_t bh = it / nblk, blk = it % nblk, b = bh / H, h = bh % H, t0 = blk * QB;
+      const int64_t rows = std::min<int64_t>(QB, T - t0), tiles = (rows + MR - 1) / MR;
+      for (int64_t r = 0; r < tiles * MR; r++) {
+        float *dst = &qb[r * Dh];
+        const float *src = q + (b * T + t0 + r) * D + h * Dh;
+        if (r >= rows) std::memset(dst, 0, Dh * sizeof(float));
+        else if (bq) for (int64_t d = 0; d < Dh; d++) dst[d] = (src[d] + bq[h * Dh + d]) * scale;
+        else std::memcpy(dst, src, Dh * sizeof(float));
       }
+      std::fill(mx.begin(), mx.end(), -INFINITY);
       const float *K = kt.data() + bh * SP * Dh, *V = vp.data() + bh * SP * DP;
-      for (int64_t s = 0; s < SP; s += NR) qk_tile(qb.data(), Dh, K + (s / NR) * Dh * NR, Dh, &sc[s], SP);
-      for (int64_t r = 0; r < MR; r++) {  // softmax over the S real keys; the padded ones get 0
+      for (int64_t s = 0; s < full; s += NR)
+        for (int64_t rt = 0; rt < tiles; rt++)
+          qk_tile_max(&qb[rt * MR * Dh], Dh, K + (s / NR) * Dh * NR, Dh, &sc[rt * MR * SP + s], SP, &mx[rt * MR * 8]);
+      if (full < SP)  // the last tile: its padded keys do not count in the maximum
+        for (int64_t rt = 0; rt < tiles; rt++) qk_tile(&qb[rt * MR * Dh], Dh, K + (full / NR) * Dh * NR, Dh, &sc[rt * MR * SP + full], SP);
+      for (int64_t r = 0; r < tiles * MR; r++) {  // exp over the S real keys; the padded ones get 0
         float *row = &sc[r * SP];
-        __m256 m8 = _mm256_set1_ps(-INFINITY); int64_t s = 0;
-        for (; s + 8 <= S; s += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(row + s));
-        float m = hmax8(m8); for (; s < S; s++) m = std::fmax(m, row[s]);
-        const __m256 M = _mm256_set1_ps(m); __m256 z8 = _mm256_setzero_ps(); s = 0;
+        float m = hmax8(_mm256_loadu_ps(&mx[r * 8]));
+        for (int64_t s = full; s < S; s++) m = std::fmax(m, row[s]);
+        const __m256 M = _mm256_set1_ps(m); __m256 z8 = _mm256_setzero_ps(); int64_t s = 0;
         for (; s + 8 <= S; s += 8) { __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + s), M)); _mm256_storeu_ps(row + s, e); z8 = _mm256_add_ps(z8, e); }
         float z = hsum8(z8); for (; s < S; s++) { row[s] = std::exp(row[s] - m); z += row[s]; }
         for (; s < SP; s++) row[s] = 0.f;
-        const float iz = 1.0f / z; const __m256 Z = _mm256_set1_ps(iz); s = 0;
-        for (; s + 8 <= S; s += 8) _mm256_storeu_ps(row + s, _mm256_mul_ps(_mm256_loadu_ps(row + s), Z));
-        for (; s < S; s++) row[s] *= iz;
+        iz[r] = 1.0f / z;
       }
-      pv_block(sc.data(), SP, V, SP, DP, ob.data());
-      for (int64_t r = 0; r < rows; r++) std::memcpy(o + (b * T + t0 + r) * D + h * Dh, &ob[r * DP], Dh * sizeof(float));
+      for (int64_t s0 = 0; s0 < SP; s0 += VC)
+        for (int64_t rt = 0; rt < tiles; rt++)
+          pv_tile(&sc[rt * MR * SP + s0], SP, V + s0 * DP, std::min<int64_t>(VC, SP - s0), DP, &ob[rt * MR * DP], s0 > 0);
+      for (int64_t r = 0; r < rows; r++) {
+        float *dst = o + (b * T + t0 + r) * D + h * Dh;
+        const float *src = &ob[r * DP];
+        const __m256 Z = _mm256_set1_ps(iz[r]); int64_t d = 0;
+        for (; d + 8 <= Dh; d += 8) _mm256_storeu_ps(dst + d, _mm256_mul_ps(_mm256_loadu_ps(src + d), Z));
+        for (; d < Dh; d++) dst[d] = src[d] * iz[r];
+      }
     }
   });
   return 0;
+}
+// Attention(q, k, v) -> o, q already scaled (the graphs' form)
+extern "C" int Attention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream, void *extra) {
+  return attention((const float *)params[0], (const float *)params[1], (const float *)params[2], nullptr, nullptr, 1.0f,
+                   (float *)params[3], shapes[0][0], shapes[0][1], shapes[0][2], shapes[0][3], shapes[1][1]);
+}
+// AttentionBias(q, k, v, bq (D), bv (D), scale (1)) -> o: q, v before their biases, q before its
+// scaling (the host encoder's form: no separate passes over q and v)
+extern "C" int AttentionBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream, void *extra) {
+  if (nparam != 7 || shapes[3][0] != shapes[0][2] * shapes[0][3] || shapes[4][0] != shapes[3][0]) return 1;
+  return attention((const float *)params[0], (const float *)params[1], (const float *)params[2], (const float *)params[3],
+                   (const float *)params[4], *(const float *)params[5], (float *)params[6], shapes[0][0], shapes[0][1],
+                   shapes[0][2], shapes[0][3], shapes[1][1]);
 }
 // y (M, N) = x (M, K) w^T, w (N, K) as stored, for a few rows M (a decoder step's last position,
 // one row per beam). MindSpore's CPU MatMul runs this single-threaded and, past one row, at

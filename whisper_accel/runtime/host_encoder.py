@@ -12,9 +12,10 @@ What it computes is :func:`whisper_accel.kernels.fused.encode_whole`'s arithmeti
 * conv1 / conv2 (kernel 3, padding 1, strides 1 / 2) as one GEMM each over the unfolded input
   (rows = output frames, columns = (input channel, tap), the weights' own layout), then
   ``BiasGelu``; the positions added;
-* per layer ``LayerNorm``; q = (h Wq^T + bq) * scaling, k = h Wk^T, v = h Wv^T + bv;
-  ``Attention``; its output times Wo^T; ``ResLayerNorm`` (the residual with bo, then the second
-  norm); h W1^T, ``BiasGelu``; times W2^T; ``BiasResidual``;
+* per layer ``LayerNorm``; h Wq^T, h Wk^T, h Wv^T; ``AttentionBias`` (q = (h Wq^T + bq) *
+  scaling and v = h Wv^T + bv as it loads them, then ``Attention``'s arithmetic); its output
+  times Wo^T; ``ResLayerNorm`` (the residual with bo, then the second norm); h W1^T,
+  ``BiasGelu``; times W2^T; ``BiasResidual``;
 * the final ``LayerNorm``.
 
 The convolutions and matrix products sum in OpenBLAS's order, not oneDNN's: the output is
@@ -52,13 +53,14 @@ class _Buffers:
         self.f = zeros(rows, ffn)
         self.conv1 = zeros(batch * 2 * t, d)
         split = (batch, t, heads, d // heads)
-        self.attention = Call(enc.lib.Attention, [self.q.reshape(split), self.k.reshape(split), self.v.reshape(split),
-                                                  self.o.reshape(split)])
         self.gelu1 = Call(enc.lib.BiasGelu, [self.conv1, enc.conv[1], self.conv1])
         self.gelu2 = Call(enc.lib.BiasGelu, [self.y, enc.conv[3], self.y])
+        heads_of = [self.q.reshape(split), self.k.reshape(split), self.v.reshape(split)]
         self.layers = []
         for (g1, b1), attn, (g2, b2), w1, c1, w2, c2 in enc.layers:
+            _, bq, _, _, bv, _, _ = attn
             self.layers.append((Call(enc.lib.LayerNorm, [self.x, g1, b1, self.n]), attn,
+                                Call(enc.lib.AttentionBias, [*heads_of, bq, bv, enc.scaling, self.o.reshape(split)]),
                                 Call(enc.lib.ResLayerNorm, [self.x, self.y, attn[6], g2, b2, self.x, self.n]),
                                 w1, Call(enc.lib.BiasGelu, [self.f, c1, self.f]), w2,
                                 Call(enc.lib.BiasResidual, [self.x, self.y, c2, self.x])))
@@ -76,7 +78,7 @@ class HostEncoder:
         self.conv = (w1.reshape(self.d, -1), b1, w2.reshape(self.d, -1), b2)
         self.pos, self.layers, self.final_ln = pos, layers, final_ln
         self.frames, self.ffn = int(pos.shape[0]), int(layers[0][3].shape[0])
-        self.heads, self.scaling = heads, np.float32(scaling)
+        self.heads, self.scaling = heads, np.array([scaling], _F32)
         self._buffers: Optional[_Buffers] = None
         #: encoder calls this object has run (tests and reports)
         self.calls = 0
@@ -104,16 +106,13 @@ class HostEncoder:
         np.matmul(np.ascontiguousarray(windows).reshape(batch * t, -1), w2.T, out=buf.y)
         buf.gelu2()
         np.add(buf.y.reshape(batch, t, self.d), self.pos, out=buf.x.reshape(batch, t, self.d))
-        for ln1, attn, res_ln, fc1, gelu, fc2, residual in buf.layers:
-            wq, bq, wk, wv, bv, wo, _ = attn
+        for ln1, attn, attention, res_ln, fc1, gelu, fc2, residual in buf.layers:
+            wq, _, wk, wv, _, wo, _ = attn
             ln1()
-            np.matmul(buf.n, wq.T, out=buf.q)
-            np.add(buf.q, bq, out=buf.q)
-            np.multiply(buf.q, self.scaling, out=buf.q)
+            np.matmul(buf.n, wq.T, out=buf.q)  # q's bias and scaling, v's bias: in AttentionBias
             np.matmul(buf.n, wk.T, out=buf.k)
             np.matmul(buf.n, wv.T, out=buf.v)
-            np.add(buf.v, bv, out=buf.v)
-            buf.attention()
+            attention()
             np.matmul(buf.o, wo.T, out=buf.y)
             res_ln()
             np.matmul(buf.n, fc1.T, out=buf.f)

@@ -198,14 +198,31 @@ def check_half(library: str) -> Optional[str]:
     return None
 
 
+def check_host(library: str) -> Optional[str]:
+    """The host encoder's ``AttentionBias`` (called through ctypes) against ``Attention`` on q and
+    v with their biases and scaling applied in numpy's float32: equal bit for bit (2 audios, 11
+    queries, 37 keys, 2 heads of 20). None, else what differs."""
+    lib = ctypes.CDLL(library)
+    rng = np.random.default_rng(2)
+    f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    q, k, v, bq, bv = f32(2, 11, 2, 20), f32(2, 37, 2, 20), f32(2, 37, 2, 20), f32(40), f32(40)
+    scale = np.array([0.3], np.float32)
+    want, got = np.zeros_like(q), np.zeros_like(q)
+    heads = lambda b: b.reshape(2, 20)  # noqa: E731
+    host_calls.Call(lib.Attention, [(q + heads(bq)) * scale[0], k, v + heads(bv), want])()
+    host_calls.Call(lib.AttentionBias, [q, k, v, bq, bv, scale, got])()
+    return None if np.array_equal(want, got) else "kernel AttentionBias differs from Attention on the biased inputs"
+
+
 def check(library: str) -> Optional[str]:
     """Run every kernel once against a float64 numpy reference (rows of 37 values: a tail after
     the 8-wide vectors; attention with 7 queries and 37 keys: a partial row block and a partial
     key tile, and with a head dim of 20; the projection with 5 rows and with 1, 39 outputs; the
     decoder layer for 3 beams of one audio with a masked slot, and for one row; cross K/V of two
     layers for two audios of 13 frames, D 264: a row panel across the audios, a partial column
-    block, two blocks of the inner dimension), then :func:`check_half`. None when all agree
-    within 1e-5 (the half-precision kernels: bit for bit), else what differs."""
+    block, two blocks of the inner dimension), then :func:`check_half` and :func:`check_host`.
+    None when all agree within 1e-5 (the half-precision and host kernels: bit for bit), else
+    what differs."""
     import mindspore as ms
 
     from ..kernels import fused
@@ -241,7 +258,7 @@ def check(library: str) -> Optional[str]:
             err = float(np.abs(out.asnumpy() - ref).max() / (np.abs(ref).max() + 1e-30))
             if not err < 1e-5:
                 return f"kernel {name} differs from its reference by {err:.1e}"
-    return check_half(library)
+    return check_half(library) or check_host(library)
 
 
 def _decide() -> Dict[str, Optional[str]]:
