@@ -201,13 +201,14 @@ def test_a_half_precision_model_steps_on_its_weights_as_stored(name):
         assert cw.decoder_kernels == "host" and cw._host.weights == name
         hidden = ms.Tensor(half.model.encoder(feats).last_hidden_state.float().asnumpy())
         kx, vx = cw.cross_kv(hidden)
-        stored, dec_half = cw._host, cw.dec_half
-        cw.dec_half = None  # the same model's steps on its float32 compute copy
+        stored, proj_half = cw._host, cw.proj_half
+        assert not cw.decoder_copy_built
+        cw.proj_half = None  # the same model's steps on its float32 compute copy (built now)
         try:
             copy = host_step.for_model(cw)
         finally:
-            cw.dec_half = dec_half
-        assert copy.weights == "float32" and copy.proj.dtype == np.float32
+            cw.proj_half = proj_half
+        assert copy.weights == "float32" and copy.proj.dtype == np.float32 and cw.decoder_copy_built
         runs = []
         for step in (stored, copy):
             k, v = (host_step.on_host(c) for c in cw.new_cache(1, 64))
@@ -219,6 +220,21 @@ def test_a_half_precision_model_steps_on_its_weights_as_stored(name):
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert all(np.array_equal(x, y) for x, y in zip(ka + va, kb + vb))
     assert np.abs(a[-1]).max() > 0
+
+
+def test_a_half_precision_model_gets_its_float32_decoder_copy_only_for_a_step_graph(monkeypatch):
+    """While the host steps run a float16 model, the step graphs' float32 copy of its decoder
+    weights is never made; a generation on the step graphs makes it then, with the same tokens."""
+    half = build_model(seed=7, decoder_layers=2).to(torch.float16)
+    feats = features(1, seed=25).to(torch.float16)
+    with whisper_accel.patched():
+        host_tokens = _generate(half, feats, 6)
+        cw = half.__dict__[ATTR]
+        assert cw.decoder_kernels == "host" and not cw.decoder_copy_built
+        monkeypatch.setattr(rm, "HOST_STEP", False)
+        graph_tokens = _generate(half, feats, 6)
+        assert half.__dict__[ATTR] is cw and cw.decoder_kernels == "fused" and cw.decoder_copy_built
+    assert np.array_equal(host_tokens, graph_tokens)
 
 
 def test_the_half_precision_kernels_pass_their_check(monkeypatch):

@@ -185,38 +185,49 @@ def reordered(cache: HostCache, order: np.ndarray) -> HostCache:
     return spare
 
 
+#: where a layer's weight matrices sit in each of its three parts (see :func:`_parts`)
+_MATRICES = ((2, 4, 5, 7), (2, 4), (2, 4))
+
+
+def _parts(lw, dtype) -> Optional[list]:
+    """One layer's weights (``CompiledWhisper.dec_host``/``dec_layers`` order) as the kernel's
+    three argument groups, [ln1, self-attention], [ln2, cross q/o], [ln3, fc1, fc2]: the
+    matrices viewed as ``dtype``, the rest float32; None when a view is not usable."""
+    groups = ((*lw[0], *lw[1]), (*lw[2], *lw[3]), (*lw[4], *lw[5:]))
+    parts = []
+    for group, at in zip(groups, _MATRICES):
+        mats = host_calls.views([group[i] for i in at], dtype)
+        rest = host_calls.views([t for i, t in enumerate(group) if i not in at])
+        if mats is None or rest is None:
+            return None
+        mats, rest = iter(mats), iter(rest)
+        parts.append([next(mats) if i in at else next(rest) for i in range(len(group))])
+    return parts
+
+
 def for_model(cw) -> Optional[HostStep]:
     """A :class:`HostStep` for the decoder of ``cw`` (a ``CompiledWhisper``), or None when the
     fused kernels are not usable here or a weight is not a host buffer whose view reads the
     tensor's values. A half-precision model's weight matrices are read as stored
-    (``cw.dec_half``, ``cw.proj_half``) when they all give such views, else their float32
-    copies."""
+    (``cw.dec_host``, ``cw.proj_half``) when they all give such views, else from the float32
+    copy (``cw.dec_layers``, built then)."""
     library = native.state()["library"]
     if library is None:
         return None
 
     views = host_calls.views
-    half = getattr(cw, "dec_half", None)
-    dtype = host_calls.VIEW_DTYPES.get(cw.proj_half.dtype) if half is not None else None
+    dtype = host_calls.VIEW_DTYPES.get(cw.proj_half.dtype) if cw.proj_half is not None else None
+    layers = proj = None
     if dtype is not None:
-        half = [views(m, dtype) for m in half] + [views((cw.proj_half,), dtype)]
-    if dtype is None or any(m is None for m in half):
-        half = None
-    layers = []
-    for j, lw in enumerate(cw.dec_layers):  # (ln1, self_attn, ln2, cross (q_w, q_b, o_w, o_b), ln3, fc1_w, fc1_b, fc2_w, fc2_b)
-        sa, ca = lw[1], lw[3]
-        parts = [views((lw[0][0], lw[0][1], *sa)), views((lw[2][0], lw[2][1], *ca)),
-                 views((lw[4][0], lw[4][1], lw[5], lw[6], lw[7], lw[8]))]
-        if any(p is None for p in parts):
+        layers = [_parts(lw, dtype) for lw in cw.dec_host]
+        proj = views((cw.proj_half,), dtype)
+    if dtype is None or proj is None or any(p is None for p in layers):
+        layers = [_parts(lw, np.dtype(np.float32)) for lw in cw.dec_layers]
+        proj = views((cw.proj,))
+        if proj is None or any(p is None for p in layers):
             return None
-        if half is not None:  # the matrices as stored: (q, k, v, o), (cross q, cross o), (fc1, fc2)
-            m = half[j]
-            parts[0][2], parts[0][4], parts[0][5], parts[0][7] = m[0], m[1], m[2], m[3]
-            parts[1][2], parts[1][4] = m[4], m[5]
-            parts[2][2], parts[2][4] = m[6], m[7]
-        layers.append(tuple(parts))
-    rest = views((cw.embed, cw.dec_pos, cw.dec_ln[0], cw.dec_ln[1], cw.proj))
+    rest = views((cw.embed, cw.dec_pos, cw.dec_ln[0], cw.dec_ln[1]))
     if rest is None:
         return None
-    embed, pos, g, b, proj = rest
-    return HostStep(library, cw, layers, embed, pos, (g, b), proj if half is None else half[-1][0])
+    embed, pos, g, b = rest
+    return HostStep(library, cw, [tuple(p) for p in layers], embed, pos, (g, b), proj[0])

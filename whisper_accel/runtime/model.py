@@ -154,21 +154,26 @@ class CompiledWhisper:
             tied = proj_weight is None or proj_weight is decoder.embed_tokens.weight
             self.proj = self.embed if tied else _t(proj_weight)
             self.dec_pos = _t(decoder.embed_positions.weight)
-            self.dec_layers = ms.mutable(tuple(
-                (_ln_p(l.self_attn_layer_norm), _attn(l.self_attn), _ln_p(l.encoder_attn_layer_norm),
-                 _lin(l.encoder_attn.q_proj) + _lin(l.encoder_attn.out_proj), _ln_p(l.final_layer_norm))
-                + _lin(l.fc1) + _lin(l.fc2) for l in decoder.layers))
+            layers = tuple(decoder.layers)
+            self.n_dec_layers = len(layers)
+            # The step graphs' weights: views of a float32 model's; for a float16/bfloat16 model a
+            # float32 copy, built the first time a step graph needs it (:attr:`dec_layers`): the
+            # host steps read its matrices as stored (:attr:`dec_host`), so while they run, the
+            # copy (large-v3: 2.9 GB) is never made.
+            self._arrange_dec = lambda: ms.mutable(tuple(_dec_layer(l, _t) for l in layers))
+            self._dec_graph = self._arrange_dec() if self.model_dtype == ms.float32 else None
+            #: per decoder layer, what the host steps read, in the graphs' order: the weight
+            #: matrices as stored (a float32 model: :attr:`dec_layers` itself), the rest float32
+            self.dec_host = self._dec_graph if self._dec_graph is not None else tuple(
+                _dec_layer(l, _stored) for l in layers)
             self.xattn = tuple(ms.mutable(
                 _lin(l.encoder_attn.k_proj, False) + _lin(l.encoder_attn.v_proj)) for l in decoder.layers)
             self.xattn_flat = ms.mutable(tuple(w for p in self.xattn for w in p))  # CrossKV's arguments
             self.dec_ln = ms.mutable(_ln_p(decoder.layer_norm))
-            #: a half-precision model's decoder weight matrices as stored (detached: no copy), for
-            #: the host steps, which read them instead of the float32 copies (None: float32)
-            self.dec_half = self.proj_half = None
+            #: a half-precision model's vocabulary projection as stored (detached: no copy), for
+            #: the host steps (None: float32)
+            self.proj_half = None
             if self.model_dtype != ms.float32:
-                self.dec_half = tuple(tuple(m.weight.detach() for m in (
-                    l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj, l.self_attn.out_proj,
-                    l.encoder_attn.q_proj, l.encoder_attn.out_proj, l.fc1, l.fc2)) for l in decoder.layers)
                 self.proj_half = (decoder.embed_tokens.weight if tied else proj_weight).detach()
             self.max_positions = int(self.dec_pos.shape[0])
             self.head_dim = int(self.embed.shape[1]) // self.n_heads_dec
@@ -192,6 +197,21 @@ class CompiledWhisper:
         #: which cross K/V ran last: "fused" (the ``CrossKV`` kernel) or "mindspore"
         self.cross_kernels = None
         self.lock = _GRAPH_LOCK
+
+    @property
+    def dec_layers(self):
+        """Per decoder layer the step graphs' float32 weights (see :func:`_dec_layer`); for a
+        half-precision model built on first use. Two threads racing here may each build it; one
+        result is kept."""
+        if self._dec_graph is None:
+            self._dec_graph = self._arrange_dec()
+        return self._dec_graph
+
+    @property
+    def decoder_copy_built(self) -> bool:
+        """Whether the decoder's float32 weights for the step graphs exist (always for a float32
+        model, whose are views; for a half-precision one only once a step graph has run)."""
+        return self._dec_graph is not None
 
     @classmethod
     def from_model(cls, model) -> "CompiledWhisper":
@@ -311,7 +331,7 @@ class CompiledWhisper:
     def new_cache(self, batch: int, bucket: int):
         """Empty self-attention cache: per-layer tuples of (B, H, bucket, Dh) zeros."""
         shape = (batch, self.n_heads_dec, bucket, self.head_dim)
-        zeros = tuple(ops.zeros(shape, self.dtype) for _ in range(2 * len(self.dec_layers)))
+        zeros = tuple(ops.zeros(shape, self.dtype) for _ in range(2 * self.n_dec_layers))
         return ms.mutable(zeros[::2]), ms.mutable(zeros[1::2])
 
     def grow_cache(self, k_cache, v_cache, bucket: int):
@@ -490,6 +510,24 @@ def decoder_params(model) -> Tuple:
     """What the decoder graphs read of a WhisperForConditionalGeneration: the decoder's
     parameters and the vocabulary projection."""
     return tuple(model.model.decoder.parameters()) + (model.proj_out.weight,)
+
+
+def _stored(p):
+    """A weight as stored, detached (no copy; the host steps read half precision as it is)."""
+    return p.detach()
+
+
+def _dec_layer(l, matrix) -> Tuple:
+    """One decoder layer's weights in the steps' order: (ln1, self-attention (q_w, q_b, k_w, v_w,
+    v_b, o_w, o_b), ln2, cross-attention (q_w, q_b, o_w, o_b), ln3, fc1_w, fc1_b, fc2_w, fc2_b),
+    the eight weight matrices through ``matrix``, the rest float32."""
+    sa, ca = l.self_attn, l.encoder_attn
+    return (_ln_p(l.self_attn_layer_norm),
+            (matrix(sa.q_proj.weight), _t(sa.q_proj.bias), matrix(sa.k_proj.weight), matrix(sa.v_proj.weight),
+             _t(sa.v_proj.bias), matrix(sa.out_proj.weight), _t(sa.out_proj.bias)),
+            _ln_p(l.encoder_attn_layer_norm),
+            (matrix(ca.q_proj.weight), _t(ca.q_proj.bias), matrix(ca.out_proj.weight), _t(ca.out_proj.bias)),
+            _ln_p(l.final_layer_norm), matrix(l.fc1.weight), _t(l.fc1.bias), matrix(l.fc2.weight), _t(l.fc2.bias))
 
 
 def _attn(a) -> Tuple:
