@@ -244,8 +244,9 @@ static inline void pv_tile(const float *p, int64_t ps, const float *v, int64_t s
 // o (B, T, H, Dh). K^T is packed in 16-key tiles and V per head. The work, blocks of QB query
 // rows of one head, is taken by the threads from a shared counter. A block's QB x S scores stay
 // in a per-thread buffer (in L2), so each packed K tile and V chunk is read once per QB rows;
-// each row's maximum is taken as its scores are stored, and its 1 / sum is applied to its output
-// row, not to its S probabilities.
+// each row's maximum is taken as its scores are stored. The arithmetic is the 6-row kernel's of
+// before, bit for bit (PROFILE_NOTES section 30: applying 1 / sum to the output row instead of
+// the probabilities moved beam scores by up to 1.1e-4 from stock's).
 enum { QT = 8, QB = MR * QT, VC = 64 };
 static int attention(const float *q, const float *k, const float *v, const float *bq, const float *bv, float scale,
                      float *o, int64_t B, int64_t T, int64_t H, int64_t Dh, int64_t S) {
@@ -273,7 +274,7 @@ static int attention(const float *q, const float *k, const float *v, const float
   const int64_t nblk = (T + QB - 1) / QB, items = BH * nblk;
   std::atomic<int64_t> next{0};
   parallel(std::min<int64_t>(items, 64), [&](int64_t, int64_t) {
-    std::vector<float> sc((size_t)(QB * SP)), qb((size_t)(QB * Dh)), ob((size_t)(QB * DP)), mx((size_t)(QB * 8)), iz((size_t)QB);
+    std::vector<float> sc((size_t)(QB * SP)), qb((size_t)(QB * Dh)), ob((size_t)(QB * DP)), mx((size_t)(QB * 8));
     for (int64_t it; (it = next.fetch_add(1)) < items;) {
       const int64_t bh = it / nblk, blk = it % nblk, b = bh / H, h = bh % H, t0 = blk * QB;
       const int64_t rows = std::min<int64_t>(QB, T - t0), tiles = (rows + MR - 1) / MR;
@@ -299,18 +300,14 @@ static int attention(const float *q, const float *k, const float *v, const float
         for (; s + 8 <= S; s += 8) { __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + s), M)); _mm256_storeu_ps(row + s, e); z8 = _mm256_add_ps(z8, e); }
         float z = hsum8(z8); for (; s < S; s++) { row[s] = std::exp(row[s] - m); z += row[s]; }
         for (; s < SP; s++) row[s] = 0.f;
-        iz[r] = 1.0f / z;
+        const float iz = 1.0f / z; const __m256 Z = _mm256_set1_ps(iz); s = 0;
+        for (; s + 8 <= S; s += 8) _mm256_storeu_ps(row + s, _mm256_mul_ps(_mm256_loadu_ps(row + s), Z));
+        for (; s < S; s++) row[s] *= iz;
       }
       for (int64_t s0 = 0; s0 < SP; s0 += VC)
         for (int64_t rt = 0; rt < tiles; rt++)
           pv_tile(&sc[rt * MR * SP + s0], SP, V + s0 * DP, std::min<int64_t>(VC, SP - s0), DP, &ob[rt * MR * DP], s0 > 0);
-      for (int64_t r = 0; r < rows; r++) {
-        float *dst = o + (b * T + t0 + r) * D + h * Dh;
-        const float *src = &ob[r * DP];
-        const __m256 Z = _mm256_set1_ps(iz[r]); int64_t d = 0;
-        for (; d + 8 <= Dh; d += 8) _mm256_storeu_ps(dst + d, _mm256_mul_ps(_mm256_loadu_ps(src + d), Z));
-        for (; d < Dh; d++) dst[d] = src[d] * iz[r];
-      }
+      for (int64_t r = 0; r < rows; r++) std::memcpy(o + (b * T + t0 + r) * D + h * Dh, &ob[r * DP], Dh * sizeof(float));
     }
   });
   return 0;
