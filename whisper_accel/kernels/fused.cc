@@ -188,24 +188,11 @@ template <class F> static void parallel(int64_t items, F f) {
   for (auto &t : pool) t.join();
 }
 enum { MR = 6, NR = 16 };
-// Scores of MR query rows (q: MR rows of Dh, stride qs) against one packed K tile (Dh x NR).
+// Scores of MR query rows (q: MR rows of Dh, stride qs) against one packed K tile (Dh x NR);
+// with mx, also each row's running maximum (8 lanes, mx[r * 8]) over the tile's 16 keys.
 // (The unrolled inner loops measured 0.92x the time of plain ones: PROFILE_NOTES section 30.)
-static inline void qk_tile(const float *q, int64_t qs, const float *kt, int64_t dh, float *out, int64_t os) {
-  __m256 a[MR][2];
-  for (int r = 0; r < MR; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
-#pragma GCC unroll 4
-  for (int64_t d = 0; d < dh; d++) {
-    const __m256 k0 = _mm256_loadu_ps(kt + d * NR), k1 = _mm256_loadu_ps(kt + d * NR + 8);
-    for (int r = 0; r < MR; r++) {
-      const __m256 qb = _mm256_broadcast_ss(q + r * qs + d);
-      a[r][0] = _mm256_fmadd_ps(qb, k0, a[r][0]); a[r][1] = _mm256_fmadd_ps(qb, k1, a[r][1]);
-    }
-  }
-  for (int r = 0; r < MR; r++) { _mm256_storeu_ps(out + r * os, a[r][0]); _mm256_storeu_ps(out + r * os + 8, a[r][1]); }
-}
-// Scores of MR query rows against one packed K tile, as qk_tile, and each row's running maximum
-// (8 lanes, mx[r * 8]) taken over the tile's 16 keys.
-static inline void qk_tile_max(const float *q, int64_t qs, const float *kt, int64_t dh, float *out, int64_t os, float *mx) {
+static inline void qk_tile(const float *q, int64_t qs, const float *kt, int64_t dh, float *out, int64_t os,
+                           float *mx = nullptr) {
   __m256 a[MR][2];
   for (int r = 0; r < MR; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
 #pragma GCC unroll 4
@@ -218,7 +205,7 @@ static inline void qk_tile_max(const float *q, int64_t qs, const float *kt, int6
   }
   for (int r = 0; r < MR; r++) {
     _mm256_storeu_ps(out + r * os, a[r][0]); _mm256_storeu_ps(out + r * os + 8, a[r][1]);
-    _mm256_storeu_ps(mx + r * 8, _mm256_max_ps(_mm256_loadu_ps(mx + r * 8), _mm256_max_ps(a[r][0], a[r][1])));
+    if (mx) _mm256_storeu_ps(mx + r * 8, _mm256_max_ps(_mm256_loadu_ps(mx + r * 8), _mm256_max_ps(a[r][0], a[r][1])));
   }
 }
 // MR rows of P (stride ps, sp columns) times packed V (sp x dh, dh a multiple of NR), added to o
@@ -289,7 +276,7 @@ static int attention(const float *q, const float *k, const float *v, const float
       const float *K = kt.data() + bh * SP * Dh, *V = vp.data() + bh * SP * DP;
       for (int64_t s = 0; s < full; s += NR)
         for (int64_t rt = 0; rt < tiles; rt++)
-          qk_tile_max(&qb[rt * MR * Dh], Dh, K + (s / NR) * Dh * NR, Dh, &sc[rt * MR * SP + s], SP, &mx[rt * MR * 8]);
+          qk_tile(&qb[rt * MR * Dh], Dh, K + (s / NR) * Dh * NR, Dh, &sc[rt * MR * SP + s], SP, &mx[rt * MR * 8]);
       if (full < SP)  // the last tile: its padded keys do not count in the maximum
         for (int64_t rt = 0; rt < tiles; rt++) qk_tile(&qb[rt * MR * Dh], Dh, K + (full / NR) * Dh * NR, Dh, &sc[rt * MR * SP + full], SP);
       for (int64_t r = 0; r < tiles * MR; r++) {  // exp over the S real keys; the padded ones get 0
