@@ -9,6 +9,9 @@
 Modes: ``greedy`` (``generate``), ``beam5`` (``num_beams=5``), ``beam5_timestamps`` (the same
 with ``return_timestamps=True``), ``pipeline`` (transformers' ASR pipeline with
 ``return_timestamps=True`` and its default decoding, ``num_beams=5``: the seed script's call),
+``assisted`` (greedy ``generate`` with ``assistant_model`` = the model itself: speculative
+decoding whose candidates are always accepted), ``streamer`` (greedy ``generate`` with a recording ``BaseStreamer``: what it receives is
+compared too), ``static`` / ``static_beam5`` (``cache_implementation="static"``, greedy / 5 beams),
 ``chunked`` (the same pipeline with ``chunk_length_s=30, batch_size=2``: a batch of windows,
 each decoded with 5 beams), ``sampled`` (``temperature=0.7``), ``fallback`` (the pipeline with
 the model card's long-form recipe: temperature fallback 0.0 ... 1.0, compression-ratio,
@@ -42,6 +45,11 @@ MODES = {
     "beam5": dict(num_beams=5),
     "beam5_timestamps": dict(num_beams=5, return_timestamps=True),
     "sampled": dict(temperature=0.7),
+    # Hugging Face's Whisper speed recipes (issue 24)
+    "streamer": dict(),  # greedy with a streamer attached (what a streaming UI passes)
+    "static": dict(cache_implementation="static"),
+    "static_beam5": dict(num_beams=5, cache_implementation="static"),
+    "assisted": dict(),  # assistant_model=the model itself (agrees on every token), see run_mode
 }
 #: The Hugging Face model card's long-form recipe (sequential, temperature fallback).
 FALLBACK = dict(num_beams=1, condition_on_prev_tokens=False, compression_ratio_threshold=1.35,
@@ -74,8 +82,32 @@ def run_mode(mode, model, processor, audio, feats, max_new_tokens=None):
     kw = dict(MODES[mode])
     if max_new_tokens:
         kw.update(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
+    if mode == "assisted":  # speculative decoding with an assistant that always agrees
+        kw["assistant_model"] = model
+    streamer = _recording_streamer() if mode == "streamer" else None
+    if streamer is not None:
+        kw["streamer"] = streamer
     with torch.no_grad():
-        return model.generate(feats, **kw).tolist()
+        out = model.generate(feats, **kw).tolist()
+    # streamer: what it was sent (prompt, each step's tokens, end) is part of the output
+    return out if streamer is None else {"sequences": out, "streamed": streamer.seen}
+
+
+def _recording_streamer():
+    """A ``BaseStreamer`` that keeps what ``generate`` sends it, as lists ("end" for ``end()``)."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Recording(BaseStreamer):
+        def __init__(self):
+            self.seen = []
+
+        def put(self, value):
+            self.seen.append(value.tolist())
+
+        def end(self):
+            self.seen.append("end")
+
+    return Recording()
 
 
 def _plain(x):

@@ -1,22 +1,37 @@
-"""The Whisper encoder alone: stock MindNLP, patched with MindSpore's element-wise operators
-(``plain``), patched with the fused kernels one layer a graph launch (``fused, 1 layer a
-launch``) and in the graphs' default grouping (``fused``: the attention kernel, and as many
-layers a launch as ``runtime.model.GROUP_BYTES`` allows), the same kernels and numpy's GEMM on
-the host with no graph (``host``, ``runtime/host_encoder.py``, what ``patch()`` runs where the
-fused graphs would take several launches), and PyTorch + transformers on the same weights and
-features.
+"""The Whisper encoder alone: stock MindNLP and every executor of the encoder engine
+(runtime/encoder_engine.py), each forced by a :class:`whisper_accel.Config`, beside what
+``patch()`` chooses (``auto``: measured on this machine, runtime/choice.py), and PyTorch +
+transformers on the same weights and features.
+
+Arms (:data:`ARMS`): ``plain`` (MindSpore's own operators, one layer a graph launch), ``fused, 1
+layer a launch`` and ``fused`` (the fused kernels' graphs; as many layers a launch as
+``Config.group_bytes`` allows), ``host`` (numpy's GEMM and the same kernels through ctypes, no
+graph), and ``auto`` (what ``patch()`` runs: its first calls time host against fused, then it
+keeps the faster; the table shows which it ran, its verdict's timings and where the verdict came
+from: measured now, or an earlier run's kept in the cache directory).
 
     .venv/bin/python benchmarks/encoder.py --config tiny --repeats 7 [--no-stock] [--layers N] [--products] \\
-        [--json out.json]
+        [--isa avx2] [--fresh-verdict] [--json out.json]
 
 One MindNLP process builds a seeded random model with the config's real dimensions, saves it
 as a Hugging Face folder, and times the encoder forward for each arm interleaved (stock, plain,
-fused, stock, ...) after a first call reported as ``first s`` (graph compilation included);
-medians. Then a process that never imports MindNLP loads the folder and times
-``model.model.encoder`` on the same features with PyTorch, twice (the faster run is reported:
-it is not interleaved with the MindNLP arms). Outputs are compared with stock's
-(relative L2 norm; PyTorch's with the fused arm's).
+fused, stock, ...) after a first call reported as ``first s`` (graph compilation included; for
+``auto``, the calls it then spends measuring are run before the timed ones and reported as
+``measuring``); medians. Each arm keeps its own engine on the encoder module between its calls.
+Then a process that never imports MindNLP loads the folder and times ``model.model.encoder`` on
+the same features with PyTorch, twice (the faster run is reported: it is not interleaved with
+the MindNLP arms). Outputs are compared with stock's (relative L2 norm; PyTorch's with the fused
+arm's).
 
+``--isa NAME`` (avx512, avx2, neon) builds and uses that kernel variant in every arm
+(``Config(isa=NAME)``). The fused graphs bind one kernel library per process, the first one
+used; the MindNLP worker is a process of its own whose every arm passes the forced ISA, so the
+graph arms and the host arm (which loads its library through ctypes) run the same variant. The
+header names the variant and the CPU, and the JSON both libraries (``kernels`` and
+``graphs_bound``); a mismatch is printed as a warning.
+``--fresh-verdict`` gives the ``auto`` arm an empty verdict cache (a temporary directory, the
+kernel library copied into its ``native/``), so it measures in this run instead of reading a
+verdict an earlier run kept.
 ``--layers N`` gives the model N encoder layers (every layer of a config costs the same, so a
 32-layer encoder's time is 32 / N times the layers' share; the stem and final norm are once;
 the decoder, which no arm runs, then gets one layer).
@@ -34,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,55 +58,102 @@ import time
 
 import numpy as np
 
+#: arm name -> the Config fields it sets (over the environment's config and ``--isa``)
+ARMS = {
+    "plain": dict(encoder="plain"),
+    "fused, 1 layer a launch": dict(encoder="fused", group_bytes=0),
+    "fused": dict(encoder="fused"),
+    "host": dict(encoder="host"),
+    "auto": dict(encoder="auto", measure=True),
+}
+#: The arm ``patch()`` runs by default.
+AUTO = "auto"
+#: The host encoder's arm: runtime/host_encoder.py.
+HOST = "host"
 
-def _arms(a, model):
-    """name -> (prepare, run): ``prepare()`` (untimed) sets the arm up, ``run(feats)`` is timed."""
+
+def arm_configs(base):
+    """arm name -> its :class:`whisper_accel.Config` (``base`` with the arm's fields)."""
+    return {name: base.with_(**fields) for name, fields in ARMS.items()}
+
+
+class Arm:
+    """One engine configuration on the encoder: ``prepare()`` (untimed) patches with the arm's
+    config and puts its kept engine back on the module; ``run(feats)`` is timed."""
+
+    def __init__(self, enc, cfg):
+        self.enc, self.cfg, self.engine = enc, cfg, None
+
+    def prepare(self):
+        import whisper_accel
+        from whisper_accel import config
+        from whisper_accel.runtime.binding import ATTR
+
+        if not whisper_accel.is_patched():
+            whisper_accel.patch(config=self.cfg)
+        config.activate(self.cfg)  # an engine built now reads it
+        if self.engine is None:
+            self.enc.__dict__.pop(ATTR, None)  # the first call builds it (and compiles)
+        else:
+            self.enc.__dict__[ATTR] = self.engine
+
+    def run(self, feats):
+        import torch
+
+        from whisper_accel.runtime.binding import ATTR
+
+        with torch.no_grad():
+            out = self.enc(feats).last_hidden_state.asnumpy()
+        self.engine = self.enc.__dict__.get(ATTR) or None
+        return out
+
+
+def _stock(enc):
     import torch
 
     import whisper_accel
-    from whisper_accel.runtime import model as runtime_model
-    from whisper_accel.runtime import native
-
-    enc = model.model.encoder
 
     def run(feats):
         with torch.no_grad():
             return enc(feats).last_hidden_state.asnumpy()
+    return whisper_accel.unpatch, run
 
-    whisper_accel.patch()
-    decided = native.state()
+
+def _arms(a, model):
+    """name -> (prepare, run, Arm or None), and the base config."""
+    from whisper_accel import config
+
+    enc = model.model.encoder
+    base = config.Config.from_env()
+    if a.isa:
+        base = base.with_(isa=a.isa)
+    configs = arm_configs(base)
+    if a.fresh_verdict:
+        configs[AUTO] = configs[AUTO].with_(cache_dir=_fresh_cache(base, a.folder))
     arms = {}
     if not a.no_stock:
-        arms["stock"] = (whisper_accel.unpatch, run)
-
-    def plain():
-        if not whisper_accel.is_patched():
-            whisper_accel.patch()
-        native.disable("benchmarks/encoder.py: the plain arm")
-
-    budget = runtime_model.GROUP_BYTES
-
-    def fused(group_bytes, host=False):
-        def prepare():
-            if not whisper_accel.is_patched():
-                whisper_accel.patch()
-            native.restore(decided)
-            runtime_model.GROUP_BYTES = group_bytes
-            runtime_model.HOST_ENCODER = host
-        return prepare
-
-    arms["plain"] = (plain, run)
-    arms["fused, 1 layer a launch"] = (fused(0), run)
-    arms["fused"] = (fused(budget), run)
-    arms[HOST] = (fused(budget, host=True), run)
+        arms["stock"] = _stock(enc) + (None,)
+    for name, cfg in configs.items():
+        arm = Arm(enc, cfg)
+        arms[name] = (arm.prepare, arm.run, arm)
     if a.products:
-        arms[PRODUCTS] = (lambda: None, matrix_products(model.config, int(a.batch)))
-    return arms, decided
+        arms[PRODUCTS] = (lambda: None, matrix_products(model.config, int(a.batch)), None)
+    return arms, base
 
 
-#: The host encoder's arm: runtime/host_encoder.py (by default where the fused graphs would
-#: split the layers over several launches).
-HOST = "host"
+def _fresh_cache(base, folder) -> str:
+    """An empty cache directory for the auto arm's verdicts, with the kernel library of ``base``
+    copied into its ``native/`` (the same build key: found there, not compiled again)."""
+    from whisper_accel.runtime import native
+
+    cache = os.path.join(folder, "verdict-cache")
+    os.makedirs(os.path.join(cache, "native"), exist_ok=True)
+    lib = native.library(base)
+    if lib is not None:
+        shutil.copy2(lib.path, os.path.join(cache, "native", os.path.basename(lib.path)))
+    return cache
+
+
 #: The ``--products`` arm's name.
 PRODUCTS = "matrix products alone (OpenBLAS)"
 
@@ -130,13 +193,34 @@ def matrix_products(cfg, batch: int):
     return run
 
 
+def _measure_auto(arm, feats):
+    """Run the auto arm until its choice has a verdict for this input (at most the calls
+    runtime/choice.py measures a case over): the calls it spends measuring, their seconds."""
+    from whisper_accel.runtime import choice
+
+    spent = []
+    for _ in range(2 + 2 * choice.SHORT_RUNS):
+        eng = arm.engine
+        if eng is None or eng.choice is None:
+            break
+        verdict = eng.choice.report().get(eng.choice.case(tuple(feats.shape)))
+        if verdict and verdict["executor"] is not None:
+            break
+        arm.prepare()
+        t0 = time.perf_counter()
+        arm.run(feats)
+        spent.append(time.perf_counter() - t0)
+    return spent
+
+
 def worker_mindnlp(a) -> dict:
     os.environ.setdefault("GLOG_v", "3")
     import mindnlp  # noqa: F401
     import torch
 
     from whisper_accel import models
-    from whisper_accel.runtime.binding import ATTR
+    from whisper_accel.kernels import fused
+    from whisper_accel.runtime import native
 
     # with --layers the decoder, which no arm runs, keeps one layer (large-v3's 32 take minutes to build and save)
     fewer = {"encoder_layers": a.layers, "decoder_layers": 1} if a.layers else {}
@@ -146,31 +230,52 @@ def worker_mindnlp(a) -> dict:
     feats_np = rng.standard_normal((a.batch, model.config.num_mel_bins, 3000)).astype(np.float32)
     np.save(os.path.join(a.folder, "features.npy"), feats_np)
     feats = torch.tensor(feats_np)
-    arms, decided = _arms(a, model)
-    first, times, outs = {}, {k: [] for k in arms}, {}
-    for name, (prepare, run) in arms.items():
+    arms, base = _arms(a, model)
+    decided = native.state(base)
+    first, times, outs, measuring = {}, {k: [] for k in arms}, {}, []
+    for name, (prepare, run, _) in arms.items():
         prepare()
-        model.model.encoder.__dict__.pop(ATTR, None)  # a fresh compiled model: first call = compilation
         t0 = time.perf_counter()
         outs[name] = run(feats)
         first[name] = time.perf_counter() - t0
+    auto = arms[AUTO][2]
+    measuring = _measure_auto(auto, feats)
     for _ in range(a.repeats):
-        for name, (prepare, run) in arms.items():
+        for name, (prepare, run, _) in arms.items():
             prepare()
             time.sleep(a.settle)
             t0 = time.perf_counter()
             run(feats)
             times[name].append(time.perf_counter() - t0)
-    cw = model.model.encoder.__dict__.get(ATTR)
     ref = outs.get("stock", outs["plain"])
     np.save(os.path.join(a.folder, "fused.npy"), outs["fused"])
 
     def diff(out):  # the products arm computes no encoder output
         return None if out is None else float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
-    return {"fused_kernels": decided, "layers_per_launch": cw.encoder_layers_per_launch,
-            "encoder_layers": int(model.config.encoder_layers),
-            "arms": {k: {"median_s": statistics.median(v), "min_s": min(v), "first_s": first[k],
-                         "rel_diff_vs_stock": diff(outs[k])} for k, v in times.items()}}
+
+    def engine(arm):
+        eng = arm.engine if arm is not None else None
+        if eng is None:
+            return {}
+        out = {"executor": eng.executor, "layers_per_launch": eng.layers_per_launch, "faults": dict(eng.engine.faults)}
+        if eng.choice is not None:
+            out["verdict"] = eng.choice.report().get(eng.choice.case(tuple(feats.shape)))
+        return out
+
+    result = {"fused_kernels": decided, "graphs_bound": fused.bound(), "cpu": _cpu(),
+              "encoder_layers": int(model.config.encoder_layers),
+              "auto_measuring_s": measuring,
+              "arms": {k: {"median_s": statistics.median(v), "min_s": min(v), "first_s": first[k],
+                           "rel_diff_vs_stock": diff(outs[k]), **engine(arms[k][2])} for k, v in times.items()}}
+    return result
+
+
+def _cpu() -> dict:
+    from whisper_accel.kernels import isa
+
+    cpu = isa.cpu()
+    wide = [v.name for v in isa.runnable(cpu)]
+    return {"model": cpu.model, "arch": cpu.arch, "runnable": wide}
 
 
 def worker_pytorch(a) -> dict:
@@ -195,7 +300,8 @@ def worker_pytorch(a) -> dict:
             "rel_diff_vs_fused": float(np.linalg.norm(out - fused) / np.linalg.norm(fused))}
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
+    from_isa = ("avx512", "avx2", "neon")  # whisper_accel.kernels.isa.NAMES (not imported here: no MindSpore)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny")
     p.add_argument("--seed", type=int, default=0)
@@ -204,12 +310,35 @@ def main() -> int:
     p.add_argument("--no-stock", action="store_true", help="skip the stock arm (slow on large configs)")
     p.add_argument("--layers", type=int, help="encoder layers of the model (default: the config's)")
     p.add_argument("--products", action="store_true", help="add the matrix-products-alone arm (see above)")
+    p.add_argument("--isa", choices=from_isa, help="force this kernel variant in every arm (Config(isa=...))")
+    p.add_argument("--fresh-verdict", action="store_true",
+                   help="the auto arm measures now (an empty verdict cache) instead of reading a kept verdict")
     p.add_argument("--settle", type=float, default=0.0,
                    help="seconds idle before each timed call (MindSpore's threads spin on after a graph launch)")
     p.add_argument("--json")
     p.add_argument("--worker", choices=["mindnlp", "pytorch"], help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
-    a = p.parse_args()
+    return p
+
+
+def _forwarded(a):
+    """The worker's arguments from ``a``."""
+    return (["--config", a.config, "--seed", str(a.seed), "--batch", str(a.batch), "--repeats", str(a.repeats)]
+            + (["--no-stock"] if a.no_stock else []) + (["--layers", str(a.layers)] if a.layers else [])
+            + (["--products"] if a.products else []) + (["--isa", a.isa] if a.isa else [])
+            + (["--fresh-verdict"] if a.fresh_verdict else []) + ["--settle", str(a.settle)])
+
+
+def _verdict_text(r) -> str:
+    v = r.get("verdict") or {}
+    if not v:
+        return "-"
+    secs = ", ".join(f"{k} {t:.3f} s" for k, t in sorted((v.get("seconds") or {}).items()))
+    return f"{v.get('executor')} ({secs}; {v.get('source')})"
+
+
+def main() -> int:
+    a = parser().parse_args()
     if a.worker:
         out = worker_mindnlp(a) if a.worker == "mindnlp" else worker_pytorch(a)
         print(json.dumps(out))
@@ -220,37 +349,47 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         res = {}
         for worker in ("mindnlp", "pytorch", "pytorch2"):
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", worker[:7], "--folder", folder,
-                   "--config", a.config, "--seed", str(a.seed), "--batch", str(a.batch),
-                   "--repeats", str(a.repeats)] + (["--no-stock"] if a.no_stock else []) + (
-                       ["--layers", str(a.layers)] if a.layers else []) + (["--products"] if a.products else []) + ["--settle", str(a.settle)]
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", worker[:7], "--folder", folder] + _forwarded(a)
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
             if proc.returncode != 0:
                 print(f"the {worker} worker failed", file=sys.stderr)
                 return 1
             res[worker] = json.loads(proc.stdout.strip().splitlines()[-1])
-    arms, pt = res["mindnlp"]["arms"], res["pytorch"]
+    mind = res["mindnlp"]
+    arms, pt = mind["arms"], res["pytorch"]
     # PyTorch runs after the MindNLP process, twice (not interleaved with it): the faster run
     pt = min(res.pop("pytorch2"), pt, key=lambda r: r["median_s"])
     res["pytorch"] = pt
-    print(f"encoder, {a.config} (random weights, real dimensions, {res['mindnlp']['encoder_layers']} layers), "
-          f"batch {a.batch} x 3000 frames, "
-          f"{a.repeats} interleaved repeats, medians; fused kernels: "
-          f"{res['mindnlp']['fused_kernels']['library'] or res['mindnlp']['fused_kernels']['reason']}; "
-          f"fused: {res['mindnlp']['layers_per_launch']} layers a launch")
-    print("| arm | median s | min s | first s | vs PyTorch | rel diff |")
-    print("|---|---|---|---|---|---|")
+    kernels = mind["fused_kernels"]
+    cpu = mind["cpu"]
+    print(f"encoder, {a.config} (random weights, real dimensions, {mind['encoder_layers']} layers), "
+          f"batch {a.batch} x 3000 frames, {a.repeats} interleaved repeats, medians; "
+          f"CPU: {cpu['model']} ({cpu['arch']}; kernel variants it runs: {', '.join(cpu['runnable']) or 'none'}); "
+          f"kernels: {kernels['isa'] + ' ' + kernels['library'] if kernels['library'] else kernels['reason']}")
+    if kernels["library"] and mind["graphs_bound"] and mind["graphs_bound"] != kernels["library"]:
+        print(f"WARNING: the fused graphs ran {mind['graphs_bound']}, not {kernels['library']}", file=sys.stderr)
+    auto = arms.get(AUTO, {})
+    print(f"patch() (auto) ran: {auto.get('executor')}; verdict: {_verdict_text(auto)}; "
+          f"measuring calls before the timed ones: {len(mind['auto_measuring_s'])} "
+          f"({sum(mind['auto_measuring_s']):.2f} s)")
+    print("| arm | executor | layers a launch | median s | min s | first s | vs PyTorch | rel diff |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in arms.items():
         rel = "-" if r["rel_diff_vs_stock"] is None else f"{r['rel_diff_vs_stock']:.1e}"
-        print(f"| {name} | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['first_s']:.2f} | "
-              f"{r['median_s'] / pt['median_s']:.2f}x | {rel} |")
-    print(f"| PyTorch {pt['torch']} ({pt['threads']} threads) | {pt['median_s']:.3f} | {pt['min_s']:.3f} | "
+        label = f"{name} (patch()'s choice)" if name == AUTO else name
+        print(f"| {label} | {r.get('executor') or '-'} | {r.get('layers_per_launch') or '-'} | {r['median_s']:.3f} | "
+              f"{r['min_s']:.3f} | {r['first_s']:.2f} | {r['median_s'] / pt['median_s']:.2f}x | {rel} |")
+    print(f"| PyTorch {pt['torch']} ({pt['threads']} threads) | - | - | {pt['median_s']:.3f} | {pt['min_s']:.3f} | "
           f"{pt['first_s']:.2f} | 1.00x | {pt['rel_diff_vs_fused']:.1e} vs fused |")
+    executors = {n: r["median_s"] for n, r in arms.items() if n in ("plain", "fused", "fused, 1 layer a launch", HOST)}
+    if AUTO in arms and executors:
+        best = min(executors, key=executors.get)
+        print(f"auto takes {arms[AUTO]['median_s'] / executors[best]:.2f}x the fastest arm's time ({best})")
     if PRODUCTS in arms:
         print(f"fused takes {arms['fused']['median_s'] / arms[PRODUCTS]['median_s']:.2f}x the matrix products' time")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"config": a.config, "batch": a.batch, "repeats": a.repeats, **res}, f, indent=2)
+            json.dump({"config": a.config, "batch": a.batch, "repeats": a.repeats, "isa": a.isa, **res}, f, indent=2)
     return 0
 
 

@@ -60,7 +60,7 @@ def worker(a) -> dict:
 
     import whisper_accel
     from whisper_accel import models
-    from whisper_accel.groups.compiled import ENCODER
+    from whisper_accel.groups.encoder import ENCODER
     from whisper_accel.runtime import calls
 
     logging.set_verbosity_error()

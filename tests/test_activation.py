@@ -34,7 +34,7 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def run(code: str, value=None, strict=None, timeout=300):
+def run(code: str, value=None, strict=None, timeout=180):
     env = child_env()
     env["GLOG_v"] = "3"
     if value is not None:
@@ -51,6 +51,7 @@ def last_json(proc):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.subprocess
 def test_unset_imports_nothing_heavy():
     proc = run("""
         print(json.dumps({"heavy": [m for m in ("mindspore", "mindnlp", "whisper_accel", "wrapt")
@@ -63,6 +64,7 @@ def test_unset_imports_nothing_heavy():
     assert last_json(proc) == {"heavy": []}
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("imports", [
     "import mindnlp\nfrom transformers import WhisperForConditionalGeneration",
     "from mindnlp.transformers import WhisperForConditionalGeneration",
@@ -73,6 +75,7 @@ def test_set_patches_on_whisper_import_whatever_the_order(imports):
     assert last_json(proc) == {"patched": True, "groups": applied_here(), "depth": 1}
 
 
+@pytest.mark.subprocess
 def test_env_then_explicit_patch_and_unpatch_wraps_nothing_twice():
     proc = run("""
         import warnings
@@ -93,6 +96,7 @@ def test_env_then_explicit_patch_and_unpatch_wraps_nothing_twice():
     assert out["after_unpatch"] == {"patched": False, "groups": [], "depth": 0}
 
 
+@pytest.mark.subprocess
 def test_group_list_selects_groups():
     proc = run("""
         import mindnlp
@@ -103,6 +107,7 @@ def test_group_list_selects_groups():
     assert last_json(proc)["groups"] == (["conv1d"] if stack()["native_conv1d"] else [])
 
 
+@pytest.mark.subprocess
 def test_bad_value_warns_with_valid_values_and_stays_off():
     proc = run("""
         import mindnlp
@@ -114,6 +119,7 @@ def test_bad_value_warns_with_valid_values_and_stays_off():
     assert "attention" in proc.stderr and "1/true/all" in proc.stderr
 
 
+@pytest.mark.subprocess
 def test_bad_value_raises_in_strict_mode():
     proc = run("print('started')", value="nope", strict="1")
     assert proc.returncode != 0 and "not understood" in proc.stderr

@@ -204,22 +204,35 @@ def test_unreadable_model_folders(tmp_path):
         models.load_model(str(a_file))
 
 
+def _raised(fn):
+    with pytest.raises(Exception) as info:
+        fn()
+    return info.value
+
+
 def test_model_folder_with_bad_config_or_no_weights(tmp_path):
+    """A folder with a broken config.json or without weights: ``models.load_model`` raises what
+    transformers' own ``from_pretrained`` raises (class and message), patched or not, and the
+    message names the problem."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    from conftest import TINY
+
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
-    with pytest.raises(Exception) as info:
-        models.load_model(str(broken))
-    assert str(broken) in str(info.value) or "config.json" in str(info.value)
     no_weights = tmp_path / "no_weights"
     no_weights.mkdir()
-    from conftest import TINY
-    from transformers import WhisperConfig
-
     WhisperConfig(**TINY).save_pretrained(str(no_weights))
-    with pytest.raises(Exception) as info:
-        models.load_model(str(no_weights))
-    assert "weights" in str(info.value).lower() or ".safetensors" in str(info.value)
+    for folder, needle in ((broken, "config.json' is not a valid JSON file"),
+                           (no_weights, "model.safetensors")):
+        stock = _raised(lambda: WhisperForConditionalGeneration.from_pretrained(str(folder), local_files_only=True))
+        ours = _raised(lambda: models.load_model(str(folder)))
+        assert type(ours) is type(stock) is OSError
+        assert str(ours) == str(stock) and needle in str(ours) and str(folder) in str(ours)
+        with whisper_accel.patched():
+            patched = _raised(lambda: models.load_model(str(folder)))
+        assert type(patched) is OSError and str(patched) == str(stock)
     assert not whisper_accel.is_patched()
 
 

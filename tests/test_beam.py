@@ -512,16 +512,16 @@ def test_past_key_values_equal_stock(model):
 
 def test_cross_attention_is_shared_per_audio(model, monkeypatch):
     """One cross-K/V row per audio, not per beam: the graph gets B rows and groups the beams."""
-    from whisper_accel.runtime.model import CompiledWhisper
+    from whisper_accel.runtime.decoder_engine import DecoderEngine
 
     seen = []
-    real = CompiledWhisper.decode_beams
+    real = DecoderEngine.decode_beams
 
     def spy(self, ids, pos0, k, v, beam_idx, kx, vx, beams, cross=None, padding=None):
         seen.append((int(ids.shape[0]), int(kx[0].shape[0]), beams))
         return real(self, ids, pos0, k, v, beam_idx, kx, vx, beams, cross, padding)
 
-    monkeypatch.setattr(CompiledWhisper, "decode_beams", spy)
+    monkeypatch.setattr(DecoderEngine, "decode_beams", spy)
     stock, ours = both(model, features(2, seed=14), num_beams=4, max_new_tokens=6)
     assert seen and all(s == (8, 2, 4) for s in seen)
     assert_same(stock, ours)

@@ -100,11 +100,48 @@ def test_a_variant_that_raises_is_reported_and_not_run_again():
     for stage in ("encoder", "generate"):
         stock = by["stock", stage]
         assert stock.error is None and stock.repeats == 2 and stock.reference == bench.REF_STOCK
-    assert by["stock", "generate"].tokens_equal is True
     assert any("skipped: failed in the encoder stage" in line for line in lines)
     assert bench.failed(rows)  # a patched variant failing is a bench failure
     table = bench.format_table(rows)
     assert "all FAILED (encoder): RuntimeError: boom" in table and "*" not in table
+    assert not whisper_accel.is_patched()
+
+
+class _WrongWhisper(_FakeWhisper):
+    """Duck-typed model whose patched arm runs but returns other tokens and another encoder
+    output than stock: the comparison must say so (it is what the bench checks everything by)."""
+
+    def _encode(self, feats):
+        return types.SimpleNamespace(last_hidden_state=_Out([1.0, 2.5] if whisper_accel.is_patched() else [1.0, 2.0]))
+
+    def generate(self, feats, **kw):
+        return _Out([[1, 2, 4]] if whisper_accel.is_patched() else [[1, 2, 3]])
+
+
+def test_patched_tokens_and_outputs_are_checked_against_stock():
+    """``tokens_equal`` / ``max_rel_diff`` of a patched row compare it with the STOCK run: a
+    patched arm that differs is flagged, the bench fails; the same model that agrees passes."""
+    rows = bench.compare(_WrongWhisper(), None, stages=("encoder", "generate"),
+                         variants=("stock", "all"), repeats=1)
+    by = {(r.variant, r.stage): r for r in rows}
+    assert by["all", "generate"].tokens_equal is False and by["all", "generate"].reference == bench.REF_STOCK
+    expected = np.linalg.norm([0.0, 0.5]) / np.linalg.norm([1.0, 2.0])
+    assert by["all", "encoder"].max_rel_diff == pytest.approx(expected, rel=1e-6)
+    assert bench.failed(rows)
+    assert "DIFFER!" in bench.format_table(rows) and "TOKEN MISMATCH vs stock" in bench.format_table(rows)
+
+    class _RightWhisper(_WrongWhisper):
+        def _encode(self, feats):
+            return types.SimpleNamespace(last_hidden_state=_Out([1.0, 2.0]))
+
+        def generate(self, feats, **kw):
+            return _Out([[1, 2, 3]])
+
+    rows = bench.compare(_RightWhisper(), None, stages=("encoder", "generate"), variants=("stock", "all"),
+                         repeats=1)
+    by = {(r.variant, r.stage): r for r in rows}
+    assert by["all", "generate"].tokens_equal is True and by["all", "encoder"].max_rel_diff == 0.0
+    assert not bench.failed(rows)
     assert not whisper_accel.is_patched()
 
 

@@ -13,6 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
+@pytest.mark.timeout(480)
 def test_seed_scale_counts_the_windows_long_form_decodes():
     """``seed_scale.py`` divides generate's time by the windows long-form decoded. With random
     weights and 4 forced tokens a segment's last timestamp ends early, so the seek moves by less
@@ -24,7 +26,7 @@ def test_seed_scale_counts_the_windows_long_form_decodes():
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "seed_scale.py"), "--arm", "patched", "--config", "tiny",
            "--dtype", "float32", "--seconds", "70", "--tokens", "4"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["windows"] == out["encoder_calls"] > 3
@@ -62,3 +64,67 @@ def test_encoder_products_arm_runs_every_matrix_product(monkeypatch):
     assert layer[:4] == [((3000, 64), (64, 64))] * 4
     assert layer[4:6] == [((1500, 16), (16, 1500)), ((1500, 1500), (1500, 16))]
     assert layer[-2:] == [((3000, 64), (64, 128)), ((3000, 128), (128, 64))]
+
+
+def _encoder_bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("encoder_bench", os.path.join(ROOT, "benchmarks", "encoder.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_encoder_arms_are_configs_and_the_worker_gets_isa():
+    """``encoder.py``'s arms are Config objects over the environment's (no module globals), one
+    per executor plus ``auto`` (what ``patch()`` runs); ``--isa`` reaches every arm and the
+    worker's command line."""
+    from whisper_accel.config import Config
+
+    bench = _encoder_bench()
+    configs = bench.arm_configs(Config(isa="avx2", group_bytes=123))
+    assert list(configs) == ["plain", "fused, 1 layer a launch", "fused", "host", "auto"]
+    assert {n: c.encoder for n, c in configs.items()} == {
+        "plain": "plain", "fused, 1 layer a launch": "fused", "fused": "fused", "host": "host", "auto": "auto"}
+    assert all(c.isa == "avx2" for c in configs.values())
+    assert configs["fused, 1 layer a launch"].group_bytes == 0 and configs["fused"].group_bytes == 123
+    assert configs["auto"].measure and bench.AUTO == "auto"
+    a = bench.parser().parse_args(["--config", "base", "--isa", "avx2", "--fresh-verdict", "--layers", "2"])
+    forwarded = bench._forwarded(a)
+    assert forwarded[forwarded.index("--isa") + 1] == "avx2" and "--fresh-verdict" in forwarded
+    assert forwarded[forwarded.index("--layers") + 1] == "2"
+    with pytest.raises(SystemExit):
+        bench.parser().parse_args(["--isa", "sse2"])
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_encoder_worker_runs_every_arm_on_the_forced_isa(fused_library, tmp_path):
+    """The MindNLP worker on a 1-layer tiny encoder with the narrowest kernel variant this CPU
+    runs forced: each forced arm ran its executor, the auto arm measured (an empty verdict cache)
+    and ran its verdict, the graphs were bound to the forced variant, outputs agree."""
+    from whisper_accel.kernels import isa
+    from whisper_accel.runtime import choice
+
+    forced = isa.runnable(isa.cpu())[-1].name
+    env = child_env()
+    env["GLOG_v"] = "3"
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "encoder.py"), "--worker", "mindnlp", "--folder",
+           str(tmp_path), "--config", "tiny", "--layers", "1", "--repeats", "1", "--no-stock", "--isa", forced,
+           "--fresh-verdict"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["fused_kernels"]["isa"] == forced and out["graphs_bound"] == out["fused_kernels"]["library"]
+    arms = out["arms"]
+    assert {n: arms[n]["executor"] for n in ("plain", "fused, 1 layer a launch", "fused", "host")} == {
+        "plain": "plain", "fused, 1 layer a launch": "fused", "fused": "fused", "host": "host"}
+    assert arms["fused, 1 layer a launch"]["layers_per_launch"] == 1 and arms["host"]["layers_per_launch"] is None
+    verdict = arms["auto"]["verdict"]
+    assert verdict["source"].startswith("measured") and set(verdict["seconds"]) == {"host", "fused"}
+    timed = choice.SHORT_RUNS if min(verdict["seconds"].values()) < choice.SHORT_S else 1
+    # after the first call (the rule's fused): host's warm-up, then the timed calls round-robin
+    assert arms["auto"]["executor"] == verdict["executor"] and len(out["auto_measuring_s"]) == 1 + 2 * timed
+    assert all(not r["faults"] for r in arms.values())
+    assert all(r["rel_diff_vs_stock"] < 1e-5 for r in arms.values())  # against the plain arm (no stock)

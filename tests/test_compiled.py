@@ -1,4 +1,6 @@
-"""Compiled (mindspore.jit) encoder / decoder-step path: equivalence with stock and fallbacks.
+"""The encoder and decoder-step replacements (the engines of runtime/encoder_engine.py and
+runtime/decoder_engine.py behind ``WhisperEncoder.forward`` and
+``WhisperForConditionalGeneration.forward``): equivalence with stock and fallbacks.
 
 A seeded random 2-layer Whisper with small dims keeps compile + run time low.
 """
@@ -11,13 +13,25 @@ import torch  # noqa: E402  (mindtorch, via mindnlp)
 
 from transformers.models.whisper import modeling_whisper as mw  # noqa: E402
 
+from whisper_accel import config  # noqa: E402
 from whisper_accel._patcher import Patch, Patcher  # noqa: E402
-from whisper_accel.groups import compiled as G  # noqa: E402
-from whisper_accel.runtime import model as C  # noqa: E402
+from whisper_accel.config import Config  # noqa: E402
+from whisper_accel.groups import decoder as D  # noqa: E402
+from whisper_accel.groups import encoder as E  # noqa: E402
+from whisper_accel.runtime import decoder_engine  # noqa: E402
+from whisper_accel.runtime.arranged import DecoderWeights, EncoderWeights  # noqa: E402
 from whisper_accel.runtime.binding import ATTR  # noqa: E402
+from whisper_accel.runtime.decoder_engine import DecoderEngine  # noqa: E402
+from whisper_accel.runtime.encoder_engine import EncoderEngine  # noqa: E402
 from conftest import mini_model  # noqa: E402
 
 N_MELS, SRC_POS = 16, 64  # input frames = 2 * SRC_POS
+
+
+def _config(**changes) -> Config:
+    """This session's config from the environment (its cache directory: never the user's) with
+    ``changes``. A bare ``Config(...)`` would build the kernels in ~/.cache/whisper_accel."""
+    return Config.from_env().with_(**changes)
 
 
 def _rel(a, b):
@@ -36,8 +50,8 @@ def feats():
     return torch.tensor(rng.standard_normal((1, N_MELS, 2 * SRC_POS)).astype(np.float32))
 
 
-PATCHES = [Patch("compiled", mw.WhisperEncoder, "forward", G.make_encoder_forward),
-           Patch("compiled", mw.WhisperForConditionalGeneration, "forward", G.make_generation_forward)]
+PATCHES = [Patch("encoder", mw.WhisperEncoder, "forward", E.make_encoder_forward),
+           Patch("decoder", mw.WhisperForConditionalGeneration, "forward", D.make_generation_forward)]
 
 
 @pytest.fixture
@@ -71,27 +85,35 @@ def test_encoder_matches_stock(model, feats, stock, patched):
     with torch.no_grad():
         out = model.model.encoder(feats)
         tup = model.model.encoder(feats, return_dict=False)
-    assert isinstance(model.model.encoder.__dict__.get(ATTR), C.CompiledWhisper)  # fast path ran
+    assert isinstance(model.model.encoder.__dict__.get(ATTR), EncoderEngine)  # fast path ran
     assert _rel(out.last_hidden_state.asnumpy(), stock["enc"]) < 1e-4
     assert isinstance(tup, tuple) and len(tup) == 1
     assert _rel(tup[0].asnumpy(), stock["enc"]) < 1e-4
 
 
-def test_whole_encoder_graph_option_matches_stock(model, feats, stock, patched, monkeypatch):
-    monkeypatch.setattr(C, "WHOLE_ENCODER_GRAPH", True)
-    with torch.no_grad():
-        out = model.model.encoder(feats)
+def test_whole_encoder_graph_option_matches_stock(model, feats, stock, patched):
+    """``_config(whole_encoder_graph=True)``: the plain graphs run every layer in one launch."""
+    model.model.encoder.__dict__.pop(ATTR, None)
+    config.activate(_config(encoder="plain", whole_encoder_graph=True))
+    try:
+        with torch.no_grad():
+            out = model.model.encoder(feats)
+        eng = model.model.encoder.__dict__[ATTR]
+    finally:
+        config.activate(None)
+        model.model.encoder.__dict__.pop(ATTR, None)
+    assert eng.executor == "plain" and eng.layers_per_launch == len(model.model.encoder.layers)
     assert _rel(out.last_hidden_state.asnumpy(), stock["enc"]) < 1e-4
 
 
 def test_generate_tokens_identical(model, feats, stock, patched):
     out = _gen(model, feats)
-    assert isinstance(model.__dict__.get(ATTR), C.CompiledWhisper)
+    assert isinstance(model.__dict__.get(ATTR), DecoderEngine)
     assert np.array_equal(out, stock["gen"])
 
 
 def test_generate_with_cache_growth(model, feats, stock, patched, monkeypatch):
-    monkeypatch.setattr(C, "BUCKETS", (4, 8, 16, 64))  # forces three grow_cache steps in 21 tokens
+    monkeypatch.setattr(decoder_engine, "BUCKETS", (4, 8, 16, 64))  # forces three grow_cache steps in 21 tokens
     assert np.array_equal(_gen(model, feats), stock["gen"])
 
 
@@ -195,8 +217,10 @@ def test_compiled_model_is_kept_across_calls(model, feats, patched):
     enc_cw, dec_cw = model.model.encoder.__dict__[ATTR], model.__dict__[ATTR]
     _gen(model, feats, n=4)
     assert model.model.encoder.__dict__[ATTR] is enc_cw and model.__dict__[ATTR] is dec_cw
-    assert enc_cw.has_encoder and not enc_cw.has_decoder  # the encoder is arranged once, by itself
-    assert dec_cw.has_decoder and not dec_cw.has_encoder
+    # the encoder is arranged once, by itself: an encoder engine has no decoder weights, and vice versa
+    assert isinstance(enc_cw, EncoderEngine) and isinstance(enc_cw.weights, EncoderWeights)
+    assert isinstance(dec_cw, DecoderEngine) and isinstance(dec_cw.weights, DecoderWeights)
+    assert not hasattr(enc_cw, "cross_kv") and not hasattr(dec_cw, "encode")
 
 
 def test_inplace_encoder_update_is_seen(model, feats, stock, patched):

@@ -8,13 +8,14 @@ MindNLP on MindSpore 2.7 CPU gave wrong results when several threads ran Whisper
 from __future__ import annotations
 
 import threading
+import time
 
 import mindnlp  # noqa: F401  (first: torch -> mindtorch before transformers)
 import numpy as np
 import pytest
 
 import whisper_accel
-from conftest import build_model, features, rel_diff
+from conftest import build_model, features, in_threads, join_all, rel_diff
 
 SMALL = dict(encoder_layers=2, decoder_layers=2, d_model=64, encoder_attention_heads=4,
              decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
@@ -34,25 +35,8 @@ def _work(model, feats, tokens):
 
 
 def _in_threads(fn, n):
-    results, errors = [None] * n, []
-    barrier = threading.Barrier(n)
-
-    def run(i):
-        try:
-            barrier.wait()
-            results[i] = fn(i)
-        except BaseException as exc:  # noqa: BLE001 - surfaced below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)
-    assert not any(t.is_alive() for t in threads), "a worker hung"
-    if errors:
-        raise errors[0]
-    return results
+    """Daemon threads, one shared 120 s deadline for all of them (conftest.in_threads)."""
+    return in_threads(fn, n, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +70,7 @@ def test_patched_8_threads_shared_model_equal_single_threaded_stock(model, input
     _compare(results, reference)
 
 
+@pytest.mark.timeout(600)
 @pytest.mark.slow
 @pytest.mark.parametrize("repeat", range(3))
 def test_patched_8_threads_separate_models_slow(inputs, reference, repeat):
@@ -124,17 +109,25 @@ def test_patch_unpatch_from_other_threads_while_inference_runs(model, inputs, re
                 toggle_errors.append(exc)
             j += 1
 
-    togglers = [threading.Thread(target=toggler, args=(k,)) for k in range(2)]
+    togglers = [threading.Thread(target=toggler, args=(k,), daemon=True) for k in range(2)]
     for t in togglers:
         t.start()
+    overlapped = []
     try:
-        results = [_work(model, inputs[i], 0) for i in range(4)]
+        deadline = time.monotonic() + 30
+        while not last and time.monotonic() < deadline:  # the togglers are running before inference starts
+            time.sleep(0.001)
+        results = []
+        for i in range(4):
+            before = len(last)
+            results.append(_work(model, inputs[i], 0))
+            overlapped.append(len(last) - before)  # toggles that happened during this forward
     finally:
         stop.set()
-        for t in togglers:
-            t.join()
+        join_all(togglers, 60)
     assert not toggle_errors, toggle_errors[:3]
-    assert len(last) > 2
+    # every forward really ran while patch()/unpatch() were being called (else the test proves nothing)
+    assert all(n >= 1 for n in overlapped), overlapped
     assert whisper_accel.is_patched() == last[-1]
     from transformers.models.whisper import modeling_whisper as mw
     from whisper_accel._patcher import is_ours, wrapper_depth

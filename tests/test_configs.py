@@ -1,10 +1,11 @@
-"""The built-in configs (``whisper_accel.models.CONFIGS``) through the compiled paths.
+"""The built-in configs (``whisper_accel.models.CONFIGS``) through the encoder and decoder engines.
 
 Each config keeps its mel bins (80, or 128 for the large-v3 family), vocabulary (51865, or
 51866) and head size (64) here, with its own encoder and decoder layer counts (large-v3-turbo:
 32/4, distil-large-v3: 32/2). Patched vs stock on seeded random weights: encoder outputs within
 1e-4 relative norm (as tests/test_compiled.py), greedy and beam-search (``num_beams=2``) token
-ids identical, and the compiled encoder, greedy step and beam step graphs actually ran.
+ids identical, and the encoder engine, greedy steps and beam steps actually ran (on whichever
+executor the engines chose).
 
 * fast: a large-v3-turbo-shaped model (128 mels, 51866 tokens, 3 encoder / 2 decoder layers)
   at a quarter of the width (5 heads of 64, d_model 320) and 200 input frames, 4 greedy and 3
@@ -58,8 +59,8 @@ def test_configs_have_the_checkpoints_dimensions():
 
 
 def _stock_vs_patched(model, feats, tokens=6, beam_tokens=4):
-    """Encoder output, greedy ids and 2-beam ids, stock then patched (fresh compiled state),
-    and the graphs the patched run launched."""
+    """Encoder output, greedy ids and 2-beam ids, stock then patched (fresh engines), and the
+    engines' operations the patched run took, with the executor that ran each last."""
     with torch.no_grad():
         enc = model.model.encoder(feats).last_hidden_state.asnumpy()
     stock = (enc, greedy(model, feats, tokens), greedy(model, feats, beam_tokens, num_beams=2))
@@ -69,8 +70,9 @@ def _stock_vs_patched(model, feats, tokens=6, beam_tokens=4):
         with torch.no_grad():
             enc = model.model.encoder(feats).last_hidden_state.asnumpy()
         patched = (enc, greedy(model, feats, tokens), greedy(model, feats, beam_tokens, num_beams=2))
-    ran = {key[0] for key in model.model.encoder.__dict__[ATTR].compiled_shapes}
-    ran |= {key[0] for key in model.__dict__[ATTR].compiled_shapes}
+    enc, dec = model.model.encoder.__dict__[ATTR], model.__dict__[ATTR]
+    ran = {"encode": enc.executor} if enc.compiled_shapes else {}
+    ran.update({op: dec.executor(op) for op in ("decode_next", "decode_beams") if dec.executor(op)})
     return stock, patched, ran
 
 
@@ -78,7 +80,7 @@ def _check(model, frames, tokens=6, beam_tokens=4):
     cfg = model.config
     feats = features(frames=frames, mel=cfg.num_mel_bins, seed=3)
     stock, patched, ran = _stock_vs_patched(model, feats, tokens, beam_tokens)
-    assert {"encode", "next", "beams"} <= ran, ran  # the compiled encoder, greedy and beam steps
+    assert {"encode", "decode_next", "decode_beams"} <= set(ran), ran  # the encoder, greedy and beam steps
     assert patched[0].shape == (1, frames // 2, cfg.d_model)
     assert rel_diff(patched[0], stock[0]) < 1e-4
     np.testing.assert_array_equal(patched[1], stock[1])

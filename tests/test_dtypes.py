@@ -5,8 +5,9 @@ Findings (MindSpore 2.7.0 CPU, MindNLP 0.5.1), stock:
   Conv2D-emulated conv1d (BiasAdd dtype clash); the decoder fails in a Dense (f32 x f16).
 * bfloat16: MindSpore CPU has no bf16 Conv2D/Mul kernels, so a bf16 Whisper cannot run at all.
 
-Patched (``compiled`` group), half-precision models run the compiled graphs in float32 on upcast
-copies of their weights, and outputs come back in the model's dtype. The contract tested here:
+Patched (the ``encoder`` and ``decoder`` groups: runtime/encoder_engine.py, runtime/decoder_engine.py),
+half-precision models run in float32 on upcast copies of their weights (the host decoder steps
+read the weight matrices as stored), and outputs come back in the model's dtype. The contract tested here:
 from the first call, encoder outputs equal (within the output dtype's rounding) and greedy tokens
 are identical to a float32 model holding the same (rounded) weights, and within 1e-2 of the
 original float32 model.
@@ -82,6 +83,10 @@ def test_patched_half_encoder_works_from_first_call(name, fp32_reference):
     whisper_accel.patch()
     out = _encode(half, features(**FEATS).to(dtype))  # first call on this model
     assert out.dtype == dtype
+    from whisper_accel.runtime.binding import ATTR
+
+    eng = half.model.encoder.__dict__[ATTR]  # the encoder engine ran it, not stock code
+    assert eng.model_dtype == dtype and eng.executor in ("host", "fused", "plain")
     assert rel_diff(out.float(), expected) < ROUNDING[name]
     assert rel_diff(out.float(), fp32_reference) < 1e-2
 
@@ -100,7 +105,7 @@ def test_patched_half_generate_tokens_equal_upcast_model(name):
 
 @pytest.mark.parametrize("name", ["float16", "bfloat16"])
 def test_patched_half_decoder_forward_logits(name):
-    """The compiled decoder step (not only the greedy loop) returns logits in the model dtype."""
+    """The decoder engine's step (not only the greedy loop) returns logits in the model dtype."""
     import torch
 
     dtype = getattr(torch, name)

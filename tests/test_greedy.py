@@ -145,7 +145,7 @@ def test_unsupported_options_take_stock_loop(model, kw):
     np.testing.assert_array_equal(_np(seq(got)), _np(seq(ref)))
 
 
-def test_streamer_takes_stock_loop(model):
+def _streamed(model, patched):
     seen = []
 
     class Streamer:
@@ -155,23 +155,58 @@ def test_streamer_takes_stock_loop(model):
         def end(self):
             seen.append("end")
 
-    with whisper_accel.patched(**ONLY_GREEDY):
-        _fresh(model)
-        out = _gen(model, _feats(), max_new_tokens=5, min_new_tokens=5, streamer=Streamer())
-        assert not _ran_fast(model)
-    assert seen[-1] == "end" and len(seen) == 1 + 5 + 1  # prompt, 5 tokens, end
-    assert out.shape[1] == 5
+    _fresh(model)
+    if patched:
+        with whisper_accel.patched(**ONLY_GREEDY):
+            out = _gen(model, _feats(), max_new_tokens=5, min_new_tokens=5, streamer=Streamer())
+            fast = _ran_fast(model)
+    else:
+        out, fast = _gen(model, _feats(), max_new_tokens=5, min_new_tokens=5, streamer=Streamer()), None
+    return _np(out), seen, fast
+
+
+def test_streamer_runs_the_fast_loop(model):
+    """A streamer runs on the fast greedy loop: it sees what it sees on stock (prompt, each
+    token, end) and the result is stock's."""
+    stock_out, stock_seen, _ = _streamed(model, patched=False)
+    out, seen, fast = _streamed(model, patched=True)
+    assert fast is True
+    assert seen[-1] == "end" and len(seen) == len(stock_seen) == 1 + 5 + 1  # prompt, 5 tokens, end
+    for a, b in zip(seen[:-1], stock_seen[:-1]):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(out, stock_out)
 
 
 def test_sampling_runs_the_fast_loop(model):
-    # Whisper turns sampling on through ``temperature`` (it overrides ``do_sample``); the
-    # distributions are checked against stock in test_sampling.py
+    """Whisper turns sampling on through ``temperature``. Stock's samples cannot be reproduced
+    (its multinomial is unseeded under mindtorch), so: a seeded run repeats exactly, and every
+    sampled token is a token stock's own distribution gives real probability to at that step
+    (stock logits for the sampled prefix, temperature 0.7, suppressed tokens excluded);
+    per-step distributions equal to stock's are checked in test_sampling.py."""
+    feats, temperature = _feats(), 0.7
+
+    def sample():
+        np.random.seed(1234)
+        with torch.no_grad():
+            return _np(model.generate(feats, max_new_tokens=5, min_new_tokens=5, temperature=temperature))
+
     with whisper_accel.patched(**ONLY_GREEDY):
         _fresh(model)
-        with torch.no_grad():
-            out = model.generate(_feats(), max_new_tokens=5, min_new_tokens=5, temperature=0.7)
+        out = sample()
         assert _ran_fast(model)
-    assert out.shape[1] == 5
+        again = sample()
+    np.testing.assert_array_equal(out, again)
+    assert out.shape == (1, 5)
+    start = model.generation_config.decoder_start_token_id
+    prefix = torch.tensor(np.concatenate([[[start]], out[:, :-1]], axis=1).astype(np.int64))
+    with torch.no_grad():
+        logits = _np(model(feats, decoder_input_ids=prefix).logits)[0].astype(np.float64)  # stock forward
+    z = logits / temperature
+    probs = np.exp(z - z.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    for step, token in enumerate(out[0]):
+        assert token not in (11, 12) and not (step == 0 and token in (5, 7)), (step, token)  # suppressed
+        assert probs[step, token] > 1e-6, (step, token, probs[step, token])
 
 
 def test_unpatch_restores_inherited_sample():

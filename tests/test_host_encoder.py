@@ -12,12 +12,20 @@ import torch  # noqa: E402  (mindtorch, via mindnlp)
 
 import whisper_accel  # noqa: E402
 from conftest import build_model, features, rel_diff  # noqa: E402
-from whisper_accel.runtime import host_calls, host_encoder, native  # noqa: E402
-from whisper_accel.runtime import model as rm  # noqa: E402
+from whisper_accel import config  # noqa: E402
+from whisper_accel.config import Config  # noqa: E402
+from whisper_accel.runtime import host_calls, host_encoder, kernel_checks, native  # noqa: E402
 from whisper_accel.runtime.binding import ATTR  # noqa: E402
 
-HERE = native.state()
-pytestmark = pytest.mark.skipif(HERE["library"] is None, reason=f"fused kernels unavailable here: {HERE['reason']}")
+
+def _config(**changes) -> Config:
+    """This session's config from the environment (its cache directory: never the user's) with
+    ``changes``. A bare ``Config(...)`` would build the kernels in ~/.cache/whisper_accel."""
+    return Config.from_env().with_(**changes)
+
+
+#: The host encoder wherever it can run (``auto`` measures it against the fused graphs).
+HOST = _config(encoder="host")
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +34,15 @@ def model():
 
 
 @pytest.fixture(autouse=True)
-def host_wherever_usable(monkeypatch):
-    """The host encoder wherever it can run (by default, "auto", only where the fused graphs
-    would take several launches: not tiny, which is one graph)."""
-    monkeypatch.setattr(rm, "HOST_ENCODER", True)
+def _kernels(fused_library):
+    """Every test here runs the fused kernels (skips only where they are switched off or their
+    prerequisites are missing; fails where they should work)."""
+    return fused_library
+
+
+def _host(eng):
+    """The engine's HostEncoder (None before its first call, or when it cannot be built)."""
+    return eng.engine.executors["host"].impl
 
 
 def _encode(model, feats, fresh=True):
@@ -41,18 +54,18 @@ def _encode(model, feats, fresh=True):
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-def test_the_host_encoder_equals_stock_and_the_graphs(model, monkeypatch, batch):
+def test_the_host_encoder_equals_stock_and_the_graphs(model, batch):
     feats = features(batch, seed=30)
     with torch.no_grad():
         stock = model.model.encoder(feats).last_hidden_state.asnumpy()
-    with whisper_accel.patched():
-        host, cw = _encode(model, feats)
-        assert cw.encoder_kernels == "host" and cw._host_enc.calls == 1
+    with whisper_accel.patched(config=HOST):
+        host, eng = _encode(model, feats)
+        assert eng.executor == "host" and _host(eng).calls == 1
         again, _ = _encode(model, feats, fresh=False)  # the kept buffers, a second call
-        assert cw._host_enc.calls == 2
-        monkeypatch.setattr(rm, "HOST_ENCODER", False)
-        graphs, cw = _encode(model, feats)
-        assert cw.encoder_kernels == "fused"
+        assert _host(eng).calls == 2
+        config.activate(_config(encoder="fused"))
+        graphs, eng = _encode(model, feats)
+        assert eng.executor == "fused"
     assert host.shape == stock.shape == (batch, 1500, 384)
     assert rel_diff(host, stock) < 1e-4
     assert rel_diff(host, graphs) < 1e-5
@@ -62,11 +75,11 @@ def test_the_host_encoder_equals_stock_and_the_graphs(model, monkeypatch, batch)
 def test_batch_sizes_alternate_on_one_model(model):
     """The work arrays are per batch size: 1, 2, 1 give each batch's own result."""
     one, two = features(1, seed=31), features(2, seed=32)
-    with whisper_accel.patched():
-        a, cw = _encode(model, one)
+    with whisper_accel.patched(config=HOST):
+        a, eng = _encode(model, one)
         b, _ = _encode(model, two, fresh=False)
         c, _ = _encode(model, one, fresh=False)
-        assert cw.encoder_kernels == "host" and cw._host_enc.calls == 3
+        assert eng.executor == "host" and _host(eng).calls == 3
     assert np.array_equal(a, c)
     with torch.no_grad():
         stock = model.model.encoder(two).last_hidden_state.asnumpy()
@@ -76,9 +89,9 @@ def test_batch_sizes_alternate_on_one_model(model):
 def test_a_half_precision_model_encodes_on_the_host_from_its_float32_copy():
     half = build_model(seed=9).to(torch.float16)
     feats = features(1, seed=33).to(torch.float16)
-    with whisper_accel.patched():
-        out, cw = _encode(half, feats)
-    assert cw.encoder_kernels == "host" and out.dtype == np.float16
+    with whisper_accel.patched(config=HOST):
+        out, eng = _encode(half, feats)
+    assert eng.executor == "host" and out.dtype == np.float16
     same = build_model(seed=9)
     same.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
     with torch.no_grad():
@@ -89,40 +102,43 @@ def test_a_half_precision_model_encodes_on_the_host_from_its_float32_copy():
 def test_weights_it_cannot_read_keep_the_graphs(model, monkeypatch):
     feats = features(1, seed=34)
     monkeypatch.setattr(host_calls, "same", lambda view, t: False)  # no view reads its tensor
-    with whisper_accel.patched():
-        out, cw = _encode(model, feats)
-    assert cw._host_enc is False and cw.encoder_kernels == "fused"
+    with whisper_accel.patched(config=HOST):
+        out, eng = _encode(model, feats)
+    assert _host(eng) is None and eng.executor == "fused"
+    assert set(eng.engine.faults) == {"host"} and eng.engine.faults["host"].startswith("unavailable")
     with torch.no_grad():
         stock = model.model.encoder(feats).last_hidden_state.asnumpy()
     assert rel_diff(out, stock) < 1e-4
 
 
 def test_it_takes_only_whisper_shaped_features(model):
-    with whisper_accel.patched():
-        _, cw = _encode(model, features(1, seed=35))
-    enc = cw._host_enc
+    with whisper_accel.patched(config=HOST):
+        _, eng = _encode(model, features(1, seed=35))
+    enc = _host(eng)
     assert enc.fits((1, 80, 3000)) and enc.fits((3, 80, 3000))
     assert not enc.fits((1, 80, 2998)) and not enc.fits((1, 128, 3000)) and not enc.fits((80, 3000))
 
 
-def test_by_default_it_runs_where_the_graphs_would_take_several_launches(model, monkeypatch):
-    """"auto": tiny's four layers are one fused graph launch (the graphs then measured faster),
-    so they stay there; with a budget of one layer a launch they run on the host."""
+def test_the_fixed_rule_runs_it_where_the_graphs_would_take_several_launches(model):
+    """``auto`` without measuring (the rule, also a measured case's first call): tiny's four
+    layers are one fused graph launch, so they stay there; with a budget of one layer a launch
+    they run on the host; with the whole encoder in one graph, fused again."""
     feats = features(1, seed=37)
-    monkeypatch.setattr(rm, "HOST_ENCODER", "auto")
-    with whisper_accel.patched():
-        one_graph, cw = _encode(model, feats)
-        assert cw.encoder_kernels == "fused" and cw.encoder_layers_per_launch == 4
-        monkeypatch.setattr(rm, "GROUP_BYTES", 0)
-        host, cw = _encode(model, feats)
-        assert cw.encoder_kernels == "host"
-        monkeypatch.setattr(rm, "WHOLE_ENCODER_GRAPH", True)
-        whole, cw = _encode(model, feats)
-        assert cw.encoder_kernels == "fused"
+    with whisper_accel.patched(config=_config(encoder="auto", measure=False)):
+        one_graph, eng = _encode(model, feats)
+        assert eng.executor == "fused" and eng.layers_per_launch == 4 and eng.choice is None
+        config.activate(_config(encoder="auto", measure=False, group_bytes=0))
+        host, eng = _encode(model, feats)
+        assert eng.executor == "host" and eng.layers_per_launch is None
+        config.activate(_config(encoder="auto", measure=False, group_bytes=0, whole_encoder_graph=True))
+        whole, eng = _encode(model, feats)
+        assert eng.executor == "fused" and eng.layers_per_launch == 4
     assert rel_diff(host, one_graph) < 1e-5 and rel_diff(whole, one_graph) < 1e-6
 
 
-def test_a_failing_host_encoder_falls_back_to_the_plain_graphs(model, monkeypatch):
+def test_a_failing_host_encoder_falls_back_to_the_next_executor(model, monkeypatch, fused_library):
+    """The host encoder's fault is this engine's: the fused graphs run the call (and the next
+    ones); the kernels stay on for the process."""
     feats = features(1, seed=36)
     with torch.no_grad():
         stock = model.model.encoder(feats).last_hidden_state.asnumpy()
@@ -131,25 +147,24 @@ def test_a_failing_host_encoder_falls_back_to_the_plain_graphs(model, monkeypatc
         raise RuntimeError("injected host encoder failure")
 
     monkeypatch.setattr(host_encoder.HostEncoder, "__call__", broken)
-    try:
-        with whisper_accel.patched():
-            out, cw = _encode(model, feats)
-        assert cw.encoder_kernels == "mindspore"
-        assert "injected host encoder failure" in native.state()["reason"]
-        assert rel_diff(out, stock) < 1e-4
-    finally:
-        native.reset()
-        native.state()
+    with whisper_accel.patched(config=HOST):
+        out, eng = _encode(model, feats)
+        again, _ = _encode(model, feats, fresh=False)
+    assert eng.executor == "fused" and set(eng.engine.faults) == {"host"}
+    assert eng.engine.faults["host"].startswith("fault in encode")
+    assert "injected host encoder failure" in eng.engine.faults["host"]
+    assert native.state()["library"] is not None  # the kernels stay on for the process
+    assert rel_diff(out, stock) < 1e-4 and rel_diff(again, stock) < 1e-4
 
 
-def test_attention_bias_passes_its_check_and_a_wrong_one_is_reported(monkeypatch):
-    """``native.check_host`` (part of the check a library passes before use): AttentionBias
-    equals Attention on q and v biased and scaled beforehand, bit for bit; a kernel that scales
-    q 0.1% too much is reported."""
+def test_attention_bias_passes_its_check_and_a_wrong_one_is_reported(fused_library, monkeypatch):
+    """``kernel_checks.check_host`` (part of the check a library passes before use):
+    AttentionBias equals Attention on q and v biased and scaled beforehand, bit for bit; a
+    kernel that scales q 0.1% too much is reported."""
     import ctypes
 
-    assert native.check_host(HERE["library"]) is None
-    real = ctypes.CDLL(HERE["library"])
+    assert kernel_checks.check_host(fused_library) is None
+    real = ctypes.CDLL(fused_library)
 
     def overscaled(n, params, *rest):
         ctypes.cast(params[5], ctypes.POINTER(ctypes.c_float))[0] *= 1.001
@@ -159,5 +174,5 @@ def test_attention_bias_passes_its_check_and_a_wrong_one_is_reported(monkeypatch
         Attention = real.Attention
         AttentionBias = staticmethod(overscaled)
 
-    monkeypatch.setattr(native.ctypes, "CDLL", lambda path: Library())
-    assert native.check_host(HERE["library"]) == "kernel AttentionBias differs from Attention on the biased inputs"
+    monkeypatch.setattr(kernel_checks.ctypes, "CDLL", lambda path: Library())
+    assert kernel_checks.check_host(fused_library) == "kernel AttentionBias differs from Attention on the biased inputs"

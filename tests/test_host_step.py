@@ -12,12 +12,24 @@ import torch  # noqa: E402  (mindtorch, via mindnlp)
 
 import whisper_accel  # noqa: E402
 from conftest import build_model, features, rel_diff  # noqa: E402
-from whisper_accel.runtime import host_calls, host_step, model as rm, native  # noqa: E402
+from whisper_accel import config  # noqa: E402
+from whisper_accel.config import Config  # noqa: E402
+from whisper_accel.runtime import host_calls, host_step, kernel_checks  # noqa: E402
 from whisper_accel.runtime.binding import ATTR  # noqa: E402
+from whisper_accel.runtime.decoder_engine import DecoderEngine  # noqa: E402
 from whisper_accel.runtime.padding import DecoderPadding  # noqa: E402
 
-HERE = native.state()
-pytestmark = pytest.mark.skipif(HERE["library"] is None, reason=f"fused kernels unavailable here: {HERE['reason']}")
+def _config(**changes) -> Config:
+    """This session's config from the environment (its cache directory: never the user's) with
+    ``changes``. A bare ``Config(...)`` would build the kernels in ~/.cache/whisper_accel."""
+    return Config.from_env().with_(**changes)
+
+
+@pytest.fixture(autouse=True)
+def _kernels(fused_library):
+    """Every test here runs the fused kernels (skips only where they are switched off or their
+    prerequisites are missing; fails where they should work)."""
+    return fused_library
 
 
 @pytest.fixture(scope="module")
@@ -30,16 +42,25 @@ def _generate(model, feats, n, **kw):
         return model.generate(feats, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kw).asnumpy()
 
 
-def _bound(model, feats):
-    """The model's CompiledWhisper and one audio's cross K/V, after a patched generate."""
-    _generate(model, feats, 2)
-    cw = model.__dict__[ATTR]
-    hidden = ms.Tensor(model.model.encoder(feats).last_hidden_state.asnumpy())
-    return cw, cw.cross_kv(hidden)
+def _bound(model, feats, cfg=None):
+    """A decoder engine for ``model`` (``cfg``, default the defaults) and the audios' cross K/V."""
+    dec = DecoderEngine(model, cfg or _config())
+    with torch.no_grad():
+        hidden = ms.Tensor(model.model.encoder(feats).last_hidden_state.asnumpy())
+    return dec, dec.cross_kv(hidden)
+
+
+def _host(dec):
+    """The engine's HostStep (None before its first host step)."""
+    return dec.engine.executors["host"].impl
+
+
+def _steps(dec):
+    return _host(dec).steps if _host(dec) is not None else 0
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["one-row", "two-rows-padded"])
-def test_host_steps_match_the_step_graphs(model, monkeypatch, padded):
+def test_host_steps_match_the_step_graphs(model, padded):
     """A three-token prompt, then six one-token steps, on the host and on the step graphs: the
     same next ids, logits and caches (within float32 summation order). On the host the prompt's
     tokens run one after another; a padded prompt runs the prompt graph (its padding slots)."""
@@ -47,26 +68,27 @@ def test_host_steps_match_the_step_graphs(model, monkeypatch, padded):
     feats = features(rows, seed=21)
     padding = DecoderPadding(np.array([[1, 1, 1], [0, 1, 1]])) if padded else None
     prompt = np.array([[50258, 50359, 50363]] * rows, np.int64)
-    with whisper_accel.patched(), torch.no_grad():
-        cw, (kx, vx) = _bound(model, feats)
-        suppress = ms.Tensor(np.isin(np.arange(int(cw.proj.shape[0])), [50257, 50362]))
+    with torch.no_grad():
+        host_dec, (kx, vx) = _bound(model, feats, _config(decoder="host"))
+        graph_dec = DecoderEngine(model, _config(decoder="fused"))
+        suppress = ms.Tensor(np.isin(np.arange(int(host_dec.proj.shape[0])), [50257, 50362]))
         runs = []
-        for host in (True, False):
-            monkeypatch.setattr(rm, "HOST_STEP", host)
-            k, v = cw.new_cache(rows, 64)
-            first = cw._host.steps if cw._host else 0
-            nxt, _, logits, k, v = cw.decode_next(torch.tensor(prompt), 0, k, v, kx, vx, suppress, padding=padding)
-            assert cw.decoder_kernels == ("host" if host and not padded else "fused")
-            got, before = [(nxt.asnumpy(), None, logits.asnumpy())], cw._host.steps if cw._host else 0
+        for host, dec in ((True, host_dec), (False, graph_dec)):
+            k, v = dec.new_cache(rows, 64)
+            first = _steps(dec)
+            nxt, _, logits, k, v = dec.decode_next(torch.tensor(prompt), 0, k, v, kx, vx, suppress, padding=padding)
+            assert dec.executor("decode_next") == ("host" if host and not padded else "fused")
+            got, before = [(nxt.asnumpy(), None, logits.asnumpy())], _steps(dec)
             assert before - first == (1 if host and not padded else 0)
             for pos0 in range(3, 9):
-                nxt, scores, logits, k, v = cw.decode_next(torch.tensor(nxt.asnumpy().reshape(rows, 1)), pos0, k, v,
-                                                           kx, vx, suppress, padding=padding)
+                nxt, scores, logits, k, v = dec.decode_next(torch.tensor(nxt.asnumpy().reshape(rows, 1)), pos0, k, v,
+                                                            kx, vx, suppress, padding=padding)
                 got.append((nxt.asnumpy(), scores.asnumpy(), logits.asnumpy()))
-                assert cw.decoder_kernels == ("host" if host else "fused")
+                assert dec.executor("decode_next") == ("host" if host else "fused")
             assert isinstance(k, host_step.HostCache) == host
-            steps = cw._host.steps - before
+            steps = _steps(dec) - before
             runs.append((got, [np.asarray(c.asnumpy() if hasattr(c, "asnumpy") else c) for c in k + v], steps))
+        assert not host_dec.engine.faults and not graph_dec.engine.faults
     (a, ca, host_steps), (b, cb, graph_steps) = runs
     assert (host_steps, graph_steps) == (6, 0)
     for (n1, s1, l1), (n2, s2, l2) in zip(a, b):
@@ -78,33 +100,33 @@ def test_host_steps_match_the_step_graphs(model, monkeypatch, padded):
         assert rel_diff(x, y) < 1e-5
 
 
-def test_host_beam_steps_match_the_beam_graphs(model, monkeypatch):
+def test_host_beam_steps_match_the_beam_graphs(model):
     """2 audios x 3 beams: a three-token prompt, then one-token steps with reordered rows, on the
     host and on the graphs: the same logits, log-probabilities and caches; the caller's cache is
     left as it was (the reorder writes the spare buffers)."""
     feats = features(2, seed=25)
     n, beams = 6, 3
     orders = [np.arange(n), np.array([0, 0, 1, 3, 5, 5]), np.array([2, 1, 0, 4, 4, 3]), np.array([1, 1, 1, 3, 4, 5])]
-    with whisper_accel.patched(), torch.no_grad():
-        cw, (kx, vx) = _bound(model, feats)
+    with torch.no_grad():
+        host_dec, (kx, vx) = _bound(model, feats, _config(decoder="host"))
+        graph_dec = DecoderEngine(model, _config(decoder="fused"))
         runs = []
-        for host in (True, False):
-            monkeypatch.setattr(rm, "HOST_STEP", host)
-            k, v = cw.new_cache(n, 64)
+        for host, dec in ((True, host_dec), (False, graph_dec)):
+            k, v = dec.new_cache(n, 64)
             ids = ms.Tensor(np.array([[50258, 50359, 50363]] * n, np.int64))
-            logits, logp, k, v = cw.decode_beams(ids, 0, k, v, ms.Tensor(np.arange(n, dtype=np.int32)), kx, vx, beams)
-            assert cw.decoder_kernels == ("host" if host else "fused")
+            logits, logp, k, v = dec.decode_beams(ids, 0, k, v, ms.Tensor(np.arange(n, dtype=np.int32)), kx, vx, beams)
+            assert dec.executor("decode_beams") == ("host" if host else "fused")
             got = [(logits.asnumpy(), logp.asnumpy())]
             for pos0, order in zip(range(3, 7), orders):
                 tok = ms.Tensor(logp.asnumpy().argmax(-1).reshape(n, 1).astype(np.int64))
                 before = [np.array(c) for c in k] if host and pos0 > 3 else None
-                logits, logp, k2, v2 = cw.decode_beams(tok, pos0, k, v, ms.Tensor(order.astype(np.int32)), kx, vx,
-                                                       beams)
+                logits, logp, k2, v2 = dec.decode_beams(tok, pos0, k, v, ms.Tensor(order.astype(np.int32)), kx, vx,
+                                                        beams)
                 if before is not None:
                     assert all(np.array_equal(a, b) for a, b in zip(before, k))
                 k, v = k2, v2
                 got.append((logits.asnumpy(), logp.asnumpy()))
-                assert cw.decoder_kernels == ("host" if host else "fused")
+                assert dec.executor("decode_beams") == ("host" if host else "fused")
             runs.append((got, [np.asarray(c.asnumpy() if hasattr(c, "asnumpy") else c) for c in k + v]))
     (a, ca), (b, cb) = runs
     for (l1, p1), (l2, p2) in zip(a, b):
@@ -117,31 +139,37 @@ def test_host_beam_steps_match_the_beam_graphs(model, monkeypatch):
 def test_beam_search_takes_host_steps_with_stock_tokens(model):
     feats = features(2, seed=26)
     stock = _generate(model, feats, 8, num_beams=3)
+    model.__dict__.pop(ATTR, None)
     with whisper_accel.patched():
-        before = model.__dict__[ATTR]._host.steps if ATTR in model.__dict__ and model.__dict__[ATTR]._host else 0
         got = _generate(model, feats, 8, num_beams=3)
-        cw = model.__dict__[ATTR]
+        dec = model.__dict__[ATTR]
     assert np.array_equal(got, stock)
-    assert cw.decoder_kernels == "host" and cw._host.steps > before
+    assert dec.executor("decode_beams") == "host" and _steps(dec) > 0
 
 
 def test_greedy_generate_takes_host_steps_with_stock_tokens(model):
     feats = features(2, seed=22)
     stock = _generate(model, feats, 10)
+    model.__dict__.pop(ATTR, None)
     with whisper_accel.patched():
         got = _generate(model, feats, 10)
-        cw = model.__dict__[ATTR]
+        dec = model.__dict__[ATTR]
     assert np.array_equal(got, stock)
-    assert cw.decoder_kernels == "host" and cw._host.steps > 0
+    assert dec.executor("decode_next") == "host" and _steps(dec) > 0
 
 
-def test_host_steps_cross_a_cache_bucket_like_the_graphs(model, monkeypatch):
+def test_host_steps_cross_a_cache_bucket_like_the_graphs(model):
     """70 tokens: the 64-slot cache grows to 128 slots (numpy padding on the host)."""
     feats = features(1, seed=23)
+    model.__dict__.pop(ATTR, None)
     with whisper_accel.patched():
         host = _generate(model, feats, 70)
-        monkeypatch.setattr(rm, "HOST_STEP", False)
+        assert model.__dict__[ATTR].executor("decode_next") == "host"
+        model.__dict__.pop(ATTR)
+        config.activate(_config(decoder="fused"))
         graphs = _generate(model, feats, 70)
+        assert model.__dict__[ATTR].executor("decode_next") == "fused"
+    model.__dict__.pop(ATTR, None)
     assert host.shape[1] > 64 + 3
     assert np.array_equal(host, graphs)
 
@@ -149,13 +177,14 @@ def test_host_steps_cross_a_cache_bucket_like_the_graphs(model, monkeypatch):
 def test_a_model_whose_weights_it_cannot_read_keeps_the_graphs(model, monkeypatch):
     feats = features(1, seed=24)
     monkeypatch.setattr(host_calls, "same", lambda view, t: False)  # no view reads its tensor
-    with whisper_accel.patched():
-        model.__dict__.pop(ATTR, None)
-        got = _generate(model, feats, 6)
-        cw = model.__dict__[ATTR]
-    assert cw._host is False and cw.decoder_kernels == "fused"
-    assert np.array_equal(got, _generate(model, feats, 6))
     model.__dict__.pop(ATTR, None)
+    with whisper_accel.patched():
+        got = _generate(model, feats, 6)
+        dec = model.__dict__[ATTR]
+    model.__dict__.pop(ATTR, None)
+    assert _host(dec) is None and dec.engine.faults["host"].startswith("unavailable")
+    assert set(dec.engine.faults) == {"host"} and dec.executor("decode_next") == "fused"
+    assert np.array_equal(got, _generate(model, feats, 6))
 
 
 def test_a_host_cache_round_trips_and_grows():
@@ -171,23 +200,26 @@ def test_a_host_cache_round_trips_and_grows():
 
 
 def test_a_prompt_longer_than_the_host_limit_runs_the_prompt_graph(model):
+    """The host executor declines a prompt of more than MAX_TOKENS tokens (not a fault): the
+    fused graph runs it; a prompt of MAX_TOKENS runs on the host."""
     feats = features(1, seed=27)
     prompt = np.array([[50258] + [50359] * host_step.MAX_TOKENS], np.int64)
-    with whisper_accel.patched(), torch.no_grad():
-        cw, (kx, vx) = _bound(model, feats)
-        suppress = ms.Tensor(np.zeros(int(cw.proj.shape[0]), bool))
-        before = cw._host.steps
-        k, v = cw.new_cache(1, 64)
-        _, _, _, k, v = cw.decode_next(torch.tensor(prompt), 0, k, v, kx, vx, suppress)
-        assert cw.decoder_kernels == "fused" and cw._host.steps == before
+    with torch.no_grad():
+        dec, (kx, vx) = _bound(model, feats)
+        suppress = ms.Tensor(np.zeros(int(dec.proj.shape[0]), bool))
+        before = _steps(dec)
+        k, v = dec.new_cache(1, 64)
+        _, _, _, k, v = dec.decode_next(torch.tensor(prompt), 0, k, v, kx, vx, suppress)
+        assert dec.executor("decode_next") == "fused" and _steps(dec) == before
         assert not isinstance(k, host_step.HostCache)
-        _, _, _, k, v = cw.decode_next(torch.tensor(prompt[:, :host_step.MAX_TOKENS]), 0, *cw.new_cache(1, 64),
-                                       kx, vx, suppress)
-        assert cw.decoder_kernels == "host" and cw._host.steps == before + 1
+        _, _, _, k, v = dec.decode_next(torch.tensor(prompt[:, :host_step.MAX_TOKENS]), 0, *dec.new_cache(1, 64),
+                                        kx, vx, suppress)
+        assert dec.executor("decode_next") == "host" and _steps(dec) == before + 1
+        assert not dec.engine.faults
 
 
 @pytest.mark.parametrize("name", ["float16", "bfloat16"])
-def test_a_half_precision_model_steps_on_its_weights_as_stored(name):
+def test_a_half_precision_model_steps_on_its_weights_as_stored(name, fused_library):
     """A float16/bfloat16 model's host steps read its weight matrices as stored (half the bytes
     of the float32 compute copy) and compute what the steps on that copy compute, bit for bit:
     the same logits and caches for a three-token prompt and two further steps."""
@@ -197,21 +229,22 @@ def test_a_half_precision_model_steps_on_its_weights_as_stored(name):
     prompt = np.array([[50258, 50359, 50363]], np.int64)
     with whisper_accel.patched(), torch.no_grad():
         _generate(half, feats, 2)
-        cw = half.__dict__[ATTR]
-        assert cw.decoder_kernels == "host" and cw._host.weights == name
+        dec = half.__dict__[ATTR]
+        stored, w = _host(dec), dec.weights
+        assert dec.executor("decode_next") == "host" and stored.weights == name
         hidden = ms.Tensor(half.model.encoder(feats).last_hidden_state.float().asnumpy())
-        kx, vx = cw.cross_kv(hidden)
-        stored, proj_half = cw._host, cw.proj_half
-        assert not cw.decoder_copy_built
-        cw.proj_half = None  # the same model's steps on its float32 compute copy (built now)
+        kx, vx = dec.cross_kv(hidden)
+        assert not w.copy_built and w.proj_stored is not None
+        proj_stored = w.proj_stored
+        w.proj_stored = None  # the same model's steps on its float32 compute copy (built now)
         try:
-            copy = host_step.for_model(cw)
+            copy = host_step.for_weights(w, fused_library)
         finally:
-            cw.proj_half = proj_half
-        assert copy.weights == "float32" and copy.proj.dtype == np.float32 and cw.decoder_copy_built
+            w.proj_stored = proj_stored
+        assert copy.weights == "float32" and copy.proj.dtype == np.float32 and w.copy_built
         runs = []
         for step in (stored, copy):
-            k, v = (host_step.on_host(c) for c in cw.new_cache(1, 64))
+            k, v = (host_step.on_host(c) for c in dec.new_cache(1, 64))
             out = [step.logits(prompt, 0, k, v, kx, vx, None, None)]
             for pos, token in ((3, 220), (4, 50257)):
                 out.append(step.logits(np.array([[token]]), pos, k, v, kx, vx, None, None))
@@ -222,26 +255,28 @@ def test_a_half_precision_model_steps_on_its_weights_as_stored(name):
     assert np.abs(a[-1]).max() > 0
 
 
-def test_a_half_precision_model_gets_its_float32_decoder_copy_only_for_a_step_graph(monkeypatch):
+def test_a_half_precision_model_gets_its_float32_decoder_copy_only_for_a_step_graph():
     """While the host steps run a float16 model, the step graphs' float32 copy of its decoder
-    weights is never made; a generation on the step graphs makes it then, with the same tokens."""
+    weights is never made; a generation on the step graphs (the same engine, told to prefer
+    them) makes it then, with the same tokens."""
     half = build_model(seed=7, decoder_layers=2).to(torch.float16)
     feats = features(1, seed=25).to(torch.float16)
     with whisper_accel.patched():
         host_tokens = _generate(half, feats, 6)
-        cw = half.__dict__[ATTR]
-        assert cw.decoder_kernels == "host" and not cw.decoder_copy_built
-        monkeypatch.setattr(rm, "HOST_STEP", False)
+        dec = half.__dict__[ATTR]
+        assert dec.executor("decode_next") == "host" and not dec.weights.copy_built
+        dec.engine.prefer("fused")
         graph_tokens = _generate(half, feats, 6)
-        assert half.__dict__[ATTR] is cw and cw.decoder_kernels == "fused" and cw.decoder_copy_built
+        assert half.__dict__[ATTR] is dec and dec.executor("decode_next") == "fused" and dec.weights.copy_built
     assert np.array_equal(host_tokens, graph_tokens)
 
 
-def test_the_half_precision_kernels_pass_their_check(monkeypatch):
-    """``native.check_half`` (part of the check a library passes before use): the F16/BF16
+def test_the_half_precision_kernels_pass_their_check(fused_library, monkeypatch):
+    """``kernel_checks.check_half`` (part of the check a library passes before use): the F16/BF16
     kernels equal the float32 ones on the same weights; and it reports a kernel that differs
     (here the float32 kernels read weights one part in 1024 larger)."""
-    assert native.check_half(HERE["library"]) is None
+    assert kernel_checks.check_half(fused_library) is None
     exact = host_calls.upcast
     monkeypatch.setattr(host_calls, "upcast", lambda a: exact(a) * np.float32(1 + 2 ** -10))
-    assert native.check_half(HERE["library"]) == "kernel DecoderLayerF16 differs from DecoderLayer on the same weights"
+    assert kernel_checks.check_half(fused_library) == \
+        "kernel DecoderLayerF16 differs from DecoderLayer on the same weights"

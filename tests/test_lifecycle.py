@@ -87,6 +87,7 @@ def test_300_real_cycles_attention_group_restore_identity_without_memory_growth(
     _cycles(300, _attention_only)
 
 
+@pytest.mark.timeout(900)
 @pytest.mark.slow
 def test_1000_real_cycles_all_groups_restore_identity_without_memory_growth():
     _cycles(1000, lambda i: {} if i % 2 else {"conv1d": False})
@@ -227,6 +228,7 @@ _PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("fake,needle", MATRIX, ids=[json.dumps(f) for f, _ in MATRIX])
 def test_version_matrix_in_a_fresh_interpreter(fake, needle):
     env = child_env()

@@ -82,8 +82,13 @@ def test_padded_mask_equals_stock_on_the_fast_loop(model, beams, monkeypatch):
     assert calls.snapshot()[loop] == {"fast": 1, "stock": 0, "reasons": {}}
     assert len(seen) == 1 and isinstance(seen[0], DecoderPadding)
     np.testing.assert_array_equal(ours.sequences.asnumpy(), stock.sequences.asnumpy())
+    assert len(ours.scores) == len(stock.scores) == 10  # one per new token, none dropped
     for a, b in zip(ours.scores, stock.scores):
-        np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-4, atol=1e-4)
+        a, b = a.asnumpy(), b.asnumpy()
+        assert a.shape == b.shape
+        np.testing.assert_array_equal(np.isneginf(a), np.isneginf(b))  # the same tokens suppressed
+        # measured spread on this model: max |ours - stock| 2.5e-5 (greedy), 3.2e-5 (beams 2, 4)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     if beams > 1:
         np.testing.assert_allclose(ours.sequences_scores.asnumpy(), stock.sequences_scores.asnumpy(), atol=1e-4)
 

@@ -47,7 +47,7 @@ def test_attention_kernel_is_really_used(tiny_model, feats, monkeypatch):
     calls = []
     real = attention.flash_attention
     monkeypatch.setattr(attention, "flash_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
-    whisper_accel.patch(compiled=False)  # the compiled group runs the encoder as one graph
+    whisper_accel.patch(encoder=False)  # the encoder group runs the whole encoder on its engine
     encode(tiny_model, feats)
     assert len(calls) == tiny_model.config.encoder_layers
     whisper_accel.unpatch()
@@ -145,13 +145,20 @@ def test_patched_context_restores_on_exception():
     assert mw.ALL_ATTENTION_FUNCTIONS is registry
 
 
-def test_compiled_group_is_really_used(tiny_model, feats):
+def test_encoder_and_decoder_groups_are_really_used(tiny_model, feats):
     from whisper_accel.runtime.binding import ATTR
+    from whisper_accel.runtime.decoder_engine import DecoderEngine
+    from whisper_accel.runtime.encoder_engine import EncoderEngine
 
     report = whisper_accel.patch()
-    assert "compiled" in report.groups_applied
+    assert {"encoder", "decoder"} <= set(report.groups_applied)
+    tiny_model.model.encoder.__dict__.pop(ATTR, None)
     encode(tiny_model, feats)
-    assert tiny_model.model.encoder.__dict__.get(ATTR)  # graphs built and used
+    eng = tiny_model.model.encoder.__dict__.get(ATTR)
+    assert isinstance(eng, EncoderEngine) and eng.executor in ("host", "fused", "plain")  # built and used
+    greedy(tiny_model, feats, tokens=2)
+    dec = tiny_model.__dict__.get(ATTR)
+    assert isinstance(dec, DecoderEngine) and dec.executor("decode_next") in ("host", "fused", "plain")
 
 
 def test_output_attentions_falls_back_to_stock(tiny_model, feats):

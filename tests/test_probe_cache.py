@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import pytest
 import whisper_accel
 from whisper_accel import _environment, _probe_cache
 
-from conftest import child_env, stack
+from conftest import child_env, clean_env_vars, stack
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "native_conv1d"
@@ -25,6 +26,7 @@ NAME = "native_conv1d"
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """An empty cache directory of this test's own, the cache switched on."""
+    clean_env_vars(monkeypatch)  # no WHISPER_ACCEL* of the shell that ran pytest
     directory = tmp_path / "cache"
     monkeypatch.setenv(_probe_cache.ENV_DIR, str(directory))
     monkeypatch.delenv(_probe_cache.ENV_SWITCH, raising=False)
@@ -266,14 +268,16 @@ def test_concurrent_threads_leave_a_valid_file(cache):
 
 
 _WRITER = """
-import sys
+import sys, time
 from whisper_accel import _probe_cache
 key = {"stack": "processes"}
 for j in range(40):
     assert _probe_cache.store(key, {"p" + sys.argv[1]: j % 2 == 0})
+    time.sleep(0.005)  # ~0.2 s of writing: the parent reads the file many times meanwhile
 """
 
 
+@pytest.mark.subprocess
 def test_concurrent_processes_never_show_a_partial_file(cache):
     key = {"stack": "processes"}
     path = _probe_cache.path_for(key)
@@ -281,13 +285,20 @@ def test_concurrent_processes_never_show_a_partial_file(cache):
     procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(i)], env=env,
                               stderr=subprocess.PIPE) for i in range(4)]
     reads = 0
-    while any(p.poll() is None for p in procs):
-        if path.exists():
-            data = json.loads(path.read_text())  # never half-written
-            assert data["key"] == key
-            reads += 1
+    deadline = time.monotonic() + 120
+    try:
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if path.exists():
+                data = json.loads(path.read_text())  # never half-written
+                assert data["key"] == key
+                reads += 1
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     for p in procs:
-        assert p.wait() == 0, p.stderr.read().decode()[-2000:]
+        assert p.wait(timeout=30) == 0, p.stderr.read().decode()[-2000:]
+    assert reads > 0, "the file was never read while the writers ran: the test checked nothing"
     data = json.loads(path.read_text())
     assert data["results"] and set(data["results"]) <= {f"p{i}" for i in range(4)}
     assert not list(cache.glob(".probes-*.tmp"))
@@ -312,6 +323,7 @@ _FRESH = textwrap.dedent("""
 """)
 
 
+@pytest.mark.subprocess
 def test_second_process_patches_without_probing(cache):
     """The point of the cache: after the first run, patch() in a fresh process starts no probe
     child (timings: benchmarks/startup.py)."""
@@ -319,7 +331,7 @@ def test_second_process_patches_without_probing(cache):
 
     def fresh():
         proc = subprocess.run([sys.executable, "-c", _FRESH], env=env, capture_output=True,
-                              text=True, timeout=300, cwd="/")
+                              text=True, timeout=120, cwd="/")
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads(proc.stdout.strip().splitlines()[-1])
 

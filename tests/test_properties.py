@@ -141,6 +141,7 @@ def test_kernel_matches_reference_with_small_tiles(p, q_block, kv_block):
     _check_kernel(p, q_block, kv_block)
 
 
+@pytest.mark.timeout(900)  # 300 hypothesis draws
 @pytest.mark.slow
 @SLOW
 @given(p=problems(max_len=40), q_block=st.integers(1, 16), kv_block=st.integers(1, 16))
@@ -203,6 +204,7 @@ def test_adapter_matches_stock_sdpa(p, is_causal, extra_cols, module_causal):
     _check_adapter_vs_sdpa(p, is_causal, extra_cols, module_causal)
 
 
+@pytest.mark.timeout(900)  # 300 hypothesis draws
 @pytest.mark.slow
 @SLOW
 @given(p=problems(max_len=64), is_causal=st.sampled_from([None, False, True]),
@@ -267,6 +269,9 @@ def test_half_precision_within_1e2_of_fp32(p, dtype, q_block, kv_block):
     from whisper_accel.kernels import attention as kernel
     from whisper_accel.groups.attention import flash_attention_forward
 
+    # Bounds from the measured spread (400 hypothesis draws, inputs rounded to the half type):
+    # max rel error float16 9.2e-4, bfloat16 6.3e-3 (kernel and adapter alike).
+    bound = {"float16": 2e-3, "bfloat16": 1e-2}[dtype]
     ms_dtype = getattr(mindspore, dtype)
     add, _ = _masks(p)
     if add is not None:
@@ -277,14 +282,14 @@ def test_half_precision_within_1e2_of_fp32(p, dtype, q_block, kv_block):
     out = kernel.flash_attention(q, k, v, mask, p["scale"], p["causal"], q_block=q_block,
                                  kv_block=kv_block)
     assert out.dtype == ms_dtype
-    assert rel(_np(out), want) < 1e-2
+    assert rel(_np(out), want) < bound
     tq, tk, tv = (_t(p[n]).to(getattr(__import__("torch"), dtype)) for n in "qkv")
     tmask = None if add is None else _t(add).to(tq.dtype)
     got, _ = flash_attention_forward(Module(), tq, tk, tv, tmask, stock=sdpa_attention_forward,
                                      scaling=p["scale"], is_causal=p["causal"] and p["lq"] == p["lk"])
     assert got.dtype == tq.dtype
     want2 = reference(p["q"], p["k"], p["v"], add, p["scale"], p["causal"] and p["lq"] == p["lk"])
-    assert rel(_np(got).transpose(0, 2, 1, 3), want2) < 1e-2
+    assert rel(_np(got).transpose(0, 2, 1, 3), want2) < bound
 
 
 # ----------------------------------------------------------------------------- model level
@@ -417,6 +422,9 @@ def test_dropout_in_eval_mode_uses_the_kernel():
     out, _ = flash_attention_forward(Module(training=False), q, k, v, None, stock=stock,
                                      dropout=0.3, scaling=None, is_causal=False)
     assert tuple(out.shape) == (1, 4, 2, 8)
+    # no dropout applied: exactly softmax(q k^T / sqrt(d)) v (the fp32 kernel bound of this file)
+    want = reference(*(x.asnumpy() for x in _qkv()))
+    assert rel(_np(out).transpose(0, 2, 1, 3), want) < 1e-4
 
 
 def test_model_output_attentions_uses_stock(spied_sdpa):
@@ -433,7 +441,11 @@ def test_model_output_attentions_uses_stock(spied_sdpa):
     # result is stock's and our kernel returned no weights of its own.
     assert rel_diff(fast.last_hidden_state, stock.last_hidden_state) == 0.0
     assert all(c.get("output_attentions") for c in spied_sdpa.calls)
-    assert len(fast.attentions) == len(stock.attentions)
+    assert len(fast.attentions) == len(stock.attentions) == SMALL["encoder_layers"]
+    for a, b in zip(fast.attentions, stock.attentions):  # None where stock's sdpa returns no weights
+        assert (a is None) == (b is None)
+        if b is not None:
+            np.testing.assert_array_equal(a.asnumpy(), b.asnumpy())
 
 
 def test_model_head_mask_uses_stock(spied_sdpa):

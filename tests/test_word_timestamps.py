@@ -48,19 +48,66 @@ def test_median_filter_equals_stock_and_takes_3d(width):
     assert ours(short, 7) is short  # shorter than the pad: unchanged, as stock
 
 
+def _ts_model():
+    """Whisper's vocabulary, 30 s of frames and 4 decoder layers (for the alignment heads), but
+    narrow (d_model 64): stock's runs take seconds."""
+    model = build_model(init_std=0.05, d_model=64, encoder_attention_heads=4, decoder_attention_heads=4,
+                        encoder_ffn_dim=128, decoder_ffn_dim=128)
+    model.generation_config.alignment_heads = [[2, 2], [3, 0]]
+    return model
+
+
 def test_token_timestamps_with_an_attention_mask_work_patched():
-    """An attention mask makes ``num_frames`` a tensor: stock calls ``torch.unique`` on it."""
+    """An attention mask makes ``num_frames`` a tensor: stock calls ``torch.unique`` on it. With
+    an all-ones mask the timestamps must be exactly those computed without a mask (an int
+    ``num_frames``), and the tokens stock's own (plain ``generate`` runs on stock)."""
     import torch
 
-    model = build_model(init_std=0.05)
-    model.generation_config.alignment_heads = [[2, 2], [3, 0]]
+    model = _ts_model()
     feats = features(2, seed=3)
+    with torch.no_grad():
+        stock_ids = model.generate(feats, max_new_tokens=5).asnumpy()  # unpatched
     mask = torch.tensor(np.ones((2, 3000), np.int64))
     with whisper_accel.patched(compat=True):
         with torch.no_grad():
             out = model.generate(feats, attention_mask=mask, max_new_tokens=5, return_token_timestamps=True)
+            plain = model.generate(feats, max_new_tokens=5, return_token_timestamps=True)
     ts = out["token_timestamps"].asnumpy()
+    np.testing.assert_array_equal(out["sequences"].asnumpy(), stock_ids)
     assert ts.shape == out["sequences"].shape and (np.diff(ts, axis=1) >= 0).all()
+    np.testing.assert_array_equal(ts, plain["token_timestamps"].asnumpy())
+
+
+def pytorch_generate(model, feats, tmp_path, **kwargs):
+    """``model.generate(feats, **kwargs)`` on real PyTorch with the same weights
+    (tests/fixtures/pytorch_generate.py): ``{"sequences", "token_timestamps"}`` as numpy."""
+    model.save_pretrained(str(tmp_path / "model"))
+    np.save(tmp_path / "feats.npy", feats.asnumpy())
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "fixtures" / "pytorch_generate.py"),
+                           str(tmp_path / "model"), str(tmp_path / "feats.npy"), json.dumps(kwargs)],
+                          capture_output=True, text=True, timeout=180, env=child_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {k: np.asarray(v) for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("groups", ["compat", "all"])
+def test_token_timestamps_equal_pytorchs(tmp_path, groups):
+    """Stock MindNLP cannot compute token timestamps on CPU: the reference is PyTorch +
+    transformers on the same weights and features. Same tokens, times within one 20 ms frame,
+    with the compat fixes alone (stock loops) and with every group (fast loops)."""
+    import torch
+
+    model = _ts_model()
+    feats = features(2, seed=3)
+    kw = dict(max_new_tokens=5, return_token_timestamps=True, return_dict_in_generate=True)
+    ref = pytorch_generate(model, feats, tmp_path, attention_mask="ones", **kw)
+    mask = torch.tensor(np.ones((2, 3000), np.int64))
+    with whisper_accel.patched(**({"compat": True} if groups == "compat" else {})):
+        with torch.no_grad():
+            out = model.generate(feats, attention_mask=mask, **kw)
+    np.testing.assert_array_equal(out["sequences"].asnumpy(), ref["sequences"])
+    assert np.abs(out["token_timestamps"].asnumpy() - ref["token_timestamps"]).max() <= 0.02 + 1e-6
 
 
 def pytorch_pipeline(model_dir, wav, pipeline_kwargs=None, call_kwargs=None):
@@ -68,7 +115,7 @@ def pytorch_pipeline(model_dir, wav, pipeline_kwargs=None, call_kwargs=None):
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "fixtures" / "pytorch_reference.py"), model_dir,
                            str(DATA / wav), "--pipeline", json.dumps(pipeline_kwargs or {}),
                            "--call", json.dumps(call_kwargs or {})],
-                          capture_output=True, text=True, timeout=600, env=child_env())
+                          capture_output=True, text=True, timeout=300, env=child_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -105,7 +152,10 @@ def assert_same_words(got, ref):
     assert np.abs(times - ref_times).max() <= 0.02 + 1e-9  # one 20 ms frame
 
 
+@pytest.mark.timeout(900)
 @pytest.mark.slow
+@pytest.mark.subprocess
+@pytest.mark.network
 @pytest.mark.parametrize("beams", [1, 5], ids=["greedy", "beam5-pipeline-default"])
 def test_pipeline_word_timestamps_match_pytorch(tiny_en_dir, beams):
     from whisper_accel.runtime import calls
@@ -177,12 +227,28 @@ def test_asking_for_attentions_keeps_stock(aligned_model):
 
 
 def test_without_the_loops_the_group_leaves_attentions_to_stock(aligned_model):
+    """Without the greedy/beam loops, the stock loop computes attentions itself: its output has
+    the decoder attentions, and tokens, timestamps and cross-attentions are those of the
+    compat-only run (stock code throughout but for the CPU fixes: the reference used above)."""
+    feats = features(1, seed=3)
+    with whisper_accel.patched(compat=True, attention=False, compiled=False, generation=False, greedy=False,
+                               beam=False, word_timestamps=False):
+        stock = _timestamps(aligned_model, feats)
     with whisper_accel.patched(greedy=False, beam=False):
-        out = _timestamps(aligned_model, features(1, seed=3))
-    assert out.get("decoder_attentions") is not None and out["token_timestamps"].shape == out["sequences"].shape
+        out = _timestamps(aligned_model, feats)
+    assert out.get("decoder_attentions") is not None
+    assert len(out["decoder_attentions"]) == len(stock["decoder_attentions"])
+    np.testing.assert_array_equal(out["sequences"].asnumpy(), stock["sequences"].asnumpy())
+    np.testing.assert_allclose(out["token_timestamps"].asnumpy(), stock["token_timestamps"].asnumpy(), atol=1e-6)
+    for ours_step, stock_step in zip(out["cross_attentions"], stock["cross_attentions"]):
+        for a, b in zip(ours_step, stock_step):
+            np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.timeout(900)
 @pytest.mark.slow
+@pytest.mark.subprocess
+@pytest.mark.network
 def test_chunked_pipeline_with_a_partial_last_batch_matches_pytorch(tiny_en_dir):
     """``chunk_length_s`` with ``batch_size``: windows decoded as a batch of windows x 5 beams per
     graph launch; 32.7 s in 10 s chunks with ``batch_size=3`` leaves a smaller last batch. Stock

@@ -12,10 +12,11 @@ Importing this package imports neither MindSpore nor MindNLP; ``patch()`` does.
 
 from ._api import Report, is_patched, patch, patched, status, unpatch
 from ._errors import Unsupported, WhisperAccelError, WhisperAccelWarning
+from .config import Config
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "patch", "unpatch", "is_patched", "patched", "status", "Report",
+    "patch", "unpatch", "is_patched", "patched", "status", "Report", "Config",
     "WhisperAccelError", "WhisperAccelWarning", "Unsupported",
 ]

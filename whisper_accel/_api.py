@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Iterator, List, Optional
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 from . import _environment, _errors
+from . import config as _config
 from ._errors import Unsupported
 from ._patcher import Patch, Patcher
-from .groups import NAMES, load
+from .groups import ALIASES, NAMES, load
 from .runtime import calls
 
 _PATCHER = Patcher()
 _last_report: Optional["Report"] = None
-_request: Optional[Dict[str, bool]] = None  # the caller's group arguments of the patch now applied
+_request: Optional[Tuple[Dict[str, bool], "_config.Config"]] = None  # the caller's groups and config of the patch now applied
 
 
 @dataclass
@@ -37,6 +38,8 @@ class Report:
 
     entries: List[Entry] = field(default_factory=list)
     environment: Dict = field(default_factory=dict)
+    #: the runtime settings in force (:class:`whisper_accel.config.Config` as a dict)
+    config: Dict = field(default_factory=dict)
 
     @property
     def applied(self) -> List[Entry]:
@@ -51,7 +54,7 @@ class Report:
         return sorted({e.group for e in self.applied})
 
     def as_dict(self) -> Dict:
-        return {"environment": self.environment,
+        return {"environment": self.environment, "config": dict(self.config),
                 "entries": [e.__dict__.copy() for e in self.entries]}
 
     def __str__(self) -> str:
@@ -62,6 +65,19 @@ class Report:
             tail = f"  ({e.reason})" if e.reason else ""
             lines.append(f"  {mark} [{e.group}] {e.target}{tail}")
         return "\n".join(lines)
+
+
+def expand_aliases(groups: Dict[str, bool]) -> Dict[str, bool]:
+    """Group arguments with old names replaced by the groups they stand for (``compiled`` ->
+    ``encoder`` and ``decoder``; a name given explicitly wins over an alias)."""
+    out = {}
+    for name, value in groups.items():
+        for real in ALIASES.get(name, (name,)):
+            out.setdefault(real, value)
+    for name, value in groups.items():
+        if name not in ALIASES:
+            out[name] = value
+    return out
 
 
 def _requested(groups: Dict[str, bool]) -> List[str]:
@@ -91,7 +107,7 @@ def _stock_report(env: Dict, groups: Iterable[str], reason: str) -> "Report":
     return Report(environment=env, entries=[Entry(g, "*", "skipped", reason) for g in groups])
 
 
-def patch(*, strict: bool = False, **groups: bool) -> Report:
+def patch(*, strict: bool = False, config: Optional[_config.Config] = None, **groups: bool) -> Report:
     """Patch MindNLP's Whisper in this process. Idempotent, thread-safe, all or nothing.
 
     Never raises for a problem of the stack or of the plugin itself unless ``strict``: an
@@ -103,17 +119,31 @@ def patch(*, strict: bool = False, **groups: bool) -> Report:
         unsupported, a group named ``=True`` by the caller cannot apply, a group fails, or
         patching fails; also makes faults met later at run time raise. (A group enabled only by
         default that has no kernel here -- ``conv1d`` on CPU -- is reported as skipped.)
-    :param groups: ``attention=``, ``conv1d=``, ... ``False`` leaves that group stock.
+    :param config: the runtime settings (:class:`whisper_accel.config.Config`: executors,
+        kernels, grouping, caches); default: the ``WHISPER_ACCEL_*`` environment variables.
+        In force until :func:`unpatch`; models bound before keep their engines until rebuilt.
+    :param groups: ``attention=``, ``conv1d=``, ... ``False`` leaves that group stock (the
+        old name ``compiled`` stands for ``encoder`` and ``decoder``).
     :returns: a :class:`Report` of each patch applied and each group skipped, with reasons.
     """
     global _last_report, _request
+    said = dict(groups)
+    groups = expand_aliases(groups)
     wanted = _requested(groups)
+    if config is not None and not isinstance(config, _config.Config):
+        raise TypeError(f"config must be a whisper_accel.Config, not {type(config).__name__}")
     with _PATCHER.lock:
         if _PATCHER.applied():
             _errors.problem("whisper_accel is already patched; call unpatch() first to change "
                             "groups (nothing was wrapped twice)", strict)
             return _last_report or Report()
         _errors.set_strict(strict)
+        if config is None:
+            try:
+                config = _config.Config.from_env()
+            except ValueError as exc:
+                _errors.problem(f"whisper_accel ignored an invalid setting and uses the defaults: {exc}", strict, exc)
+                config = _config.Config()
         try:
             env = _environment.detect()
         except Exception as exc:  # noqa: BLE001  a fault of ours must not break the caller
@@ -151,8 +181,11 @@ def patch(*, strict: bool = False, **groups: bool) -> Report:
                             strict, exc)
             return _last_report
         report.entries[:0] = [Entry(p.group, p.target, "applied", p.description) for p in applied]
+        report.config = config.as_dict()
         _last_report = report
-        _request = dict(groups) if applied else None  # as the caller said it (not expanded)
+        _request = (said, config) if applied else None  # the groups as the caller said them
+        if applied:
+            _config.activate(config)
         return report
 
 
@@ -160,7 +193,13 @@ def requested() -> Optional[Dict[str, bool]]:
     """The group arguments of the patch applied now (``None`` when unpatched): what a caller
     that unpatches temporarily (the bench) passes to ``patch()`` to restore the same state."""
     with _PATCHER.lock:
-        return dict(_request) if _request is not None and _PATCHER.applied() else None
+        return dict(_request[0]) if _request is not None and _PATCHER.applied() else None
+
+
+def requested_config() -> Optional[_config.Config]:
+    """The config of the patch applied now (``None`` when unpatched)."""
+    with _PATCHER.lock:
+        return _request[1] if _request is not None and _PATCHER.applied() else None
 
 
 def unpatch() -> List[str]:
@@ -168,6 +207,7 @@ def unpatch() -> List[str]:
     global _request
     with _PATCHER.lock:
         _request = None
+        _config.activate(None)
         return [p.target for p in _PATCHER.undo()]
 
 
@@ -176,28 +216,39 @@ def is_patched() -> bool:
 
 
 def status() -> Dict:
-    """What is patched now, the last report (with skip reasons), the environment, and ``calls``:
-    per patched entry point, how many calls took the fast path and how many ran stock code, and
-    why (``{"greedy loop": {"fast": 3, "stock": 1, "reasons": {"do_sample=True: ...": 1}}}``)."""
+    """What is patched now, the last report (with skip reasons), the environment, the config in
+    force, ``calls``: per patched entry point, how many calls took the fast path and how many
+    ran stock code, and why (``{"greedy loop": {"fast": 3, "stock": 1, "reasons":
+    {"do_sample=True: ...": 1}}}``), ``engines``: each model's engines (executor order, faults,
+    what ran, the measured choice), and ``kernels``: the fused kernel build (None before use)."""
     with _PATCHER.lock:
         env = _last_report.environment if _last_report else _environment.detect().as_dict()
-        return {
+        out = {
             "patched": is_patched(),
             "applied": [f"[{p.group}] {p.target}" for p in _PATCHER.applied()],
             "last_report": _last_report.as_dict() if _last_report else None,
             "environment": env,
+            "config": _config.current().as_dict(),
             "calls": calls.snapshot(),
         }
+    # The runtime is imported only once a model ran patched (status() stays light before).
+    import sys
+
+    binding = sys.modules.get("whisper_accel.runtime.binding")
+    native = sys.modules.get("whisper_accel.runtime.native")
+    out["engines"] = binding.engines_report() if binding is not None else []
+    out["kernels"] = native.state() if native is not None else None
+    return out
 
 
 @contextlib.contextmanager
-def patched(*, strict: bool = False, **groups: bool) -> Iterator[Report]:
+def patched(*, strict: bool = False, config: Optional[_config.Config] = None, **groups: bool) -> Iterator[Report]:
     """Patch for the duration of a ``with`` block; restores the prior state, even on errors.
 
     If whisper_accel was already patched on entry, the block runs patched and stays so."""
     with _PATCHER.lock:
         was = is_patched()
-        report = _last_report if was else patch(strict=strict, **groups)
+        report = _last_report if was else patch(strict=strict, config=config, **groups)
     try:
         yield report
     finally:

@@ -88,7 +88,7 @@ class _Record:
 
 @dataclass
 class Patcher:
-    """Holds the applied patches. Use one instance per process (see ``whisper_accel._state``)."""
+    """Holds the applied patches. Use one instance per process (``whisper_accel._api`` keeps it)."""
 
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _records: List[_Record] = field(default_factory=list)

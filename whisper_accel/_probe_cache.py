@@ -6,6 +6,8 @@ caller (:mod:`whisper_accel._environment`) describes the stack as a *key* (a JSO
 versions, backend, device, machine, probe-code version); this module stores ``{probe name:
 bool}`` under that key, in ``probes-<hash of key>.json``, and gives it back only to a caller
 presenting an equal key. A changed key finds another file (or none): the probes run again.
+The executor choice (:mod:`whisper_accel.runtime.choice`) keeps its timing verdicts the same
+way, as entries of kind ``verdicts`` (``verdicts-<hash of key>.json``).
 
 * Directory: ``$WHISPER_ACCEL_CACHE_DIR``, else ``$XDG_CACHE_HOME/whisper_accel``, else
   ``~/.cache/whisper_accel``. ``WHISPER_ACCEL_PROBE_CACHE=0`` turns the disk cache off.
@@ -23,76 +25,73 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Any, Dict
 
-ENV_DIR = "WHISPER_ACCEL_CACHE_DIR"
-ENV_SWITCH = "WHISPER_ACCEL_PROBE_CACHE"
-_OFF = {"0", "false", "no", "off"}
+from . import config
+
+ENV_DIR = config.ENV["cache_dir"]
+ENV_SWITCH = config.ENV["probe_cache"]
 #: Layout of the file itself (not of the key): bump when the JSON written here changes shape.
 FORMAT = 1
 
 
 def enabled() -> bool:
-    """Whether the disk cache is used (``WHISPER_ACCEL_PROBE_CACHE`` is not ``0``/``off``)."""
-    return os.environ.get(ENV_SWITCH, "").strip().lower() not in _OFF
+    """Whether the disk cache is used (:attr:`whisper_accel.config.Config.probe_cache`:
+    ``WHISPER_ACCEL_PROBE_CACHE`` is not ``0``/``off``)."""
+    return config.current().probe_cache
 
 
 def directory() -> Path:
-    """Where cache files live (not created until a result is stored)."""
-    explicit = os.environ.get(ENV_DIR)
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "whisper_accel"
+    """Where cache files live (not created until a result is stored):
+    :func:`whisper_accel.config.cache_directory`."""
+    return Path(config.cache_directory())
 
 
-def path_for(key: Dict) -> Path:
-    """The file holding results for ``key``."""
+def path_for(key: Dict, kind: str = "probes") -> Path:
+    """The file holding ``kind`` results ("probes", "verdicts") for ``key``."""
     import hashlib  # here, not at import: the WHISPER_ACCEL hook imports this module
 
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return directory() / f"probes-{digest}.json"
+    return directory() / f"{kind}-{digest}.json"
 
 
-def load(key: Dict) -> Dict[str, bool]:
-    """The results stored for ``key`` (empty: none, cache off, or the file is unusable)."""
+def load_entries(key: Dict, kind: str = "probes") -> Dict[str, Any]:
+    """Every entry stored for ``key`` under ``kind`` (empty: none, cache off, or the file is
+    unusable)."""
     if not enabled():
         return {}
     try:
-        with open(path_for(key), encoding="utf-8") as f:
+        with open(path_for(key, kind), encoding="utf-8") as f:
             data = json.load(f)
         if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("key") != key:
             return {}
         results = data.get("results")
-        if not isinstance(results, dict):
-            return {}
-        return {name: value for name, value in results.items() if isinstance(value, bool)}
+        return dict(results) if isinstance(results, dict) else {}
     except Exception:  # noqa: BLE001  missing, unreadable, corrupt: as if empty
         return {}
 
 
-def store(key: Dict, results: Dict[str, bool]) -> bool:
-    """Add ``results`` to those stored for ``key`` (atomically). Returns whether it was written;
-    never raises."""
+def store_entries(key: Dict, results: Dict[str, Any], kind: str = "probes") -> bool:
+    """Add ``results`` (JSON values) to those stored for ``key`` under ``kind`` (atomically).
+    Returns whether it was written; never raises."""
     if not enabled():
         return False
     import tempfile
 
     tmp = None
     try:
-        target = path_for(key)
+        target = path_for(key, kind)
         target.parent.mkdir(parents=True, exist_ok=True)
-        merged = {**load(key), **{name: bool(value) for name, value in results.items()}}
+        merged = {**load_entries(key, kind), **results}
         payload = {"format": FORMAT, "key": key, "results": merged,
                    "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".probes-", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{kind}-", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=1, sort_keys=True)
         os.replace(tmp, target)
         tmp = None
         return True
-    except Exception:  # noqa: BLE001  read-only home, full disk, ...: probe again next time
+    except Exception:  # noqa: BLE001  read-only home, full disk, ...: measure again next time
         return False
     finally:
         if tmp is not None:
@@ -100,3 +99,14 @@ def store(key: Dict, results: Dict[str, bool]) -> bool:
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+def load(key: Dict) -> Dict[str, bool]:
+    """The probe verdicts stored for ``key`` (empty: none, cache off, or the file is unusable)."""
+    return {name: value for name, value in load_entries(key).items() if isinstance(value, bool)}
+
+
+def store(key: Dict, results: Dict[str, bool]) -> bool:
+    """Add probe verdicts ``results`` to those stored for ``key`` (atomically). Returns whether
+    it was written; never raises."""
+    return store_entries(key, {name: bool(value) for name, value in results.items()})

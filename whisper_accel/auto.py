@@ -33,6 +33,7 @@ def parse(value: Optional[str]) -> Optional[Dict[str, bool]]:
 
     :raises ValueError: naming the valid values, for anything else.
     """
+    from .groups import ALIASES
     from .groups import NAMES as GROUPS
 
     text = (value or "").strip().lower()
@@ -41,12 +42,14 @@ def parse(value: Optional[str]) -> Optional[Dict[str, bool]]:
     if text in _ON:
         return {}
     names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in GROUPS]
+    unknown = [n for n in names if n not in GROUPS and n not in ALIASES]
     if unknown or not names:
         raise ValueError(
             f"{ENV}={value!r} is not understood ({', '.join(unknown) or 'empty list'}); use "
-            f"1/true/all, 0/false/off, or a comma list of groups from: {', '.join(GROUPS)}")
-    return {g: g in names for g in GROUPS}
+            f"1/true/all, 0/false/off, or a comma list of groups from: {', '.join(GROUPS)}"
+            f" (old names: {', '.join(ALIASES)})")
+    wanted = {real for n in names for real in ALIASES.get(n, (n,))}
+    return {g: g in wanted for g in GROUPS}
 
 
 def strict_from_env() -> bool:

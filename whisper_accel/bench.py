@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from . import _api
+from .groups import ALIASES
 from .groups import NAMES as GROUPS
 
 STAGES = ("encoder", "generate", "transcribe")
@@ -66,7 +67,10 @@ def variant_groups(variant: str) -> Dict[str, bool]:
         return {}
     if variant in GROUPS:
         return {g: g == variant for g in GROUPS}
-    raise ValueError(f"unknown variant {variant!r}; choose from stock, all, {', '.join(GROUPS)}")
+    if variant in ALIASES:  # an old group name: the groups it stands for
+        return {g: g in ALIASES[variant] for g in GROUPS}
+    raise ValueError(f"unknown variant {variant!r}; choose from stock, all, {', '.join(GROUPS)} "
+                     f"(old names: {', '.join(ALIASES)})")
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -174,7 +178,7 @@ def compare(model, features, *, stages: Sequence[str] = ("encoder", "generate"),
     if repeats < 1:
         raise ValueError("repeats must be at least 1")
     say = progress or (lambda msg: None)
-    was_patched = _api.requested()
+    was_patched, config = _api.requested(), _api.requested_config()
     _api.unpatch()
     rows: List[Row] = []
     failed_in: Dict[str, str] = {}  # variant -> "the <stage> stage: <error>", sticky
@@ -194,7 +198,7 @@ def compare(model, features, *, stages: Sequence[str] = ("encoder", "generate"),
                     say(f"warm-up {stage:<10} {v:<10} skipped: failed in {failed_in[v]}")
                     continue
                 try:
-                    with _variant(v) as groups:
+                    with _variant(v, config) as groups:
                         applied[v] = groups
                         for i in range(max(warmup, 1)):
                             t0 = time.perf_counter()
@@ -213,7 +217,7 @@ def compare(model, features, *, stages: Sequence[str] = ("encoder", "generate"),
                     if v in errors:
                         continue
                     try:
-                        with _variant(v):
+                        with _variant(v, config):
                             t0 = time.perf_counter()
                             fn()
                             times[v].append(time.perf_counter() - t0)
@@ -259,20 +263,20 @@ def compare(model, features, *, stages: Sequence[str] = ("encoder", "generate"),
     finally:
         _api.unpatch()
         if was_patched is not None:
-            _api.patch(**was_patched)
+            _api.patch(config=config, **was_patched)
     return rows
 
 
 class _variant:
     """Context manager: stock, or patched with the variant's groups; yields applied groups."""
 
-    def __init__(self, variant: str):
-        self.variant = variant
+    def __init__(self, variant: str, config=None):
+        self.variant, self.config = variant, config
 
     def __enter__(self) -> str:
         if self.variant == "stock":
             return "-"
-        report = _api.patch(**variant_groups(self.variant))
+        report = _api.patch(config=self.config, **variant_groups(self.variant))
         return ",".join(report.groups_applied) or "none"
 
     def __exit__(self, *exc):

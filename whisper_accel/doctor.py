@@ -3,12 +3,38 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 
 from . import _api, _environment
+from . import config as _config
 from ._errors import Unsupported
 from .groups import NAMES
+
+
+def host_gemm() -> str:
+    """The BLAS behind numpy's matrix products (the host executors' GEMM), with its core type
+    where OpenBLAS reports one, and ``OPENBLAS_CORETYPE`` when the environment forces it."""
+    try:
+        from threadpoolctl import threadpool_info
+
+        blas = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+        if blas:
+            b = blas[0]
+            text = f"{b.get('internal_api')} {b.get('version')} ({b.get('architecture') or 'unknown core'})"
+        else:
+            text = "unknown BLAS"
+    except Exception:  # noqa: BLE001  threadpoolctl absent: numpy's build info only
+        import numpy as np
+
+        try:
+            blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+            text = f"{blas.get('name')} {blas.get('version')} (numpy {np.__version__}; core type unknown)"
+        except Exception:  # noqa: BLE001
+            text = f"numpy {np.__version__} BLAS"
+    forced = os.environ.get("OPENBLAS_CORETYPE")
+    return text + (f"; OPENBLAS_CORETYPE={forced} forces that core type" if forced else "")
 
 
 def diagnose() -> dict:
@@ -22,12 +48,25 @@ def diagnose() -> dict:
         return result
     result["capabilities"] = _environment.capabilities(env.versions)
     result["probe_cache"] = _environment.probe_cache_info(env.versions)
+    result["config"] = _config.current().as_dict()
     try:
+        from .kernels import isa
         from .runtime import native
 
+        cpu = isa.cpu()
+        result["cpu"] = {"model": cpu.model, "arch": cpu.arch,
+                         "isa": [v.name for v in isa.runnable(cpu)]}
         result["fused_kernels"] = native.state()
     except Exception as exc:  # doctor explains; it does not crash
         result["fused_kernels"] = {"library": None, "reason": f"error: {exc!r}"}
+    result["gemm"] = host_gemm()
+    try:
+        from .runtime import choice, native
+
+        lib = native.library()
+        result["verdicts"] = choice.cached(_config.current(), lib.path if lib else None)
+    except Exception as exc:  # doctor explains; it does not crash
+        result["verdicts"] = {"error": repr(exc)}
     for name in NAMES:
         try:
             patches = _api.group_patches(name, env)
@@ -62,10 +101,23 @@ def doctor(json_out: bool = False) -> int:
         where = cache["file"] or cache["directory"] or "unknown (no cache directory)"
         print(f"  probe cache   {where}" if cache["enabled"]
               else "  probe cache   off (WHISPER_ACCEL_PROBE_CACHE)")
+    cpu = d.get("cpu")
+    if cpu:
+        print(f"  cpu           {cpu['model']} ({cpu['arch']}; kernel variants it runs: {', '.join(cpu['isa']) or 'none'})")
     fused = d.get("fused_kernels")
     if fused:
-        print(f"  fused kernels {fused['library']}" if fused["library"]
+        print(f"  fused kernels {fused.get('isa')} build {fused['library']}" if fused["library"]
               else f"  fused kernels not used: {fused['reason']} (the encoder and decoder steps run MindSpore's own ops)")
+    print(f"  host GEMM     {d.get('gemm')}")
+    print("  config        " + ", ".join(f"{k}={v}" for k, v in d.get("config", {}).items()))
+    verdicts = d.get("verdicts") or {}
+    if "error" in verdicts:
+        print(f"  executors     verdicts unreadable: {verdicts['error']}")
+    for case, v in verdicts.items() if "error" not in verdicts else ():
+        times = ", ".join(f"{k} {t * 1000:.0f} ms" for k, t in sorted(v.get("seconds", {}).items()))
+        print(f"  executor      {case}: {v.get('executor')} ({times}; measured here, cached)")
+    if not verdicts:
+        print("  executors     no measured verdicts cached for this machine yet (the first calls of each case measure)")
     for problem in env["problems"]:
         print(f"  PROBLEM       {problem}")
     print("patch groups:")

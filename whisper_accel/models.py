@@ -124,8 +124,10 @@ def synthetic_audio(seconds: float = 30.0, seed: int = 0) -> np.ndarray:
 def read_audio(path: str) -> np.ndarray:
     """Decode ``path`` to 16 kHz mono float32 in [-1, 1].
 
-    16-bit PCM WAV is read with the standard library and resampled here; anything else goes
-    through ``ffmpeg`` (Debian package ``ffmpeg``), which must then be installed.
+    16-bit mono PCM WAV is read with the standard library and resampled here (a file cut
+    mid-frame: its whole frames); anything else, and several channels when ``ffmpeg`` is
+    installed (its downmix is what transformers' pipeline reads), goes through ``ffmpeg``
+    (Debian package ``ffmpeg``), which must then be installed.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"audio file {path!r} does not exist")
@@ -134,7 +136,12 @@ def read_audio(path: str) -> np.ndarray:
             if w.getsampwidth() != 2:
                 raise wave.Error("not 16-bit")
             rate, channels = w.getframerate(), w.getnchannels()
-            data = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32)
+            if channels != 1 and shutil.which("ffmpeg") is not None:
+                # ffmpeg's downmix, as transformers' pipeline decodes the same file
+                raise wave.Error("several channels")
+            raw = w.readframes(w.getnframes())
+        raw = raw[: len(raw) // (2 * channels) * (2 * channels)]  # a file cut mid-frame: the whole frames
+        data = np.frombuffer(raw, dtype="<i2").astype(np.float32)
         audio = data.reshape(-1, channels).mean(axis=1) / 32768.0
         audio = resample(audio, rate, SAMPLE_RATE)
     except (wave.Error, EOFError):
@@ -163,8 +170,10 @@ def _ffmpeg_decode(path: str) -> np.ndarray:
     if shutil.which("ffmpeg") is None:
         raise RuntimeError(f"cannot read {path!r}: not a 16-bit WAV and ffmpeg is not installed "
                            "(apt-get install ffmpeg)")
-    proc = subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", path, "-f", "s16le",
+    # float32 out, as transformers' ffmpeg_read asks (the pipeline's decoder): the same samples,
+    # and the same downmix of several channels (an integer format would rescale it)
+    proc = subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", path, "-f", "f32le",
                            "-ac", "1", "-ar", str(SAMPLE_RATE), "-"], capture_output=True)
     if proc.returncode != 0:
         raise RuntimeError(f"ffmpeg could not decode {path!r}: {proc.stderr.decode().strip()}")
-    return np.frombuffer(proc.stdout, dtype="<i2").astype(np.float32) / 32768.0
+    return np.frombuffer(proc.stdout, dtype="<f4").astype(np.float32)

@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import Tuple
+from typing import Dict, Tuple
 
 #: Registered groups, in the order they are applied. ``patch()`` enables all by default.
-NAMES: Tuple[str, ...] = ("compat", "attention", "conv1d", "compiled", "generation", "greedy", "beam",
-                          "word_timestamps")
+NAMES: Tuple[str, ...] = ("compat", "attention", "conv1d", "encoder", "decoder", "generation", "greedy", "beam",
+                          "assisted", "word_timestamps")
+
+#: Old group names and the groups they stand for (``patch(compiled=False)`` and
+#: ``WHISPER_ACCEL=compiled,...`` keep working).
+ALIASES: Dict[str, Tuple[str, ...]] = {"compiled": ("encoder", "decoder")}
 
 
 def load(name: str) -> ModuleType:

@@ -16,6 +16,12 @@ Returns what stock returns: the sequences, or ``GenerateBeamEncoderDecoderOutput
 ``sequences_scores``, ``scores``, ``logits``, ``beam_indices`` and ``past_key_values`` (the
 static cache spilled in stock's final beam order).
 
+The HF cache ``generate`` passes may hold ``DynamicCache``s or ``StaticCache``s
+(``cache_implementation="static"``, or the user's ``EncoderDecoderCache(StaticCache, StaticCache)``):
+a static one is filled in place at the end, with what stock's steps leave in it (in the final
+beam order), whether or not the output returns it. A streamer with beam search is refused by
+``generate`` itself before the search runs (stock's error, unchanged).
+
 Falls back to the stock ``_beam_search`` for: beam sampling (``do_sample=True``), ``synced_gpus``,
 ``output_attentions`` / ``output_hidden_states``, prefill chunking, ``low_memory`` (stock raises
 its own error), model kwargs other than ``encoder_outputs`` / ``past_key_values`` (empty) /
@@ -35,11 +41,10 @@ from .._environment import Gates
 from .._patcher import Patch
 from ..runtime.beam_search import beam_search, unsupported
 from ..runtime.binding import to_compute
-from ..runtime.decode_state import DecodeState
+from ..runtime.decode_state import DecodeState, has_static
 from ..runtime.host_step import on_device
 from ..runtime.interop import import_whisper
 from ..runtime.loops import cross_attentions, fast_or_stock, for_stock, prepare, wants_cross, why_stock
-from ..runtime.model import CompiledWhisper
 from ..runtime.rules import Processors
 
 GATES = Gates(backends=("CPU",))
@@ -105,7 +110,7 @@ def _beams(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any:
     group = beams if per_audio is not None else 1
     kx, vx = cw.cross_kv(to_compute(per_audio if per_audio is not None else hidden))
     cache = {"k": None, "v": None}
-    cache["k"], cache["v"] = cw.new_cache(n, CompiledWhisper.bucket_for(cur_len, cw.max_positions))
+    cache["k"], cache["v"] = cw.new_cache(n, cw.bucket_for(cur_len, cw.max_positions))
     identity = np.arange(n, dtype=np.int32)
     want_logits = gc.return_dict_in_generate and gc.output_logits
     cross = [] if wants_cross(gc) else None  # per step: per layer (N, H, T, S), for token timestamps
@@ -114,7 +119,7 @@ def _beams(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any:
         k, v = cache["k"], cache["v"]
         need = pos0 + feed.shape[1]
         if need > k[0].shape[2]:
-            k, v = cw.grow_cache(k, v, CompiledWhisper.bucket_for(need, cw.max_positions))
+            k, v = cw.grow_cache(k, v, cw.bucket_for(need, cw.max_positions))
         order = identity if beam_idx is None else beam_idx.astype(np.int32)
         logits, logp, cache["k"], cache["v"] = cw.decode_beams(
             mindspore.Tensor(np.ascontiguousarray(feed), mindspore.int64), pos0, k, v,
@@ -135,6 +140,10 @@ def _beams(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any:
                             tuple(ops.gather(c, per_row, 0) for c in vx), n)
         state.length, state.like = cache["fed"], input_ids
         return state.spill_for_output(kw.get("past_key_values"))
+
+    # a StaticCache passed in (cache_implementation="static") is filled as stock's steps fill it,
+    # whether or not the output returns it
+    finish.always = has_static(kw.get("past_key_values"))
 
     out = beam_search(step, input_ids.asnumpy(), logits_processor, stopping_criteria, gc, process=process,
                       like=input_ids, finish=finish)

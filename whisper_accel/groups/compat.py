@@ -16,8 +16,14 @@ file. On CPU with stock MindNLP 0.5.1 / transformers 4.57 it stops, in this orde
    ``torch.stft``. We add ``mindtorch.hann_window`` (torch semantics) and route the fbank
    extraction to the numpy path transformers itself uses when torch is absent.
 3. Without the ``attention`` group, the first encoder forward fails in transformers'
-   ``flash_attention_forward`` (``_lazy_imports`` ValueError, no ``flash_attn``): that group's
-   business, not this one's.
+   ``flash_attention_forward`` (``_lazy_imports`` ValueError, "Could not find the currently
+   requested flash attention implementation at `None`": no ``flash_attn``). Item 5 below computes
+   that attention in mindtorch operators when the package is absent, so ``compat`` alone runs
+   the seed script (at stock speed); the ``attention`` group replaces it with its kernel.
+4. MindNLP's own Whisper examples write ``return_tensors="ms"`` (``processor.get_prompt_ids(prompt,
+   return_tensors="ms")``), which transformers refuses ("ms is not a valid TensorType", stock
+   MindNLP 0.5.1 too): ``"ms"`` / ``"mindspore"`` name ``TensorType.PYTORCH`` here, i.e.
+   mindtorch tensors.
 
 float16 on CPU needs nothing here: with the pipeline's ``ms_dtype=float16`` the features are cast
 to float16 and the Conv2D+BiasAdd emulation of ``conv1d`` runs. Only float32 features fed to a
@@ -40,8 +46,9 @@ from ..runtime.interop import as_tensor, import_whisper
 
 GROUP = "compat"
 GATES = Gates()
-SUMMARY = ("flash_attention_2 loads without the flash_attn package; torch.hann_window; "
-           "log-mel features via transformers' numpy path; token timestamps without torch.unique")
+SUMMARY = ("flash_attention_2 loads and runs without the flash_attn package; torch.hann_window; "
+           "log-mel features via transformers' numpy path; token timestamps without torch.unique; "
+           "return_tensors='ms'")
 
 
 def _flash_attn_installed() -> bool:
@@ -218,6 +225,93 @@ def make_median_filter(original):
 
 
 # --------------------------------------------------------------------------------------------
+# 4. MindNLP's return_tensors="ms"
+# --------------------------------------------------------------------------------------------
+
+#: ``return_tensors`` values MindNLP's examples write for "mindtorch tensors" (``TensorType``
+#: has no such member in transformers: ``"ms is not a valid TensorType"``).
+MS_TENSOR_TYPES = ("ms", "mindspore")
+
+
+def make_tensor_type_missing(original):
+    """``transformers.utils.TensorType._missing_`` (inherited from ``ExplicitEnum``): ``"ms"`` /
+    ``"mindspore"`` name ``TensorType.PYTORCH``, which under MindNLP builds mindtorch tensors (the
+    tensors Whisper's ``generate`` takes). Every place that turns ``return_tensors`` into a
+    ``TensorType`` goes through it: the tokenizer's ``get_prompt_ids`` and ``__call__``
+    (``BatchEncoding.convert_to_tensors``), the feature extractor and the processor
+    (``BatchFeature.convert_to_tensors``). Any other unknown value keeps stock's ValueError."""
+
+    def _missing_(cls, value):
+        if isinstance(value, str) and value.lower() in MS_TENSOR_TYPES:
+            return cls.PYTORCH
+        return original(value)
+
+    return classmethod(_missing_)
+
+
+# --------------------------------------------------------------------------------------------
+# 5. flash_attention_2 runs without the flash_attn package (without the ``attention`` group)
+# --------------------------------------------------------------------------------------------
+
+
+def make_flash_attention_forward(original):
+    """``transformers.integrations.flash_attention._flash_attention_forward`` (imported by value
+    into that module; what the ``flash_attention_2`` registry entry calls).
+
+    Item 1 lets a Whisper model *load* with ``attn_implementation="flash_attention_2"``; without
+    the ``attention`` group its first forward then stops in ``lazy_import_flash_attention``
+    ("Could not find the currently requested flash attention implementation at `None`"), since
+    there is no ``flash_attn`` to call. Here, when the package is absent and no hub kernel was
+    asked for (``implementation`` None), the attention is computed as FlashAttention-2 defines
+    it, in mindtorch operators (float32): ``softmax(q k^T * scale + mask) v`` on its
+    (batch, length, heads, head_dim) inputs, the padding mask (1 = token) on the keys and a
+    bottom-right causal mask -- what ``sdpa`` computes, at stock speed. Anything else
+    (dropout, sliding windows, softcapping, packed sequences, the package present) runs the
+    original, which raises what it raises. Only Whisper reaches this without ``flash_attn``:
+    item 1 relaxes the load check for Whisper classes only."""
+
+    def _flash_attention_forward(query_states, key_states, value_states, attention_mask, query_length,
+                                 is_causal, dropout=0.0, position_ids=None, softmax_scale=None, sliding_window=None,
+                                 use_top_left_mask=False, softcap=None, *args, **kwargs):
+        plain = (not args and not dropout and sliding_window is None and softcap is None and position_ids is None
+                 and kwargs.get("implementation") is None
+                 and all(kwargs.get(k) is None for k in ("cu_seq_lens_q", "cu_seq_lens_k",
+                                                         "max_length_q", "max_length_k")))
+        if _flash_attn_installed() or not plain:
+            return original(query_states, key_states, value_states, attention_mask, query_length, is_causal,
+                            dropout, position_ids, softmax_scale, sliding_window, use_top_left_mask, softcap,
+                            *args, **kwargs)
+        return _reference_attention(query_states, key_states, value_states, attention_mask, bool(is_causal),
+                                    softmax_scale)
+
+    return _flash_attention_forward
+
+
+def _reference_attention(q, k, v, attention_mask, is_causal: bool, scale):
+    """FlashAttention-2's result for (B, L, H, D) q/k/v in mindtorch operators, float32 inside."""
+    import torch
+
+    dtype = q.dtype
+    lq, lk, d = int(q.shape[1]), int(k.shape[1]), int(q.shape[-1])
+    scale = d ** -0.5 if scale is None else float(scale)
+    qt = q.float().transpose(1, 2)
+    kt = k.float().transpose(1, 2)
+    vt = v.float().transpose(1, 2)
+    s = torch.matmul(qt, kt.transpose(-1, -2))
+    if scale != 1.0:
+        s = s * scale
+    low = torch.finfo(torch.float32).min
+    if attention_mask is not None:
+        keep = attention_mask[:, -lk:].bool()[:, None, None, :]
+        s = s.masked_fill(~keep, low)
+    if is_causal and lq > 1:  # bottom-right aligned, as flash_attn >= 2.1
+        keep = torch.ones((lq, lk), dtype=torch.bool).tril(diagonal=lk - lq)
+        s = s.masked_fill(~keep, low)
+    p = torch.softmax(s, dim=-1)
+    return torch.matmul(p, vt).transpose(1, 2).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------
 # the group
 # --------------------------------------------------------------------------------------------
 
@@ -229,6 +323,9 @@ def patches(env: Optional[Any] = None) -> List[Patch]:
     import transformers.modeling_utils as mu
     from transformers.models.whisper.feature_extraction_whisper import WhisperFeatureExtractor
     from transformers.models.whisper import generation_whisper
+
+    import transformers.integrations.flash_attention as fa
+    from transformers.utils import TensorType
 
     out = [
         Patch(GROUP, mu.PreTrainedModel, "_flash_attn_2_can_dispatch", make_flash_attn_2_can_dispatch,
@@ -242,6 +339,10 @@ def patches(env: Optional[Any] = None) -> List[Patch]:
               "token/word timestamps without torch.unique (missing on CPU in mindtorch)"),
         Patch(GROUP, generation_whisper, "_median_filter", make_median_filter,
               "timestamp median filter in numpy (mindtorch's CPU reflect pad refuses 3-D input)"),
+        Patch(GROUP, TensorType, "_missing_", make_tensor_type_missing,
+              "return_tensors='ms' (MindNLP's examples) builds mindtorch tensors, as 'pt'"),
+        Patch(GROUP, fa, "_flash_attention_forward", make_flash_attention_forward,
+              "flash_attention_2 without the flash_attn package computes attention in mindtorch"),
     ]
     if not hasattr(mindtorch, "hann_window"):
         out.insert(2, Patch(GROUP, mindtorch, "hann_window", make_hann_window,

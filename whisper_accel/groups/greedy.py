@@ -21,13 +21,19 @@ whose timestamp-vs-text decision is a near-tie runs the stock list instead). Oth
 processors run as stock code on the step's logits, followed by mindtorch's ``argmax``; stopping
 criteria other than ``MaxLengthCriteria`` / ``EosTokenCriteria`` run as stock code on the ids.
 
+Streamers (``TextStreamer``, ``TextIteratorStreamer``, any ``BaseStreamer``): each step's (B,)
+tokens are ``put()`` after they are appended and ``end()`` is called once after the loop, as stock
+``_sample`` does (``generate`` put the prompt before). A ``StaticCache`` that ``generate`` passes
+(``cache_implementation="static"``, or the user's) is filled in place at the end with what
+stock's steps leave there, whether or not the output returns it.
+
 Sampling (``do_sample``; Whisper samples when ``temperature`` > 0, e.g. in temperature
 fallback) runs in the same loop: the temperature / top-k / top-p warpers in numpy, then one draw
 per row from the processed scores (:mod:`whisper_accel.runtime.sampling`: same per-step
 distributions as stock; seeded by ``transformers.set_seed`` / ``numpy.random.seed``).
 
 Falls back to the original ``_sample`` (nothing skipped, nothing half-done) for:
-``synced_gpus``, a streamer, ``output_attentions`` / ``output_hidden_states``, prefill
+``synced_gpus``, a streamer without ``put()``, ``output_attentions`` / ``output_hidden_states``, prefill
 chunking, model kwargs other than ``encoder_outputs`` / ``past_key_values`` (empty or None) /
 ``use_cache`` / ``attention_mask`` (the encoder's, which Whisper's decoder does not read) /
 ``decoder_attention_mask`` (a padded one, as batched ``condition_on_prev_tokens`` passes, is
@@ -46,10 +52,10 @@ import numpy as np
 from .._environment import Gates
 from .._patcher import Patch
 from ..runtime.binding import to_compute
-from ..runtime.decode_state import DecodeState
+from ..runtime.decode_state import DecodeState, has_static
 from ..runtime.interop import adopt, as_tensor, import_whisper
-from ..runtime.loops import cross_attentions, fast_or_stock, for_stock, prepare, wants_cross, why_stock
-from ..runtime.model import CompiledWhisper
+from ..runtime.loops import (cross_attentions, fast_or_stock, for_stock, prepare, user_call, wants_cross,
+                             why_stock)
 from ..runtime.rules import Processors, criteria_np
 from ..runtime.sampling import draw
 
@@ -61,8 +67,8 @@ ENTRY = "greedy loop"
 
 
 def _why_stock(self, input_ids, stopping_criteria, gc, synced_gpus, streamer, kw) -> Optional[str]:
-    if streamer is not None:
-        return "a streamer is attached"
+    if streamer is not None and not callable(getattr(streamer, "put", None)):
+        return "a streamer without put()"
     why = why_stock(self, input_ids, stopping_criteria, gc, synced_gpus, kw)
     if why is None and any(hasattr(c, "eos_token_id") for c in stopping_criteria) and gc._pad_token_tensor is None:
         why = "an EOS criterion without a pad token id"
@@ -74,31 +80,85 @@ def make_sample(original):
 
     def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
                 streamer=None, **model_kwargs):
+        sent = _Sent(streamer)
+
         def fast():
             why = _why_stock(self, input_ids, stopping_criteria, generation_config, synced_gpus, streamer,
                              model_kwargs)
             if why is not None:
                 return why
-            return _greedy(self, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs)
+            return _greedy(self, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs,
+                           sent)
 
         return fast_or_stock(self, ENTRY, fast, lambda: original(
             self, input_ids, logits_processor, stopping_criteria, for_stock(generation_config), synced_gpus=synced_gpus,
-            streamer=streamer, **model_kwargs))
+            streamer=sent.for_stock(), **model_kwargs))
 
     return _sample
 
 
-def _greedy(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any:
+class _Sent:
+    """The streamer of one ``_sample`` call, and how many tokens the fast loop has put to it.
+
+    Stock ``_sample`` puts each step's (B,) tokens after appending them (the prompt was put by
+    ``generate`` before), and calls ``end()`` once after the loop; the fast loop does the same.
+    Should the fast loop fault after some puts, the stock rerun (:func:`fast_or_stock`) gets a
+    streamer that skips as many puts as were already made (the same tokens: the fast loop's are
+    stock's), so the streamer sees each step once."""
+
+    def __init__(self, streamer):
+        self.streamer, self.count, self.ended = streamer, 0, False
+
+    def put(self, value) -> None:
+        if self.streamer is not None:
+            self.count += 1
+            user_call(self.streamer.put, value)
+
+    def end(self) -> None:
+        if self.streamer is not None:
+            self.ended = True
+            user_call(self.streamer.end)
+
+    def for_stock(self):
+        if self.streamer is None or self.count == 0:
+            return self.streamer
+        return _SkipPuts(self.streamer, self.count, self.ended)
+
+
+class _SkipPuts:
+    """A streamer wrapper for the stock rerun: drops the first ``n`` ``put`` calls (and ``end()``
+    when the fast loop already called it)."""
+
+    def __init__(self, streamer, n: int, ended: bool = False):
+        self._streamer, self._skip, self._ended = streamer, n, ended
+
+    def put(self, value):
+        if self._skip > 0:
+            self._skip -= 1
+            return None
+        return self._streamer.put(value)
+
+    def end(self):
+        if self._ended:
+            return None
+        return self._streamer.end()
+
+    def __getattr__(self, name):
+        return getattr(self._streamer, name)
+
+
+def _greedy(self, input_ids, logits_processor, stopping_criteria, gc, kw, sent=None) -> Any:
     """The loop's result, or (before any step ran) a ``str``: why the original must run."""
     import torch
 
+    sent = sent if sent is not None else _Sent(None)
     batch, cur_len = int(input_ids.shape[0]), int(input_ids.shape[1])
     got = prepare(self, kw, input_ids, stopping_criteria)
     if isinstance(got, str):
         return got
     cw, hidden, padding = got
     kx, vx = cw.cross_kv(to_compute(hidden))
-    k, v = cw.new_cache(batch, CompiledWhisper.bucket_for(cur_len, cw.max_positions))
+    k, v = cw.new_cache(batch, cw.bucket_for(cur_len, cw.max_positions))
 
     sampling = bool(gc.do_sample)
     processors = Processors(logits_processor, int(cw.proj.shape[0]), need_scores=sampling)
@@ -122,7 +182,7 @@ def _greedy(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any
     while True:
         need = fed + int(feed.shape[1])
         if need > k[0].shape[2]:  # next bucket (64/128/256/448): one more graph shape
-            k, v = cw.grow_cache(k, v, CompiledWhisper.bucket_for(need, cw.max_positions))
+            k, v = cw.grow_cache(k, v, cw.bucket_for(need, cw.max_positions))
         nxt, step_scores, step_logits, k, v = cw.decode_next(
             feed, fed, k, v, kx, vx, processors.mask(cur_len), cross, padding)
         fed += int(feed.shape[1])
@@ -147,6 +207,8 @@ def _greedy(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any
         if has_eos:
             next_np = next_np * unfinished + pad * (1 - unfinished)
         ids_np = np.concatenate([ids_np, next_np[:, None]], axis=1)
+        if sent.streamer is not None:  # stock: put(next_tokens) after the cat, before the criteria
+            sent.put(as_ids(next_np))
         cur_len += 1
         if done_np is not None:
             stop = done_np(ids_np)
@@ -157,8 +219,14 @@ def _greedy(self, input_ids, logits_processor, stopping_criteria, gc, kw) -> Any
             break
         feed = as_ids(next_np[:, None])
 
+    sent.end()
     sequences = as_ids(ids_np)
+    given = kw.get("past_key_values")
     if not gc.return_dict_in_generate:
+        if has_static(given):  # stock's steps fill a StaticCache in place, returned or not
+            state = DecodeState(cw, k, v, kx, vx, batch)
+            state.length, state.like = fed, input_ids
+            state.spill_for_output(given)
         return sequences
     from transformers.generation.utils import GenerateEncoderDecoderOutput
 

@@ -24,13 +24,16 @@
 //                                      (B, H, Dh, S) and V (B, H, S, Dh), one launch (see below)
 //
 // GELU is the exact erf form, x * 0.5 * (erf(x / sqrt(2)) + 1), with erf as Eigen's float
-// rational approximation (relative error ~1e-7, as MindSpore's own erff). AVX2 + FMA (+ F16C for
-// float16 weights). The
+// rational approximation (relative error ~1e-7, as MindSpore's own erff). One source for every
+// instruction set: the vectors are simd.h's (simd::vf, W float lanes: AVX-512 16, AVX2 + FMA 8,
+// AArch64 NEON 4), chosen by the build's flags (whisper_accel.kernels.isa / build). The AVX2 build
+// computes what the AVX2-only kernels before it did, bit for bit; the others differ only in the
+// order of a row's horizontal sums (see simd.h). The
 // element-wise kernels are single-threaded (MindSpore's pool runs the MatMuls around them);
 // Attention, most of a layer's arithmetic, splits its work over the CPUs this process may run
 // on (WHISPER_ACCEL_KERNEL_THREADS overrides the count). Built once per machine by
 // whisper_accel.runtime.native with the system C++ compiler.
-#include <immintrin.h>
+#include "simd.h"
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -38,8 +41,14 @@
 #include <algorithm>
 #include <atomic>
 #include <thread>
+#include <string>
 #include <vector>
 #include <sched.h>
+using simd::vf;
+using simd::W;
+// Which branch of simd.h this library was built with ("avx512", "avx2", "neon"), and its lanes.
+extern "C" const char *KernelISA() { return WHISPER_ACCEL_ISA; }
+extern "C" int KernelLanes() { return W; }
 static inline int64_t numel(int nd, const int64_t *s) { int64_t n = 1; for (int i = 0; i < nd; i++) n *= s[i]; return n; }
 static inline float erf_rat(float x) {
   const float c = 3.832506856900711f;
@@ -54,34 +63,11 @@ static inline float erf_rat(float x) {
   q = q * x2 + -1.42647390514189e-02f;
   return p / q;
 }
-static inline __m256 erf8(__m256 x) {
-  const __m256 c = _mm256_set1_ps(3.832506856900711f);
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_sub_ps(_mm256_setzero_ps(), c)), c);
-  const __m256 x2 = _mm256_mul_ps(x, x);
-  __m256 p = _mm256_set1_ps(-2.72614225801306e-10f);
-  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(2.77068142495902e-08f));
-  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(-2.10102402082508e-06f));
-  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(-5.69250639462346e-05f));
-  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(-7.34990630326855e-04f));
-  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(-2.95459980854025e-03f));
-  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(-1.60960333262415e-02f));
-  p = _mm256_mul_ps(p, x);
-  __m256 q = _mm256_set1_ps(-1.45660718464996e-05f);
-  q = _mm256_fmadd_ps(q, x2, _mm256_set1_ps(-2.13374055278905e-04f));
-  q = _mm256_fmadd_ps(q, x2, _mm256_set1_ps(-1.68282697438203e-03f));
-  q = _mm256_fmadd_ps(q, x2, _mm256_set1_ps(-7.37332916720468e-03f));
-  q = _mm256_fmadd_ps(q, x2, _mm256_set1_ps(-1.42647390514189e-02f));
-  return _mm256_div_ps(p, q);
-}
-static inline __m256 gelu8(__m256 v) {
-  const __m256 r2 = _mm256_set1_ps(1.41421356237309504880f), h = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
-  return _mm256_mul_ps(_mm256_mul_ps(v, h), _mm256_add_ps(erf8(_mm256_div_ps(v, r2)), one));
-}
 static inline float gelu1(float v) { return v * 0.5f * (erf_rat(v / 1.41421356237309504880f) + 1.0f); }
 static void gelu_row(const float *x, const float *b, float bb, float *y, int64_t n) {
   int64_t j = 0;
-  if (b) { for (; j + 8 <= n; j += 8) _mm256_storeu_ps(y + j, gelu8(_mm256_add_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(b + j)))); for (; j < n; j++) y[j] = gelu1(x[j] + b[j]); }
-  else { const __m256 B = _mm256_set1_ps(bb); for (; j + 8 <= n; j += 8) _mm256_storeu_ps(y + j, gelu8(_mm256_add_ps(_mm256_loadu_ps(x + j), B))); for (; j < n; j++) y[j] = gelu1(x[j] + bb); }
+  if (b) { for (; j + W <= n; j += W) simd::store(y + j, simd::gelu(simd::add(simd::load(x + j), simd::load(b + j)))); for (; j < n; j++) y[j] = gelu1(x[j] + b[j]); }
+  else { const vf B = simd::set1(bb); for (; j + W <= n; j += W) simd::store(y + j, simd::gelu(simd::add(simd::load(x + j), B))); for (; j < n; j++) y[j] = gelu1(x[j] + bb); }
 }
 // y = gelu(x + b), b over the last dim
 extern "C" int BiasGelu(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream, void *extra) {
@@ -97,27 +83,19 @@ extern "C" int ChanBiasGelu(int nparam, void **params, int *ndims, int64_t **sha
   for (int64_t r = 0; r < rows; r++) gelu_row(x + r * t, nullptr, b[r % ch], y + r * t, t);
   return 0;
 }
-static inline float hsum8(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi); lo = _mm_hadd_ps(lo, lo); lo = _mm_hadd_ps(lo, lo); return _mm_cvtss_f32(lo);
-}
-static inline float hmax8(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_max_ps(lo, hi); lo = _mm_max_ps(lo, _mm_movehl_ps(lo, lo)); lo = _mm_max_ss(lo, _mm_shuffle_ps(lo, lo, 1)); return _mm_cvtss_f32(lo);
-}
 static inline void ln_row(const float *x, const float *g, const float *b, float *y, int64_t c, float eps) {
-  __m256 s = _mm256_setzero_ps(); int64_t j = 0; float ss = 0.f;
-  for (; j + 8 <= c; j += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(x + j));
-  float sum = hsum8(s); for (; j < c; j++) sum += x[j];
-  const float mean = sum / (float)c; const __m256 M = _mm256_set1_ps(mean);
-  __m256 v = _mm256_setzero_ps(); j = 0;
-  for (; j + 8 <= c; j += 8) { __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + j), M); v = _mm256_fmadd_ps(d, d, v); }
-  ss = hsum8(v); for (; j < c; j++) { float d = x[j] - mean; ss += d * d; }
-  const float rstd = 1.0f / std::sqrt(ss / (float)c + eps); const __m256 R = _mm256_set1_ps(rstd);
+  vf s = simd::zero(); int64_t j = 0; float ss = 0.f;
+  for (; j + W <= c; j += W) s = simd::add(s, simd::load(x + j));
+  float sum = simd::hsum(s); for (; j < c; j++) sum += x[j];
+  const float mean = sum / (float)c; const vf M = simd::set1(mean);
+  vf v = simd::zero(); j = 0;
+  for (; j + W <= c; j += W) { vf d = simd::sub(simd::load(x + j), M); v = simd::fmadd(d, d, v); }
+  ss = simd::hsum(v); for (; j < c; j++) { float d = x[j] - mean; ss += d * d; }
+  const float rstd = 1.0f / std::sqrt(ss / (float)c + eps); const vf R = simd::set1(rstd);
   j = 0;
-  for (; j + 8 <= c; j += 8) {
-    __m256 d = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), M), R);
-    _mm256_storeu_ps(y + j, _mm256_fmadd_ps(d, _mm256_loadu_ps(g + j), _mm256_loadu_ps(b + j)));
+  for (; j + W <= c; j += W) {
+    vf d = simd::mul(simd::sub(simd::load(x + j), M), R);
+    simd::store(y + j, simd::fmadd(d, simd::load(g + j), simd::load(b + j)));
   }
   for (; j < c; j++) y[j] = (x[j] - mean) * rstd * g[j] + b[j];
 }
@@ -138,7 +116,7 @@ extern "C" int ResLayerNorm(int nparam, void **params, int *ndims, int64_t **sha
   for (int64_t i = 0; i < rows; i++) {
     const float *xr = x + i * c, *yr = y + i * c; float *rr = r + i * c;
     int64_t j = 0;
-    for (; j + 8 <= c; j += 8) _mm256_storeu_ps(rr + j, _mm256_add_ps(_mm256_loadu_ps(xr + j), _mm256_add_ps(_mm256_loadu_ps(yr + j), _mm256_loadu_ps(bias + j))));
+    for (; j + W <= c; j += W) simd::store(rr + j, simd::add(simd::load(xr + j), simd::add(simd::load(yr + j), simd::load(bias + j))));
     for (; j < c; j++) rr[j] = xr[j] + (yr[j] + bias[j]);
     ln_row(rr, g, b, o + i * c, c, 1e-5f);
   }
@@ -151,26 +129,10 @@ extern "C" int BiasResidual(int nparam, void **params, int *ndims, int64_t **sha
   int64_t n = numel(ndims[0], shapes[0]), c = shapes[0][ndims[0] - 1], rows = n / c;
   for (int64_t i = 0; i < rows; i++) {
     const float *xr = x + i * c, *yr = y + i * c; float *rr = r + i * c; int64_t j = 0;
-    for (; j + 8 <= c; j += 8) _mm256_storeu_ps(rr + j, _mm256_add_ps(_mm256_loadu_ps(xr + j), _mm256_add_ps(_mm256_loadu_ps(yr + j), _mm256_loadu_ps(bias + j))));
+    for (; j + W <= c; j += W) simd::store(rr + j, simd::add(simd::load(xr + j), simd::add(simd::load(yr + j), simd::load(bias + j))));
     for (; j < c; j++) rr[j] = xr[j] + (yr[j] + bias[j]);
   }
   return 0;
-}
-// exp for x <= 0 (softmax after the row max is subtracted): Cephes' expf polynomial, ~1 ulp.
-static inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 static int threads_for(int64_t items) {
   cpu_set_t set; int n = 1;
@@ -187,54 +149,67 @@ template <class F> static void parallel(int64_t items, F f) {
   f(0, items / n);
   for (auto &t : pool) t.join();
 }
-enum { MR = 6, NR = 16 };
+// Register tiles: MR rows by NR = NV vectors of columns, MR x NV accumulators: 6 x 2 x 8 with AVX2
+// (12 of its 16 registers), 6 x 2 x 16 with AVX-512; 5 x 4 x 4 with NEON (20 of 32 registers: it
+// has no FMA with a memory operand, so more columns per row value loaded; 6 rows spill). An
+// element's sum runs in the same order whatever the tile.
+enum { NV = W == 4 ? 4 : 2, MR = W == 4 ? 5 : 6, NR = NV * W };
+// The loops over a tile's NV vectors, unrolled in full: without it GCC 12 kept the AVX2 tiles'
+// accumulators on the stack (attention 1.5x slower, same results).
+#define NV_LOOP _Pragma("GCC unroll 16")
 // Scores of MR query rows (q: MR rows of Dh, stride qs) against one packed K tile (Dh x NR);
-// with mx, also each row's running maximum (8 lanes, mx[r * 8]) over the tile's 16 keys.
+// with mx, also each row's running maximum (W lanes, mx[r * W]) over the tile's NR keys.
 // (The unrolled inner loops measured 0.92x the time of plain ones: PROFILE_NOTES section 30.)
 static inline void qk_tile(const float *q, int64_t qs, const float *kt, int64_t dh, float *out, int64_t os,
                            float *mx = nullptr) {
-  __m256 a[MR][2];
-  for (int r = 0; r < MR; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+  vf a[MR][NV];
+  for (int r = 0; r < MR; r++) NV_LOOP for (int j = 0; j < NV; j++) a[r][j] = simd::zero();
 #pragma GCC unroll 4
   for (int64_t d = 0; d < dh; d++) {
-    const __m256 k0 = _mm256_loadu_ps(kt + d * NR), k1 = _mm256_loadu_ps(kt + d * NR + 8);
+    vf kv[NV];
+    NV_LOOP for (int j = 0; j < NV; j++) kv[j] = simd::load(kt + d * NR + j * W);
     for (int r = 0; r < MR; r++) {
-      const __m256 qb = _mm256_broadcast_ss(q + r * qs + d);
-      a[r][0] = _mm256_fmadd_ps(qb, k0, a[r][0]); a[r][1] = _mm256_fmadd_ps(qb, k1, a[r][1]);
+      const vf qb = simd::broadcast(q + r * qs + d);
+      NV_LOOP for (int j = 0; j < NV; j++) a[r][j] = simd::fmadd(qb, kv[j], a[r][j]);
     }
   }
   for (int r = 0; r < MR; r++) {
-    _mm256_storeu_ps(out + r * os, a[r][0]); _mm256_storeu_ps(out + r * os + 8, a[r][1]);
-    if (mx) _mm256_storeu_ps(mx + r * 8, _mm256_max_ps(_mm256_loadu_ps(mx + r * 8), _mm256_max_ps(a[r][0], a[r][1])));
+    NV_LOOP for (int j = 0; j < NV; j++) simd::store(out + r * os + j * W, a[r][j]);
+    if (mx) {
+      vf m = a[r][0];
+      NV_LOOP for (int j = 1; j < NV; j++) m = simd::max(m, a[r][j]);
+      simd::store(mx + r * W, simd::max(simd::load(mx + r * W), m));
+    }
   }
 }
 // MR rows of P (stride ps, sp columns) times packed V (sp x dh, dh a multiple of NR), added to o
 // (MR x dh) when add, else written.
 static inline void pv_tile(const float *p, int64_t ps, const float *v, int64_t sp, int64_t dh, float *o, bool add) {
   for (int64_t c = 0; c < dh; c += NR) {
-    __m256 a[MR][2];
-    if (add) for (int r = 0; r < MR; r++) { a[r][0] = _mm256_loadu_ps(o + r * dh + c); a[r][1] = _mm256_loadu_ps(o + r * dh + c + 8); }
-    else for (int r = 0; r < MR; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+    vf a[MR][NV];
+    for (int r = 0; r < MR; r++) NV_LOOP for (int j = 0; j < NV; j++) a[r][j] = add ? simd::load(o + r * dh + c + j * W) : simd::zero();
 #pragma GCC unroll 4
     for (int64_t s = 0; s < sp; s++) {
-      const __m256 v0 = _mm256_loadu_ps(v + s * dh + c), v1 = _mm256_loadu_ps(v + s * dh + c + 8);
+      vf vv[NV];
+      NV_LOOP for (int j = 0; j < NV; j++) vv[j] = simd::load(v + s * dh + c + j * W);
       for (int r = 0; r < MR; r++) {
-        const __m256 pb = _mm256_broadcast_ss(p + r * ps + s);
-        a[r][0] = _mm256_fmadd_ps(pb, v0, a[r][0]); a[r][1] = _mm256_fmadd_ps(pb, v1, a[r][1]);
+        const vf pb = simd::broadcast(p + r * ps + s);
+        NV_LOOP for (int j = 0; j < NV; j++) a[r][j] = simd::fmadd(pb, vv[j], a[r][j]);
       }
     }
-    for (int r = 0; r < MR; r++) { _mm256_storeu_ps(o + r * dh + c, a[r][0]); _mm256_storeu_ps(o + r * dh + c + 8, a[r][1]); }
+    for (int r = 0; r < MR; r++) NV_LOOP for (int j = 0; j < NV; j++) simd::store(o + r * dh + c + j * W, a[r][j]);
   }
 }
 // softmax(q' k^T) v' per head, without writing the score matrix out: q' = (q + bq) * scale and
 // v' = v + bv where bq / bv are given, else q and v. q (B, T, H, Dh); k, v (B, S, H, Dh) ->
-// o (B, T, H, Dh). K^T is packed in 16-key tiles and V per head. The work, blocks of QB query
+// o (B, T, H, Dh). K^T is packed in NR-key tiles and V per head. The work, blocks of QB query
 // rows of one head, is taken by the threads from a shared counter. A block's QB x S scores stay
 // in a per-thread buffer (in L2), so each packed K tile and V chunk is read once per QB rows;
 // each row's maximum is taken as its scores are stored. The arithmetic is the 6-row kernel's of
 // before, bit for bit (PROFILE_NOTES section 30: applying 1 / sum to the output row instead of
 // the probabilities moved beam scores by up to 1.1e-4 from stock's).
 enum { QT = 8, QB = MR * QT, VC = 64 };
+static_assert(VC % NR == 0, "P V chunks of whole key tiles");
 static int attention(const float *q, const float *k, const float *v, const float *bq, const float *bv, float scale,
                      float *o, int64_t B, int64_t T, int64_t H, int64_t Dh, int64_t S) {
   if (S <= 0 || Dh <= 0) return 1;
@@ -261,7 +236,7 @@ static int attention(const float *q, const float *k, const float *v, const float
   const int64_t nblk = (T + QB - 1) / QB, items = BH * nblk;
   std::atomic<int64_t> next{0};
   parallel(std::min<int64_t>(items, 64), [&](int64_t, int64_t) {
-    std::vector<float> sc((size_t)(QB * SP)), qb((size_t)(QB * Dh)), ob((size_t)(QB * DP)), mx((size_t)(QB * 8));
+    std::vector<float> sc((size_t)(QB * SP)), qb((size_t)(QB * Dh)), ob((size_t)(QB * DP)), mx((size_t)(QB * W));
     for (int64_t it; (it = next.fetch_add(1)) < items;) {
       const int64_t bh = it / nblk, blk = it % nblk, b = bh / H, h = bh % H, t0 = blk * QB;
       const int64_t rows = std::min<int64_t>(QB, T - t0), tiles = (rows + MR - 1) / MR;
@@ -276,19 +251,19 @@ static int attention(const float *q, const float *k, const float *v, const float
       const float *K = kt.data() + bh * SP * Dh, *V = vp.data() + bh * SP * DP;
       for (int64_t s = 0; s < full; s += NR)
         for (int64_t rt = 0; rt < tiles; rt++)
-          qk_tile(&qb[rt * MR * Dh], Dh, K + (s / NR) * Dh * NR, Dh, &sc[rt * MR * SP + s], SP, &mx[rt * MR * 8]);
+          qk_tile(&qb[rt * MR * Dh], Dh, K + (s / NR) * Dh * NR, Dh, &sc[rt * MR * SP + s], SP, &mx[rt * MR * W]);
       if (full < SP)  // the last tile: its padded keys do not count in the maximum
         for (int64_t rt = 0; rt < tiles; rt++) qk_tile(&qb[rt * MR * Dh], Dh, K + (full / NR) * Dh * NR, Dh, &sc[rt * MR * SP + full], SP);
       for (int64_t r = 0; r < tiles * MR; r++) {  // exp over the S real keys; the padded ones get 0
         float *row = &sc[r * SP];
-        float m = hmax8(_mm256_loadu_ps(&mx[r * 8]));
+        float m = simd::hmax(simd::load(&mx[r * W]));
         for (int64_t s = full; s < S; s++) m = std::fmax(m, row[s]);
-        const __m256 M = _mm256_set1_ps(m); __m256 z8 = _mm256_setzero_ps(); int64_t s = 0;
-        for (; s + 8 <= S; s += 8) { __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + s), M)); _mm256_storeu_ps(row + s, e); z8 = _mm256_add_ps(z8, e); }
-        float z = hsum8(z8); for (; s < S; s++) { row[s] = std::exp(row[s] - m); z += row[s]; }
+        const vf M = simd::set1(m); vf zv = simd::zero(); int64_t s = 0;
+        for (; s + W <= S; s += W) { vf e = simd::exp(simd::sub(simd::load(row + s), M)); simd::store(row + s, e); zv = simd::add(zv, e); }
+        float z = simd::hsum(zv); for (; s < S; s++) { row[s] = std::exp(row[s] - m); z += row[s]; }
         for (; s < SP; s++) row[s] = 0.f;
-        const float iz = 1.0f / z; const __m256 Z = _mm256_set1_ps(iz); s = 0;
-        for (; s + 8 <= S; s += 8) _mm256_storeu_ps(row + s, _mm256_mul_ps(_mm256_loadu_ps(row + s), Z));
+        const float iz = 1.0f / z; const vf Z = simd::set1(iz); s = 0;
+        for (; s + W <= S; s += W) simd::store(row + s, simd::mul(simd::load(row + s), Z));
         for (; s < S; s++) row[s] *= iz;
       }
       for (int64_t s0 = 0; s0 < SP; s0 += VC)
@@ -317,49 +292,40 @@ extern "C" int AttentionBias(int nparam, void **params, int *ndims, int64_t **sh
 // well under memory speed; here the threads split w's rows and each w row is read once for up
 // to MB rows of x (x stays in L1): NW w rows at a time for one row of x (more streams in flight),
 // two at a time for several.
-// Weights as stored: float32, float16 (IEEE half, converted with F16C) or bfloat16 (the upper
+// Weights as stored: float32, float16 (IEEE half, converted with F16C / FCVTL) or bfloat16 (the upper
 // half of a float32). Either conversion to float32 is exact, so a kernel that reads half-precision
 // weights computes what it computes on their float32 copy, bit for bit, and reads half the bytes.
-struct Half { uint16_t bits; };
-struct BHalf { uint16_t bits; };
-static inline __m256 load8(const float *w) { return _mm256_loadu_ps(w); }
-static inline __m256 load8(const Half *w) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w)); }
-static inline __m256 load8(const BHalf *w) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)w)), 16));
-}
-static inline float load1(const float *w) { return *w; }
-static inline float load1(const Half *w) { return _cvtsh_ss(w->bits); }
-static inline float load1(const BHalf *w) { uint32_t u = (uint32_t)w->bits << 16; float f; std::memcpy(&f, &u, 4); return f; }
-template <int NW, class W> static inline void rows_block(const float *x, const W *w, float *y, int64_t M, int64_t K,
+// (Half, BHalf and their loads: simd.h.)
+template <int NW, class T> static inline void rows_block(const float *x, const T *w, float *y, int64_t M, int64_t K,
                                                          int64_t N, int64_t n0) {
   enum { MB = NW == 2 ? 4 : 1 };
-  const int64_t K8 = K / 8 * 8;
+  const int64_t KW = K / W * W;
   for (int64_t m0 = 0; m0 < M; m0 += MB) {
     const int64_t mm = std::min<int64_t>(MB, M - m0);
-    __m256 a[MB][NW];
-    for (int i = 0; i < MB; i++) for (int j = 0; j < NW; j++) a[i][j] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K8; k += 8) {
-      __m256 wv[NW];
-      for (int j = 0; j < NW; j++) wv[j] = load8(w + (n0 + j) * K + k);
+    vf a[MB][NW];
+    for (int i = 0; i < MB; i++) for (int j = 0; j < NW; j++) a[i][j] = simd::zero();
+    for (int64_t k = 0; k < KW; k += W) {
+      vf wv[NW];
+      for (int j = 0; j < NW; j++) wv[j] = simd::load(w + (n0 + j) * K + k);
       for (int i = 0; i < MB; i++) {
         if (i < mm) {
-          const __m256 xv = _mm256_loadu_ps(x + (m0 + i) * K + k);
-          for (int j = 0; j < NW; j++) a[i][j] = _mm256_fmadd_ps(xv, wv[j], a[i][j]);
+          const vf xv = simd::load(x + (m0 + i) * K + k);
+          for (int j = 0; j < NW; j++) a[i][j] = simd::fmadd(xv, wv[j], a[i][j]);
         }
       }
     }
     for (int64_t i = 0; i < mm; i++) {
       const float *xr = x + (m0 + i) * K;
       for (int j = 0; j < NW; j++) {
-        const W *wr = w + (n0 + j) * K; float acc = hsum8(a[i][j]);
-        for (int64_t k = K8; k < K; k++) acc = std::fma(xr[k], load1(wr + k), acc);  // one rounding, in every instantiation
+        const T *wr = w + (n0 + j) * K; float acc = simd::hsum(a[i][j]);
+        for (int64_t k = KW; k < K; k++) acc = std::fma(xr[k], simd::load1(wr + k), acc);  // one rounding, in every instantiation
         y[(m0 + i) * N + n0 + j] = acc;
       }
     }
   }
 }
 // y[:, n0:n1] = x (R, K) w[n0:n1]^T (+ b), y with row stride N
-template <class W> static void rows_part(const float *x, int64_t R, int64_t K, const W *w, int64_t N, const float *b,
+template <class T> static void rows_part(const float *x, int64_t R, int64_t K, const T *w, int64_t N, const float *b,
                                          float *y, int64_t n0, int64_t n1) {
   int64_t n = n0;
   if (R == 1) for (; n + 8 <= n1; n += 8) rows_block<8>(x, w, y, R, K, N, n);
@@ -367,8 +333,8 @@ template <class W> static void rows_part(const float *x, int64_t R, int64_t K, c
   for (; n < n1; n++) rows_block<1>(x, w, y, R, K, N, n);
   if (b) for (int64_t r = 0; r < R; r++) for (int64_t j = n0; j < n1; j++) y[r * N + j] += b[j];
 }
-template <class W> static int rows_matmul(void **params, int64_t **shapes) {
-  const float *x = (const float *)params[0]; const W *w = (const W *)params[1]; float *y = (float *)params[2];
+template <class T> static int rows_matmul(void **params, int64_t **shapes) {
+  const float *x = (const float *)params[0]; const T *w = (const T *)params[1]; float *y = (float *)params[2];
   const int64_t M = shapes[0][0], K = shapes[0][1], N = shapes[1][0];
   if (shapes[1][1] != K) return 1;
   enum { CH = 64 };
@@ -409,7 +375,7 @@ struct SpinBarrier {
     } else {
       // spin briefly, then yield: a thread of ours may be waiting for a core (other work on it)
       for (int spins = 0; gen.load(std::memory_order_acquire) == g; spins++) {
-        if (spins < 4000) _mm_pause();
+        if (spins < 4000) simd::pause();
         else std::this_thread::yield();
       }
     }
@@ -428,25 +394,48 @@ struct SpinBarrier {
 // 28 scaling (1,). outputs: 29 x (R, D); 30 k, 31 v (R, H, 1, Dh): this step's, for the cache.
 // The threads split each linear layer's outputs and the attention's (row, head) pairs, and
 // meet between phases: one launch a layer instead of ~30 operators (PROFILE_NOTES section 22).
+// DecoderLayer's arguments, in order: the one list its code indexes (the DL_* constants) and
+// ArgNames("DecoderLayer") exports. Python's schema (kernels/weights.py DECODER_LAYER_ARGS and
+// DECODER_LAYER_OUTS) must name the same list; runtime/kernel_checks.check_signature compares
+// the two before the kernels are used.
+#define DECODER_LAYER_ARGS(X)                                                                             \
+  X(DL_X, "x") X(DL_LN1_W, "ln1.weight") X(DL_LN1_B, "ln1.bias") X(DL_Q_W, "attn.q_w") X(DL_Q_B, "attn.q_b")   \
+  X(DL_K_W, "attn.k_w") X(DL_V_W, "attn.v_w") X(DL_V_B, "attn.v_b") X(DL_O_W, "attn.o_w")                     \
+  X(DL_O_B, "attn.o_b") X(DL_K_CACHE, "k_cache") X(DL_V_CACHE, "v_cache") X(DL_POS, "positions")              \
+  X(DL_KEY_OK, "key_ok") X(DL_LN2_W, "ln2.weight") X(DL_LN2_B, "ln2.bias") X(DL_CQ_W, "cross.q_w")           \
+  X(DL_CQ_B, "cross.q_b") X(DL_CO_W, "cross.o_w") X(DL_CO_B, "cross.o_b") X(DL_KX, "k_x") X(DL_VX, "v_x")    \
+  X(DL_LN3_W, "ln3.weight") X(DL_LN3_B, "ln3.bias") X(DL_FC1_W, "fc1_w") X(DL_FC1_B, "fc1_b")                \
+  X(DL_FC2_W, "fc2_w") X(DL_FC2_B, "fc2_b") X(DL_SCALING, "scaling")                                        \
+  X(DL_X_OUT, "x_out") X(DL_K_NEW, "k_new") X(DL_V_NEW, "v_new")
+#define DL_ENUM(id, name) id,
+#define DL_NAME(id, name) name ","
+enum DecoderLayerArg { DECODER_LAYER_ARGS(DL_ENUM) DL_COUNT };
+static const char decoder_layer_names[] = DECODER_LAYER_ARGS(DL_NAME);
+// The argument names of a kernel, comma-separated, in order (NULL: a kernel without a list).
+extern "C" const char *ArgNames(const char *kernel) {
+  static std::string names(decoder_layer_names, sizeof(decoder_layer_names) - 2);  // less the last ","
+  return std::string(kernel) == "DecoderLayer" ? names.c_str() : nullptr;
+}
 static std::atomic<long long> decoder_layer_calls{0};
 // How many DecoderLayer calls this process made (tests check that steps take the kernel).
 extern "C" long long DecoderLayerCalls() { return decoder_layer_calls.load(); }
 // DecoderLayerF16 / DecoderLayerBF16: the same with the eight weight matrices (Wq, Wk, Wv, Wo,
 // Wcq, Wco, W1, W2) float16 / bfloat16 as stored; everything else float32.
-template <class W> static int decoder_layer(void **params, int64_t **shapes) {
+template <class T> static int decoder_layer(void **params, int64_t **shapes) {
   decoder_layer_calls.fetch_add(1);
   auto P = [&](int i) { return (const float *)params[i]; };
-  auto M = [&](int i) { return (const W *)params[i]; };
-  const int64_t R = shapes[0][0], D = shapes[0][1], H = shapes[10][1], S = shapes[10][2], Dh = shapes[10][3];
-  const int64_t B = shapes[20][0], Se = shapes[20][3], F = shapes[24][0], KR = shapes[13][0];
-  if (H * Dh != D || R % B != 0 || (KR != 1 && KR != R) || shapes[13][1] != S || shapes[21][2] != Se) return 1;
-  const int64_t beams = R / B, pos0 = ((const int32_t *)params[12])[0];
+  auto M = [&](int i) { return (const T *)params[i]; };
+  const int64_t R = shapes[DL_X][0], D = shapes[DL_X][1], H = shapes[DL_K_CACHE][1], S = shapes[DL_K_CACHE][2];
+  const int64_t Dh = shapes[DL_K_CACHE][3], B = shapes[DL_KX][0], Se = shapes[DL_KX][3], F = shapes[DL_FC1_W][0];
+  const int64_t KR = shapes[DL_KEY_OK][0];
+  if (H * Dh != D || R % B != 0 || (KR != 1 && KR != R) || shapes[DL_KEY_OK][1] != S || shapes[DL_VX][2] != Se) return 1;
+  const int64_t beams = R / B, pos0 = ((const int32_t *)params[DL_POS])[0];
   if (pos0 < 0 || pos0 >= S) return 1;
-  const float scaling = P(28)[0];
-  float *xo = (float *)params[29], *kn = (float *)params[30], *vn = (float *)params[31];
+  const float scaling = P(DL_SCALING)[0];
+  float *xo = (float *)params[DL_X_OUT], *kn = (float *)params[DL_K_NEW], *vn = (float *)params[DL_V_NEW];
   const int n = threads_for(D / 8);
   std::vector<float> q(R * D), a(R * D), f(R * F), hs(n * R * D), scs(n * std::max(S, Se));
-  std::memcpy(xo, P(0), sizeof(float) * R * D);
+  std::memcpy(xo, P(DL_X), sizeof(float) * R * D);
   SpinBarrier bar(n);
   parallel(n, [&](int64_t i0, int64_t) {
     const int i = (int)i0;
@@ -456,17 +445,17 @@ template <class W> static int decoder_layer(void **params, int64_t **shapes) {
     const int64_t p0 = R * H * i / n, p1 = R * H * (i + 1) / n;  // this thread's (row, head) pairs
     auto norm = [&](const float *g, const float *b) { for (int64_t r = 0; r < R; r++) ln_row(xo + r * D, g, b, h + r * D, D, 1e-5f); };
     std::vector<float> t(R * D);
-    auto add_into_x = [&](const W *w, const float *b, const float *in, int64_t K) {
+    auto add_into_x = [&](const T *w, const float *b, const float *in, int64_t K) {
       // xo[:, lo:hi] += in (R, K) w[lo:hi]^T + b[lo:hi]
       rows_part(in, R, K, w, D, b, t.data(), lo(D), hi(D));
       for (int64_t r = 0; r < R; r++) for (int64_t j = lo(D); j < hi(D); j++) xo[r * D + j] += t[r * D + j];
     };
-    norm(P(1), P(2));
-    rows_part(h, R, D, M(3), D, P(4), q.data(), lo(D), hi(D));
-    rows_part(h, R, D, M(5), D, nullptr, kn, lo(D), hi(D));
-    rows_part(h, R, D, M(6), D, P(7), vn, lo(D), hi(D));
+    norm(P(DL_LN1_W), P(DL_LN1_B));
+    rows_part(h, R, D, M(DL_Q_W), D, P(DL_Q_B), q.data(), lo(D), hi(D));
+    rows_part(h, R, D, M(DL_K_W), D, nullptr, kn, lo(D), hi(D));
+    rows_part(h, R, D, M(DL_V_W), D, P(DL_V_B), vn, lo(D), hi(D));
     bar.wait();
-    const float *kc = P(10), *vc = P(11), *ok = P(13);
+    const float *kc = P(DL_K_CACHE), *vc = P(DL_V_CACHE), *ok = P(DL_KEY_OK);
     for (int64_t p = p0; p < p1; p++) {  // self-attention
       const int64_t r = p / H, hh = p % H;
       const float *okr = ok + (KR == 1 ? 0 : r) * S, *qv = q.data() + r * D + hh * Dh;
@@ -491,12 +480,12 @@ template <class W> static int decoder_layer(void **params, int64_t **shapes) {
       }
     }
     bar.wait();
-    add_into_x(M(8), P(9), a.data(), D);
+    add_into_x(M(DL_O_W), P(DL_O_B), a.data(), D);
     bar.wait();
-    norm(P(14), P(15));
-    rows_part(h, R, D, M(16), D, P(17), q.data(), lo(D), hi(D));
+    norm(P(DL_LN2_W), P(DL_LN2_B));
+    rows_part(h, R, D, M(DL_CQ_W), D, P(DL_CQ_B), q.data(), lo(D), hi(D));
     bar.wait();
-    const float *kx = P(20), *vx = P(21);
+    const float *kx = P(DL_KX), *vx = P(DL_VX);
     for (int64_t p = p0; p < p1; p++) {  // cross-attention
       const int64_t r = p / H, hh = p % H, b = r / beams;
       const float *qv = q.data() + r * D + hh * Dh, *kt = kx + (b * H + hh) * Dh * Se, *vv = vx + (b * H + hh) * Se * Dh;
@@ -515,13 +504,13 @@ template <class W> static int decoder_layer(void **params, int64_t **shapes) {
       }
     }
     bar.wait();
-    add_into_x(M(18), P(19), a.data(), D);
+    add_into_x(M(DL_CO_W), P(DL_CO_B), a.data(), D);
     bar.wait();
-    norm(P(22), P(23));
-    rows_part(h, R, D, M(24), F, P(25), f.data(), lo(F), hi(F));
+    norm(P(DL_LN3_W), P(DL_LN3_B));
+    rows_part(h, R, D, M(DL_FC1_W), F, P(DL_FC1_B), f.data(), lo(F), hi(F));
     for (int64_t r = 0; r < R; r++) gelu_row(f.data() + r * F + lo(F), nullptr, 0.f, f.data() + r * F + lo(F), hi(F) - lo(F));
     bar.wait();
-    add_into_x(M(26), P(27), f.data(), F);
+    add_into_x(M(DL_FC2_W), P(DL_FC2_B), f.data(), F);
   });
   return 0;
 }
@@ -538,32 +527,31 @@ extern "C" int DecoderLayerBF16(int nparam, void **params, int *ndims, int64_t *
   return decoder_layer<BHalf>(params, shapes);
 }
 // C (MR x NR, row stride ldc) = A (MR rows packed k-major: ap[k][MR]) x B (packed: bp[k][NR]), kc terms.
-// add: C += instead of C =. A 6 x 16 register tile: 12 accumulators, 2 B loads and 6 broadcasts
-// per k.
+// add: C += instead of C =. An MR x NR register tile (MR rows x NV vectors): NV B loads and MR broadcasts per k.
 static inline void gemm_tile(int64_t kc, const float *ap, const float *bp, float *c, int64_t ldc, bool add) {
-  __m256 acc[MR][2];
-  for (int r = 0; r < MR; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  vf acc[MR][NV];
+  for (int r = 0; r < MR; r++) NV_LOOP for (int j = 0; j < NV; j++) acc[r][j] = simd::zero();
   for (int64_t k = 0; k < kc; k++) {
-    const __m256 b0 = _mm256_loadu_ps(bp), b1 = _mm256_loadu_ps(bp + 8);
+    vf bv[NV];
+    NV_LOOP for (int j = 0; j < NV; j++) bv[j] = simd::load(bp + j * W);
     for (int r = 0; r < MR; r++) {
-      const __m256 a = _mm256_broadcast_ss(ap + r);
-      acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]); acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
+      const vf a = simd::broadcast(ap + r);
+      NV_LOOP for (int j = 0; j < NV; j++) acc[r][j] = simd::fmadd(a, bv[j], acc[r][j]);
     }
     ap += MR; bp += NR;
   }
   for (int r = 0; r < MR; r++) {
     float *row = c + r * ldc;
-    if (add) { acc[r][0] = _mm256_add_ps(acc[r][0], _mm256_loadu_ps(row)); acc[r][1] = _mm256_add_ps(acc[r][1], _mm256_loadu_ps(row + 8)); }
-    _mm256_storeu_ps(row, acc[r][0]); _mm256_storeu_ps(row + 8, acc[r][1]);
+    NV_LOOP for (int j = 0; j < NV; j++) simd::store(row + j * W, add ? simd::add(acc[r][j], simd::load(row + j * W)) : acc[r][j]);
   }
 }
 // The cross-attention K and V of every decoder layer from the encoder output, in one launch and
 // straight into the layouts the step graphs read (no transposes after the MatMuls): what
 // graphs.cross_kv computes per layer, k = enc Wk^T, v = enc Wv^T + bv, as K^T (B, H, Dh, S) and
 // V (B, H, S, Dh). inputs: 0 enc (B, S, D); then per layer Wk (D, D), Wv (D, D), bv (D).
-// outputs, after the inputs: per layer K^T, V. The encoder rows are packed once (6-row panels,
-// k-major); the work items, (layer, K or V, audio, 64 output columns), pack their weight columns
-// once and run the 6 x 16 tile over 96-row blocks (PROFILE_NOTES section 23).
+// outputs, after the inputs: per layer K^T, V. The encoder rows are packed once (MR-row panels,
+// k-major); the work items, (layer, K or V, audio, 4 NR output columns), pack their weight columns
+// once and run the MR x NR tile over blocks of 16 MR rows (PROFILE_NOTES section 23).
 extern "C" int CrossKV(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
                        void *extra) {
   if ((nparam - 1) % 5 != 0 || nparam < 6) return 1;
@@ -573,7 +561,7 @@ extern "C" int CrossKV(int nparam, void **params, int *ndims, int64_t **shapes, 
   for (int64_t l = 0; l < L; l++)
     if (shapes[1 + 3 * l][0] != D || shapes[1 + 3 * l][1] != D || shapes[2 + 3 * l][0] != D || shapes[3 + 3 * l][0] != D) return 1;
   const float *enc = (const float *)params[0];
-  enum { GROUP = 4 * NR, KC = 256, MC = 96 };
+  enum { GROUP = 4 * NR, KC = 256, MC = 16 * MR };  // MC: whole row panels (96 rows with AVX2)
   const int64_t panels = (B * S + MR - 1) / MR;  // row panels over all audios' frames
   std::vector<float> ap(panels * MR * D);  // ap[p][k][MR]
   parallel(panels, [&](int64_t lo, int64_t hi) {

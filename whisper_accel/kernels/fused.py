@@ -1,13 +1,11 @@
-"""The Whisper encoder's ``mindspore.jit`` graphs with fused element-wise kernels (``fused.cc``).
+"""Whisper's ``mindspore.jit`` graphs with the fused kernels (``fused.cc``).
 
-Same signatures, weight layout and results (within ~4e-7 relative) as
-:func:`whisper_accel.kernels.graphs.enc_stem` / ``enc_layer`` / ``enc_final`` /
-``encode_whole``; the convolutions and the linear layers are :mod:`.graphs`' own
-(:func:`.graphs.conv1d`, :func:`.graphs.linear`). What
-changes: MindSpore CPU runs every element-wise operator as its own pass over memory, and its
-``Erf`` single-threaded, so GELU (6 operators), LayerNorm and the bias / residual adds cost
-13-20x PyTorch's on the encoder's (1500, 1536) activations; here each chain is one Custom AOT
-kernel from ``fused.cc`` (benchmarks/PROFILE_NOTES.md section 17).
+:data:`ENCODER`: the encoder graphs of :func:`.graphs.encoder_graphs` (same signatures and
+weights as :data:`.graphs.PLAIN_ENCODER`, results within ~4e-7 relative); the convolutions and
+the linear layers are :mod:`.graphs`' own. What changes: MindSpore CPU runs every element-wise
+operator as its own pass over memory, and its ``Erf`` single-threaded, so GELU, LayerNorm and
+the bias / residual adds are each one Custom AOT kernel here (what they cost is in
+benchmarks/PROFILE_NOTES.md).
 
 :data:`DECODER` holds the decoder-step graphs of :func:`.graphs.decoder_graphs` with the
 ``RowsMatMul`` kernel as the vocabulary projection (MindSpore's MatMul runs it on one thread)
@@ -23,7 +21,8 @@ import mindspore as ms
 from mindspore import ops
 
 from . import graphs
-from .graphs import conv1d, linear
+from . import weights as W
+from .graphs import EL, LN, SA, ST, conv1d, linear
 
 #: The operators in ``fused.cc``, each checked by :func:`whisper_accel.runtime.native.check`.
 NAMES = ("LayerNorm", "ResLayerNorm", "BiasResidual", "BiasGelu", "ChanBiasGelu", "Attention", "RowsMatMul",
@@ -75,13 +74,22 @@ def _cross_dtypes(*dtypes):
 
 
 def configure(library: str) -> None:
-    """Bind the kernels to the shared library at ``library`` (an absolute path)."""
+    """Bind the kernels to the shared library at ``library`` (an absolute path). The graphs
+    here take the kernels bound when they are first traced: a process binds one library (a
+    later call with another path is ignored, and :func:`bound` still names the first)."""
     global _LIBRARY
+    if _LIBRARY is not None:
+        return
     for name in NAMES:
         if name in _GLOBAL:
             globals()[_GLOBAL[name]] = kernel(library, name)
     _LIBRARY = library
     _CROSS.clear()
+
+
+def bound():
+    """The library the graphs use (None before :func:`configure`)."""
+    return _LIBRARY
 
 
 def kernel(library: str, name: str, heads: int = 0):
@@ -98,10 +106,10 @@ def kernel(library: str, name: str, heads: int = 0):
                       func_type="aot")
 
 
-def _stem(feats, conv, pos):
-    x = _CHAN_GELU(conv1d(feats, conv[0], None, 1), conv[1])
-    x = _CHAN_GELU(conv1d(x, conv[2], None, 2), conv[3])
-    return x.transpose(0, 2, 1) + pos
+def _stem(feats, st):
+    x = _CHAN_GELU(conv1d(feats, st[ST.conv1_w], None, 1), st[ST.conv1_b])
+    x = _CHAN_GELU(conv1d(x, st[ST.conv2_w], None, 2), st[ST.conv2_b])
+    return x.transpose(0, 2, 1) + st[ST.positions]
 
 
 def _attention(x, p, n_heads, scaling):
@@ -110,50 +118,25 @@ def _attention(x, p, n_heads, scaling):
     never writes the (B, H, T, T) scores out."""
     b, t, d = x.shape
     shape = (b, t, n_heads, d // n_heads)
-    q = (linear(x, p[0], p[1]) * scaling).reshape(shape)
-    o = _ATTN(q, linear(x, p[2]).reshape(shape), linear(x, p[3], p[4]).reshape(shape))
-    return linear(o.reshape(b, t, d), p[5])
+    q = (linear(x, p[SA.q_w], p[SA.q_b]) * scaling).reshape(shape)
+    o = _ATTN(q, linear(x, p[SA.k_w]).reshape(shape), linear(x, p[SA.v_w], p[SA.v_b]).reshape(shape))
+    return linear(o.reshape(b, t, d), p[SA.o_w])
+
+
+def _norm(x, ln):
+    return _LN(x, ln[LN.weight], ln[LN.bias])
 
 
 def _layer(x, lw, n_heads, scaling):
-    # lw: (ln1, attn (q_w, q_b, k_w, v_w, v_b, o_w, o_b), ln2, fc1_w, fc1_b, fc2_w, fc2_b)
     b, t, d = x.shape
-    o = _attention(_LN(x, lw[0][0], lw[0][1]), lw[1], n_heads, scaling)
-    x, h = _RES_LN(x, o, lw[1][6], lw[2][0], lw[2][1])
-    f = _BIAS_GELU(_mm_t(h.reshape(b * t, d), lw[3]), lw[4])
-    return _BIAS_RES(x, _mm_t(f, lw[5]).reshape(b, t, d), lw[6])
+    o = _attention(_norm(x, lw[EL.ln1]), lw[EL.attn], n_heads, scaling)
+    x, h = _RES_LN(x, o, lw[EL.attn][SA.o_b], lw[EL.ln2][LN.weight], lw[EL.ln2][LN.bias])
+    f = _BIAS_GELU(_mm_t(h.reshape(b * t, d), lw[EL.fc1_w]), lw[EL.fc1_b])
+    return _BIAS_RES(x, _mm_t(f, lw[EL.fc2_w]).reshape(b, t, d), lw[EL.fc2_b])
 
 
-@ms.jit
-def enc_stem(feats, conv, pos):
-    return _stem(feats, conv, pos)
-
-
-@ms.jit
-def enc_layer(x, lw, n_heads, scaling):
-    return _layer(x, lw, n_heads, scaling)
-
-
-@ms.jit
-def enc_layers(x, layers, n_heads, scaling):
-    """Several layers in one launch (``runtime.model.layers_per_launch``)."""
-    for lw in layers:
-        x = _layer(x, lw, n_heads, scaling)
-    return x
-
-
-@ms.jit
-def enc_final(x, final_ln):
-    return _LN(x, final_ln[0], final_ln[1])
-
-
-@ms.jit
-def encode_whole(feats, conv, pos, layers, final_ln, n_heads, scaling):
-    """The whole encoder as one graph (when ``runtime.model.layers_per_launch`` allows it)."""
-    x = _stem(feats, conv, pos)
-    for lw in layers:
-        x = _layer(x, lw, n_heads, scaling)
-    return _LN(x, final_ln[0], final_ln[1])
+#: The encoder graphs with the fused kernels (same signatures as :data:`.graphs.PLAIN_ENCODER`).
+ENCODER = graphs.encoder_graphs(_stem, _layer, _norm)
 
 
 #: Up to this many rows (a step's last positions: batch x beams) the vocabulary projection runs
@@ -169,18 +152,18 @@ def _logits(x, proj):
 def _decoder_layer(x, lw, k_cache, v_cache, positions, key_ok, k_x, v_x, scaling):
     """One decoder layer of a one-token step as the ``DecoderLayer`` kernel (up to
     :data:`ROWS_MATMUL_MAX` rows; None, the operator-by-operator layer, for more): about 30
-    operators a layer become one launch (benchmarks/PROFILE_NOTES.md section 22)."""
+    operators a layer become one launch. Its arguments in :data:`.weights.DECODER_LAYER_ARGS`'
+    order."""
     if x.shape[0] > ROWS_MATMUL_MAX:
         return None
-    sa, ca = lw[1], lw[3]
-    return _DEC_LAYER(x, lw[0][0], lw[0][1], sa[0], sa[1], sa[2], sa[3], sa[4], sa[5], sa[6], k_cache, v_cache,
-                      positions, ops.cast(key_ok, x.dtype), lw[2][0], lw[2][1], ca[0], ca[1], ca[2], ca[3], k_x, v_x,
-                      lw[4][0], lw[4][1], lw[5], lw[6], lw[7], lw[8], ops.fill(x.dtype, (1,), scaling))
+    state = {"x": x, "k_cache": k_cache, "v_cache": v_cache, "positions": positions,
+             "key_ok": ops.cast(key_ok, x.dtype), "k_x": k_x, "v_x": v_x, "scaling": ops.fill(x.dtype, (1,), scaling)}
+    return _DEC_LAYER(*W.kernel_args(lw, state))
 
 
 #: The decoder-step graphs of :func:`.graphs.decoder_graphs` with ``RowsMatMul`` as the
-#: vocabulary projection (the step's largest cost: tiny reads 80 MB of weights a step) and each
-#: layer of a one-token step as the ``DecoderLayer`` kernel.
+#: vocabulary projection (the step's largest read: the whole vocabulary matrix) and each layer
+#: of a one-token step as the ``DecoderLayer`` kernel.
 DECODER = graphs.decoder_graphs(_logits, _decoder_layer)
 
 
@@ -198,8 +181,8 @@ def cross_kv(enc, weights, n_heads: int):
     """Every decoder layer's cross-attention K^T (B, H, Dh, S) and V (B, H, S, Dh), as per-layer
     tuples, from the encoder output ``enc`` (B, S, D) and ``weights``, (k_w, v_w, v_b) of every
     layer in one flat tuple: what :func:`.graphs.cross_kv` computes a layer at a time, as one
-    ``CrossKV`` launch that writes the step graphs' layouts directly (benchmarks/PROFILE_NOTES.md
-    section 23). A graph of that one operator: launched in PyNative it took ~15 ms more."""
+    ``CrossKV`` launch that writes the step graphs' layouts directly. A graph of that one
+    operator (launched in PyNative it pays the dispatch cost)."""
     run = _CROSS.get(n_heads)
     if run is None:
         run = _CROSS[n_heads] = _cross_graph(n_heads)

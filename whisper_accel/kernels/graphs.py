@@ -1,10 +1,10 @@
 """The ``mindspore.jit`` graphs of Whisper's encoder and decoder step, and the helpers they trace.
 
-Pure functions of tensors and weight tuples (:class:`whisper_accel.kernels.compiled.CompiledWhisper`
-arranges the weights and launches them). MindSpore keys each jit function's compiled graphs on
-argument shapes/dtypes. On CPU a graph keeps a buffer for every intermediate tensor once it has
-run, so the encoder and the cross-attention K/V are graphs of one layer, launched per layer
-(see ``benchmarks/PROFILE_NOTES.md`` section 11).
+Pure functions of tensors and weight tuples (the tuple forms of :mod:`.weights`' structures,
+read by name); the runtime's executors (:mod:`whisper_accel.runtime.executors`) arrange the
+weights and launch them. MindSpore keys each jit function's compiled graphs on argument
+shapes/dtypes. On CPU a graph keeps a buffer for every intermediate tensor once it has run, so
+the plain encoder and the cross-attention K/V are launched a layer at a time.
 """
 
 from __future__ import annotations
@@ -14,6 +14,12 @@ from types import SimpleNamespace
 
 import mindspore as ms
 from mindspore import ops
+
+from . import weights as W
+
+# Named indices into the weight tuples (:mod:`.weights`), resolved when a graph is traced.
+SA, CA, ST = W.slots(W.SelfAttention), W.slots(W.CrossAttention), W.slots(W.Stem)
+EL, DL, KV, LN = W.slots(W.EncoderLayer), W.slots(W.DecoderLayer), W.slots(W.CrossKV), W.slots(W.LayerNorm)
 
 _mm_t = ops.MatMul(transpose_b=True)  # x @ W.T reading W [out, in] as stored
 _bmm_t = ops.BatchMatMul(transpose_b=True)
@@ -31,7 +37,7 @@ def linear(x, w, b=None):
 
 
 def _layer_norm(x, p):
-    return _ln(x, p[0], p[1])[0]
+    return _ln(x, p[LN.weight], p[LN.bias])[0]
 
 
 def _gelu(x):  # exactly what mindtorch's CPU gelu(approximate='none') computes
@@ -63,60 +69,73 @@ def conv1d(x, w, b, stride):
 
 
 def self_attention(x, p, n_heads, scaling):
-    """The encoder's self-attention on the normed (B, T, D) ``x``; ``p``: (q_w, q_b, k_w, v_w,
-    v_b, o_w, o_b)."""
-    q = _heads(linear(x, p[0], p[1]) * scaling, n_heads)
-    k = _heads(linear(x, p[2]), n_heads)
-    v = _heads(linear(x, p[3], p[4]), n_heads)
-    return linear(_merge(_attend(q, k, v)), p[5], p[6])
+    """The encoder's self-attention on the normed (B, T, D) ``x``; ``p``: a
+    :class:`~.weights.SelfAttention` tuple."""
+    q = _heads(linear(x, p[SA.q_w], p[SA.q_b]) * scaling, n_heads)
+    k = _heads(linear(x, p[SA.k_w]), n_heads)
+    v = _heads(linear(x, p[SA.v_w], p[SA.v_b]), n_heads)
+    return linear(_merge(_attend(q, k, v)), p[SA.o_w], p[SA.o_b])
 
 
-@ms.jit
-def enc_stem(feats, conv, pos):
-    x = _gelu(conv1d(feats, conv[0], conv[1], 1))
-    x = _gelu(conv1d(x, conv[2], conv[3], 2))
-    return x.transpose(0, 2, 1) + pos
+def stem(feats, st):
+    """conv1, GELU, conv2, GELU, positions: (B, mels, 2T) -> (B, T, D); ``st``: a
+    :class:`~.weights.Stem` tuple."""
+    x = _gelu(conv1d(feats, st[ST.conv1_w], st[ST.conv1_b], 1))
+    x = _gelu(conv1d(x, st[ST.conv2_w], st[ST.conv2_b], 2))
+    return x.transpose(0, 2, 1) + st[ST.positions]
 
 
-@ms.jit
-def enc_layer(x, lw, n_heads, scaling):
-    # lw: (ln1, attn, ln2, fc1_w, fc1_b, fc2_w, fc2_b). One graph for every layer (same shapes:
-    # compiled once), launched per layer: a whole-encoder graph held every layer's activations
-    # at once (tiny: +310 MB peak over stock; see PROFILE_NOTES section 11).
-    x = x + self_attention(_layer_norm(x, lw[0]), lw[1], n_heads, scaling)
-    h = _gelu(linear(_layer_norm(x, lw[2]), lw[3], lw[4]))
-    return x + linear(h, lw[5], lw[6])
+def layer(x, lw, n_heads, scaling):
+    """One encoder layer; ``lw``: an :class:`~.weights.EncoderLayer` tuple."""
+    x = x + self_attention(_layer_norm(x, lw[EL.ln1]), lw[EL.attn], n_heads, scaling)
+    h = _gelu(linear(_layer_norm(x, lw[EL.ln2]), lw[EL.fc1_w], lw[EL.fc1_b]))
+    return x + linear(h, lw[EL.fc2_w], lw[EL.fc2_b])
 
 
-@ms.jit
-def enc_final(x, final_ln):
-    return _layer_norm(x, final_ln)
+def encoder_graphs(stem_of, layer_of, norm_of) -> SimpleNamespace:
+    """The encoder's jit functions from its parts (``stem_of(feats, stem)``, ``layer_of(x,
+    layer, n_heads, scaling)``, ``norm_of(x, ln)``): ``enc_stem``, ``enc_layer`` (one layer a
+    launch), ``enc_layers`` (several), ``enc_final`` and ``encode_whole`` (all in one graph).
+    :data:`PLAIN` has MindSpore's operators, :mod:`.fused` its kernels. Each call makes new jit
+    functions (their own compile cache)."""
 
+    @ms.jit
+    def enc_stem(feats, st):
+        return stem_of(feats, st)
 
-@ms.jit
-def encode_whole(feats, conv, pos, layers, final_ln, n_heads, scaling):
-    """The whole encoder as one graph (see ``compiled.WHOLE_ENCODER_GRAPH``)."""
-    x = _gelu(conv1d(feats, conv[0], conv[1], 1))
-    x = _gelu(conv1d(x, conv[2], conv[3], 2))
-    x = x.transpose(0, 2, 1) + pos
-    for lw in layers:
-        x = x + self_attention(_layer_norm(x, lw[0]), lw[1], n_heads, scaling)
-        h = _gelu(linear(_layer_norm(x, lw[2]), lw[3], lw[4]))
-        x = x + linear(h, lw[5], lw[6])
-    return _layer_norm(x, final_ln)
+    @ms.jit
+    def enc_layer(x, lw, n_heads, scaling):
+        return layer_of(x, lw, n_heads, scaling)
 
+    @ms.jit
+    def enc_layers(x, layers, n_heads, scaling):
+        for lw in layers:
+            x = layer_of(x, lw, n_heads, scaling)
+        return x
 
+    @ms.jit
+    def enc_final(x, final_ln):
+        return norm_of(x, final_ln)
+
+    @ms.jit
+    def encode_whole(feats, st, layers, final_ln, n_heads, scaling):
+        x = stem_of(feats, st)
+        for lw in layers:
+            x = layer_of(x, lw, n_heads, scaling)
+        return norm_of(x, final_ln)
+
+    return SimpleNamespace(enc_stem=enc_stem, enc_layer=enc_layer, enc_layers=enc_layers, enc_final=enc_final,
+                           encode_whole=encode_whole)
 
 
 @ms.jit
 def cross_kv(enc, p, n_heads):
-    # One layer's cross-attention K^T (B, H, Dh, S) and V (B, H, S, Dh); p: (k_w, v_w, v_b).
+    # One layer's cross-attention K^T (B, H, Dh, S) and V (B, H, S, Dh); p: a CrossKV tuple.
     # Launched per layer (one compile): MindSpore CPU graphs keep every intermediate buffer
-    # allocated, so one graph for all layers cost ~100 MB of resident memory on tiny, and it
-    # measured slower (124 vs 98 ms on tiny; PROFILE_NOTES section 19).
+    # allocated, so one graph for all layers holds every layer's at once.
     b, s, d = enc.shape
-    k = linear(enc, p[0]).reshape(b, s, n_heads, d // n_heads).transpose(0, 2, 3, 1)
-    return k, _heads(linear(enc, p[1], p[2]), n_heads)
+    k = linear(enc, p[KV.k_w]).reshape(b, s, n_heads, d // n_heads).transpose(0, 2, 3, 1)
+    return k, _heads(linear(enc, p[KV.v_w], p[KV.v_b]), n_heads)
 
 
 def _cross(q, k_x, v_x, beams, with_probs=False):
@@ -166,7 +185,7 @@ def _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table,
                      ops.fill(x.dtype, visible.shape, -3.4028234663852886e38)).reshape(-1, 1, t, s)
     new_k, new_v = [], []
     probs = ()
-    for i, lw in enumerate(layers):  # (ln1, self_attn, ln2, cross(q_w,q_b,o_w,o_b), ln3, fc1w, fc1b, fc2w, fc2b)
+    for i, lw in enumerate(layers):  # DecoderLayer tuples
         fused = None
         if layer_of is not None and t == 1 and not with_probs:
             fused = layer_of(x.reshape(x.shape[0], x.shape[2]), lw, k_cache[i], v_cache[i], positions, key_ok,
@@ -176,24 +195,24 @@ def _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table,
             new_k.append(ops.where(write, ops.gather(fused[1], src, 2), k_cache[i]))
             new_v.append(ops.where(write, ops.gather(fused[2], src, 2), v_cache[i]))
             continue
-        sa = lw[1]
-        h = _layer_norm(x, lw[0])
-        q = _heads(linear(h, sa[0], sa[1]) * scaling, n_heads)
-        k = ops.where(write, ops.gather(_heads(linear(h, sa[2]), n_heads), src, 2), k_cache[i])
-        v = ops.where(write, ops.gather(_heads(linear(h, sa[3], sa[4]), n_heads), src, 2), v_cache[i])
+        sa = lw[DL.attn]
+        h = _layer_norm(x, lw[DL.ln1])
+        q = _heads(linear(h, sa[SA.q_w], sa[SA.q_b]) * scaling, n_heads)
+        k = ops.where(write, ops.gather(_heads(linear(h, sa[SA.k_w]), n_heads), src, 2), k_cache[i])
+        v = ops.where(write, ops.gather(_heads(linear(h, sa[SA.v_w], sa[SA.v_b]), n_heads), src, 2), v_cache[i])
         new_k.append(k)
         new_v.append(v)
-        x = x + linear(_merge(_attend(q, k, v, bias)), sa[5], sa[6])
-        ca = lw[3]
-        q = _heads(linear(_layer_norm(x, lw[2]), ca[0], ca[1]) * scaling, n_heads)
+        x = x + linear(_merge(_attend(q, k, v, bias)), sa[SA.o_w], sa[SA.o_b])
+        ca = lw[DL.cross]
+        q = _heads(linear(_layer_norm(x, lw[DL.ln2]), ca[CA.q_w], ca[CA.q_b]) * scaling, n_heads)
         if with_probs:
             o, p = _cross(q, k_x[i], v_x[i], beams, True)
             probs = probs + (p,)
         else:
             o = _cross(q, k_x[i], v_x[i], beams)
-        x = x + linear(_merge(o), ca[2], ca[3])
-        h = _gelu(linear(_layer_norm(x, lw[4]), lw[5], lw[6]))
-        x = x + linear(h, lw[7], lw[8])
+        x = x + linear(_merge(o), ca[CA.o_w], ca[CA.o_b])
+        h = _gelu(linear(_layer_norm(x, lw[DL.ln3]), lw[DL.fc1_w], lw[DL.fc1_b]))
+        x = x + linear(h, lw[DL.fc2_w], lw[DL.fc2_b])
     return _layer_norm(x, final_ln), tuple(new_k), tuple(new_v), probs
 
 
@@ -207,65 +226,48 @@ def decode(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, proj, pos_ta
 
 
 def decoder_graphs(logits_of, layer_of=None) -> SimpleNamespace:
-    """The greedy and beam step graphs (``decode_next``, ``decode_next_attn``, ``decode_beams``,
-    ``decode_beams_attn``) with ``logits_of(x (R, D), proj (V, D)) -> (R, V)`` as the vocabulary
-    projection of the last positions: :data:`PLAIN` uses MindSpore's MatMul,
-    :mod:`.fused` its own kernel; ``layer_of``: a whole decoder layer for one-token steps (see
-    :func:`_decoder`), None for the operator-by-operator layers. Each call makes new jit
-    functions (their own compile cache)."""
+    """The greedy and beam step graphs (``decode_next``, ``decode_beams``; each with a constant
+    ``with_probs``: also return every layer's cross-attention probabilities, what
+    ``output_attentions`` returns and token timestamps read) with ``logits_of(x (R, D), proj
+    (V, D)) -> (R, V)`` as the vocabulary projection of the last positions: :data:`PLAIN` uses
+    MindSpore's MatMul, :mod:`.fused` its own kernel; ``layer_of``: a whole decoder layer for
+    one-token steps (see :func:`_decoder`), None for the operator-by-operator layers. Each call
+    makes new jit functions (their own compile cache)."""
 
     @ms.jit
     def decode_next(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, proj, pos_table, layers, final_ln,
-                    n_heads, scaling, suppress, pos_ids, key_ok):
+                    n_heads, scaling, suppress, pos_ids, key_ok, with_probs):
         """Greedy step: the last position's logits (B,V), the scores with ``suppress`` (V,) bool set
-        to -inf (what the masking logits processors return), their argmax (B,), and the caches. The
-        vocabulary projection runs for the last position only."""
-        x, new_k, new_v, _ = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
-                                      final_ln, n_heads, scaling, pos_ids, key_ok, layer_of=layer_of)
-        logits = logits_of(x[:, ids.shape[1] - 1, :], proj)
-        scores = ops.masked_fill(logits, suppress, float("-inf"))
-        return ops.argmax(scores, -1), scores, logits, new_k, new_v
-
-    @ms.jit
-    def decode_next_attn(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, proj, pos_table, layers, final_ln,
-                         n_heads, scaling, suppress, pos_ids, key_ok):
-        """:func:`decode_next` that also returns every layer's cross-attention probabilities
-        (B,H,T,S) (what ``output_attentions`` returns; token timestamps are computed from them)."""
+        to -inf (what the masking logits processors return), their argmax (B,), the caches, and
+        (``with_probs``) the probabilities (B,H,T,S) per layer. The vocabulary projection runs
+        for the last position only."""
         x, new_k, new_v, probs = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
-                                          final_ln, n_heads, scaling, pos_ids, key_ok, 1, True)
+                                          final_ln, n_heads, scaling, pos_ids, key_ok, 1, with_probs,
+                                          None if with_probs else layer_of)
         logits = logits_of(x[:, ids.shape[1] - 1, :], proj)
         scores = ops.masked_fill(logits, suppress, float("-inf"))
         return ops.argmax(scores, -1), scores, logits, new_k, new_v, probs
 
     @ms.jit
     def decode_beams(ids, positions, cols, k_cache, v_cache, beam_idx, k_x, v_x, embed, proj, pos_table, layers,
-                     final_ln, n_heads, scaling, beams, pos_ids, key_ok):
+                     final_ln, n_heads, scaling, beams, pos_ids, key_ok, with_probs):
         """Beam-search step for N = B * beams rows: first the self-attention caches are reordered by
         ``beam_idx`` (N,) int32 (the row each new row continues), then the decoder runs on ``ids``
         (N,T) with cross-attention K/V shared per audio; returns the last position's logits (N,V),
-        their log-softmax (MindSpore's LogSoftmax kernel, what stock beam search applies) and the
-        caches."""
-        k_cache = tuple(ops.gather(c, beam_idx, 0) for c in k_cache)
-        v_cache = tuple(ops.gather(c, beam_idx, 0) for c in v_cache)
-        x, new_k, new_v, _ = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
-                                      final_ln, n_heads, scaling, pos_ids, key_ok, beams, layer_of=layer_of)
-        logits = logits_of(x[:, ids.shape[1] - 1, :], proj)
-        return logits, ops.log_softmax(logits, -1), new_k, new_v
-
-    @ms.jit
-    def decode_beams_attn(ids, positions, cols, k_cache, v_cache, beam_idx, k_x, v_x, embed, proj, pos_table, layers,
-                          final_ln, n_heads, scaling, beams, pos_ids, key_ok):
-        """:func:`decode_beams` that also returns every layer's cross-attention probabilities (N,H,T,S)."""
+        their log-softmax (MindSpore's LogSoftmax kernel, what stock beam search applies), the
+        caches and (``with_probs``) the probabilities (N,H,T,S) per layer."""
         k_cache = tuple(ops.gather(c, beam_idx, 0) for c in k_cache)
         v_cache = tuple(ops.gather(c, beam_idx, 0) for c in v_cache)
         x, new_k, new_v, probs = _decoder(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, pos_table, layers,
-                                          final_ln, n_heads, scaling, pos_ids, key_ok, beams, True)
+                                          final_ln, n_heads, scaling, pos_ids, key_ok, beams, with_probs,
+                                          None if with_probs else layer_of)
         logits = logits_of(x[:, ids.shape[1] - 1, :], proj)
         return logits, ops.log_softmax(logits, -1), new_k, new_v, probs
 
-    return SimpleNamespace(decode_next=decode_next, decode_next_attn=decode_next_attn, decode_beams=decode_beams,
-                           decode_beams_attn=decode_beams_attn)
+    return SimpleNamespace(decode_next=decode_next, decode_beams=decode_beams)
 
 
 #: The step graphs with MindSpore's MatMul as the projection (no fused kernels).
 PLAIN = decoder_graphs(_mm_t)
+#: The encoder graphs of MindSpore's own operators.
+PLAIN_ENCODER = encoder_graphs(stem, layer, _layer_norm)

@@ -58,7 +58,8 @@ def beam_search(step: Callable, input_ids_np: np.ndarray, logits_processor, stop
     ``process(ids (N, L) int64, log_probs (N, V) float32) -> processed | None`` is an optional
     numpy stand-in for ``logits_processor`` (None: run the stock list this step).
     ``finish(beam_idx)`` is called once with the last cache reorder index (stock reorders its
-    cache by it after the last step) and returns the ``past_key_values`` of the output."""
+    cache by it after the last step) and returns the ``past_key_values`` of the output (called
+    without ``return_dict_in_generate`` too when ``finish.always`` is true)."""
     gc = generation_config
     if gc.low_memory:  # stock's own error, raised at the same point
         raise ValueError(
@@ -88,7 +89,10 @@ def beam_search(step: Callable, input_ids_np: np.ndarray, logits_processor, stop
         if state.done():
             break
         feed = state.last_tokens()
-    cache = finish(beam_idx) if finish is not None and gc.return_dict_in_generate else None
+    # ``finish`` runs for the dict output, and always when it says so (``finish.always``: it fills
+    # a StaticCache that ``generate`` passed, which stock's steps fill in place)
+    cache = (finish(beam_idx) if finish is not None and (gc.return_dict_in_generate or getattr(finish, "always", False))
+             else None)
     return _outputs(state, gc, scores if want_scores else None, raw_logits if want_logits else None, like,
                     cache)
 

@@ -1,10 +1,10 @@
-"""Which :class:`~whisper_accel.runtime.model.CompiledWhisper` serves a Whisper module, one
-inference at a time, and what happens when the fast path fails.
+"""Which engine (:class:`~.encoder_engine.EncoderEngine`, :class:`~.decoder_engine.DecoderEngine`)
+serves a Whisper module, one inference at a time, and what happens when the fast path fails.
 
-* :func:`compiled_for` builds a module's compiled model once and keeps it on the module
-  (``module.__dict__[ATTR]``) while :meth:`CompiledWhisper.matches` holds; weights changed in
-  place, reloaded or cast are seen on the next call and the model is rebuilt (no recompilation:
-  graphs are keyed on shapes and dtypes).
+* :func:`compiled_for` builds a module's engine once and keeps it on the module
+  (``module.__dict__[ATTR]``) while its ``matches`` holds; weights changed in place, reloaded or
+  cast are seen on the next call and the engine is rebuilt (no recompilation: graphs are keyed
+  on shapes and dtypes), with the config in force then (:func:`whisper_accel.config.current`).
 * :func:`fault` is the run-time fault path: an unexpected exception in the fast path (a graph
   that fails to compile or launch, an unexpected module layout) turns that module's fast path
   off for good and reports one warning (:func:`whisper_accel._errors.problem`; an error in
@@ -16,19 +16,23 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from typing import Callable, Optional
 
 import mindspore as ms
 from mindspore import ops
 
 from .._errors import problem
-from .model import MODEL_DTYPES, CompiledWhisper
+from .arranged import MODEL_DTYPES
+from .decoder_engine import DecoderEngine
 
 logger = logging.getLogger(__name__)
-ATTR = "_whisper_accel_compiled"  # on the module: CompiledWhisper, or False after a fault
+ATTR = "_whisper_accel_compiled"  # on the module: its engine, or False after a fault
 #: Why a module runs stock code once :func:`fault` turned its fast path off (counted in ``calls``).
 OFF_AFTER_FAULT = "the fast path is off for this model after an earlier fault"
 _build_lock = threading.Lock()
+#: Every engine built in this process and still alive (for ``status()``).
+ENGINES: "weakref.WeakSet" = weakref.WeakSet()
 
 #: One process-wide re-entrant lock around every patched Whisper entry point (``generate``,
 #: ``WhisperForConditionalGeneration.forward``, ``WhisperEncoder.forward``, the decode loops):
@@ -38,9 +42,9 @@ _build_lock = threading.Lock()
 INFERENCE_LOCK = threading.RLock()
 
 
-def compiled_for(module, build: Callable) -> Optional[CompiledWhisper]:
-    """``module``'s compiled model (built by ``build(module)`` when missing or stale), or
-    ``None`` when the fast path is off for this module."""
+def compiled_for(module, build: Callable):
+    """``module``'s engine (built by ``build(module)`` when missing or stale), or ``None`` when
+    the fast path is off for this module."""
     cw = module.__dict__.get(ATTR)
     if cw is False:
         return None
@@ -49,6 +53,7 @@ def compiled_for(module, build: Callable) -> Optional[CompiledWhisper]:
     with _build_lock:
         try:
             cw = build(module)
+            ENGINES.add(cw)
         except Exception as exc:  # noqa: BLE001  unexpected module layout: stock from now on
             fault(module, "arranging the weights for the compiled graphs", exc)
             return None
@@ -66,12 +71,12 @@ def beyond_positions(length: int, positions: int) -> str:
 
 
 def compiled_to_decode(module, hidden, rows: int, length: int):
-    """The compiled model that decodes ``rows`` rows against encoder states ``hidden`` up to
+    """The decoder engine that decodes ``rows`` rows against encoder states ``hidden`` up to
     ``length`` positions, or a ``str``: why stock code must run instead (states of another shape
     or dtype, the fast path off after a fault, more positions than the model has)."""
     if getattr(hidden, "ndim", 0) != 3 or hidden.shape[0] != rows or not graph_dtype(hidden, module.proj_out.weight):
         return ENCODER_OUTPUT
-    cw = compiled_for(module, CompiledWhisper.from_model)
+    cw = compiled_for(module, DecoderEngine)
     if cw is None:
         return OFF_AFTER_FAULT
     if cw.model_dtype != hidden.dtype:
@@ -92,6 +97,17 @@ def fault(module, what: str, exc: BaseException) -> str:
     return f"fault in {what}: {exc!r} (stock from now on for this model)"
 
 
+def engines_report() -> list:
+    """Each live engine's kind, settings, executor order, faults and choice (``status()``)."""
+    out = []
+    for engine in list(ENGINES):
+        try:
+            out.append({"kind": type(engine).__name__, **engine.report()})
+        except Exception as exc:  # noqa: BLE001  a report must not break status()
+            out.append({"kind": type(engine).__name__, "error": repr(exc)})
+    return out
+
+
 def graph_dtype(t, weight) -> bool:
     """``t`` may enter the graphs: float32/float16/bfloat16 and the dtype of the model's
     ``weight`` (a mismatch is left to stock code, which raises its own error)."""
@@ -103,7 +119,7 @@ def to_compute(t):
     return t if t.dtype == ms.float32 else ops.cast(t, ms.float32)
 
 
-def to_model(t, cw: CompiledWhisper):
+def to_model(t, cw):
     """A graph output in the model's dtype, as stock code would return it."""
     return t if cw.model_dtype == ms.float32 else ops.cast(t, cw.model_dtype)
 

@@ -7,6 +7,12 @@ the HF cache object (:func:`attach`). When code outside the forward needs the HF
 contents (``reorder_cache`` for beam search, ``crop``, ``batch_*``, ``to_legacy_cache``) the
 static cache is first *spilled* into the HF cache, so the remaining steps run stock and stay
 correct.
+
+The HF cache may hold ``DynamicCache``s (the default) or ``StaticCache``s (``generate(...,
+cache_implementation="static")``, or passed in by the user): :func:`unusable` says which the
+fast paths take. A spill writes positions ``0..length-1`` through the cache's own ``update``,
+which for a ``StaticCache`` is its in-place ``index_copy_`` into the preallocated buffers: the
+same contents stock's steps leave there (the slots past the length stay as ``reset()`` left them).
 """
 
 from __future__ import annotations
@@ -21,6 +27,49 @@ from .interop import adopt
 STATE = "_whisper_accel_state"  # on the EncoderDecoderCache: DecodeState
 _SPILL_METHODS = ("reorder_cache", "crop", "batch_split", "batch_repeat_interleave",
                   "batch_select_indices", "to_legacy_cache", "reset")
+
+
+def unusable(cache) -> "str | None":
+    """Why the fast paths cannot hold their state on ``cache`` (None when they can): it must be an
+    ``EncoderDecoderCache`` whose self- and cross-attention caches are each a ``DynamicCache`` or
+    a ``StaticCache`` of plain ``StaticLayer``s (not offloaded)."""
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCache, StaticLayer
+
+    if type(cache) is not EncoderDecoderCache:
+        return "past_key_values is not an EncoderDecoderCache of DynamicCaches / StaticCaches"
+    for sub in (cache.self_attention_cache, cache.cross_attention_cache):
+        if type(sub) is DynamicCache:
+            continue
+        if type(sub) is StaticCache and not getattr(sub, "offloading", False) and \
+                all(type(layer) is StaticLayer for layer in sub.layers):
+            continue
+        return "past_key_values is not an EncoderDecoderCache of DynamicCaches / StaticCaches"
+    return None
+
+
+def static_misfit(cache, batch: int, length: int, encoder_length: "int | None" = None) -> "str | None":
+    """For a cache of :func:`unusable` kind: why its ``StaticCache`` parts cannot take a generation
+    of ``batch`` rows up to ``length`` self-attention positions (None when they can; stock code
+    then runs and raises what it raises)."""
+    from transformers.cache_utils import StaticCache
+
+    for sub, need, what in ((cache.self_attention_cache, length, "self-attention"),
+                            (cache.cross_attention_cache, encoder_length, "cross-attention")):
+        if type(sub) is not StaticCache:
+            continue
+        if need is not None and any(layer.max_cache_len < need for layer in sub.layers):
+            return f"the {what} StaticCache is shorter than the generation ({need} positions)"
+        if any(getattr(layer, "is_initialized", False) and layer.max_batch_size != batch for layer in sub.layers):
+            return f"the {what} StaticCache was built for another batch size"
+    return None
+
+
+def has_static(cache) -> bool:
+    from transformers.cache_utils import StaticCache
+
+    return cache is not None and any(type(sub) is StaticCache for sub in
+                                     (getattr(cache, "self_attention_cache", None),
+                                      getattr(cache, "cross_attention_cache", None)))
 
 
 class DecodeState:
@@ -53,9 +102,19 @@ class DecodeState:
     def spill_for_output(self, given=None):
         """The HF cache a finished generation returns: the static cache spilled into a fresh
         ``EncoderDecoderCache`` first (should that fail, ``given`` is untouched and the stock loop
-        can run the generation again), then handed to ``given`` (the cache ``generate`` passed)."""
+        can run the generation again), then handed to ``given`` (the cache ``generate`` passed).
+        A ``given`` holding ``StaticCache``s (``cache_implementation="static"``, or the user's) is
+        filled in place, as stock's steps fill it (should that fail, it is ``reset()``, as
+        ``generate`` would hand it to the stock loop)."""
         from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
+        if has_static(given):
+            try:
+                self.spill(given)
+            except BaseException:
+                given.reset()
+                raise
+            return given
         filled = EncoderDecoderCache(DynamicCache(), DynamicCache())
         self.spill(filled)
         if given is None:
@@ -84,4 +143,6 @@ def attach(cache, state: DecodeState) -> None:
 def is_empty(cache) -> bool:
     """The HF cache holds nothing yet (a fresh generation)."""
     # DynamicCache(config=...) pre-creates (unfilled) layers, so ask for lengths, not layers.
-    return cache.self_attention_cache.get_seq_length() == 0 and cache.cross_attention_cache.get_seq_length() == 0
+    # A StaticCache answers with a tensor (its occupied slots of the first row and head).
+    return int(cache.self_attention_cache.get_seq_length()) == 0 and \
+        int(cache.cross_attention_cache.get_seq_length()) == 0

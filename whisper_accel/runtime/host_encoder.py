@@ -1,11 +1,11 @@
 """The encoder on the host: numpy's matrix multiply (its OpenBLAS) for the two convolutions and
 every linear layer, the fused kernels through ``ctypes`` for the rest, no graph.
 
-Why: inside a graph launch MindSpore's dispatch thread spins on one of the two cores while the
-graph runs (PROFILE_NOTES section 19), so the graph's MatMuls and kernels share a core with it.
-Run back to back from Python, the same kernels and a BLAS of the same speed took 0.82-0.84x the
-fused graphs' time for two large-v3 layers and 0.77-0.96x for tiny's four, each in a process
-of its own (PROFILE_NOTES section 29).
+Why: inside a graph launch MindSpore's dispatch thread spins on one core while the graph runs,
+so the graph's MatMuls and kernels share a core with it; run back to back from Python, the
+same kernels need no dispatch thread. Whether that beats the fused graphs depends on the
+machine (numpy's BLAS against MindSpore's oneDNN MatMul): :mod:`whisper_accel.runtime.choice`
+measures it where it runs.
 
 What it computes is :func:`whisper_accel.kernels.fused.encode_whole`'s arithmetic, in float32:
 
@@ -20,9 +20,10 @@ What it computes is :func:`whisper_accel.kernels.fused.encode_whole`'s arithmeti
 
 The convolutions and matrix products sum in OpenBLAS's order, not oneDNN's: the output is
 within ~1e-6 relative of the graphs' (the tests hold it to 1e-5, and to stock within 1e-4).
-:func:`for_model` refuses (None) a model whose encoder weights are not float32 host buffers it
+:func:`for_weights` refuses (None) a model whose encoder weights are not float32 host buffers it
 can verify (a float16/bfloat16 model's are its float32 compute copy). Not thread-safe by
-itself: :class:`whisper_accel.runtime.model.CompiledWhisper` calls it under its lock.
+itself: its executor (:class:`whisper_accel.runtime.executors.host.HostEncoderExecutor`) calls
+it under the engine's lock.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from . import host_calls, native
+from ..kernels import weights as W
+from . import host_calls
 from .host_calls import Call
 
 _F32 = np.float32
@@ -53,31 +55,33 @@ class _Buffers:
         self.f = zeros(rows, ffn)
         self.conv1 = zeros(batch * 2 * t, d)
         split = (batch, t, heads, d // heads)
-        self.gelu1 = Call(enc.lib.BiasGelu, [self.conv1, enc.conv[1], self.conv1])
-        self.gelu2 = Call(enc.lib.BiasGelu, [self.y, enc.conv[3], self.y])
+        self.gelu1 = Call(enc.lib.BiasGelu, [self.conv1, enc.stem.conv1_b, self.conv1])
+        self.gelu2 = Call(enc.lib.BiasGelu, [self.y, enc.stem.conv2_b, self.y])
         heads_of = [self.q.reshape(split), self.k.reshape(split), self.v.reshape(split)]
         self.layers = []
-        for (g1, b1), attn, (g2, b2), w1, c1, w2, c2 in enc.layers:
-            _, bq, _, _, bv, _, _ = attn
-            self.layers.append((Call(enc.lib.LayerNorm, [self.x, g1, b1, self.n]), attn,
-                                Call(enc.lib.AttentionBias, [*heads_of, bq, bv, enc.scaling, self.o.reshape(split)]),
-                                Call(enc.lib.ResLayerNorm, [self.x, self.y, attn[6], g2, b2, self.x, self.n]),
-                                w1, Call(enc.lib.BiasGelu, [self.f, c1, self.f]), w2,
-                                Call(enc.lib.BiasResidual, [self.x, self.y, c2, self.x])))
-        self.final = Call(enc.lib.LayerNorm, [self.x, *enc.final_ln, self.n])
+        for lw in enc.layers:
+            attn, ln1, ln2 = lw.attn, lw.ln1, lw.ln2
+            self.layers.append((Call(enc.lib.LayerNorm, [self.x, ln1.weight, ln1.bias, self.n]), attn,
+                                Call(enc.lib.AttentionBias, [*heads_of, attn.q_b, attn.v_b, enc.scaling,
+                                                             self.o.reshape(split)]),
+                                Call(enc.lib.ResLayerNorm, [self.x, self.y, attn.o_b, ln2.weight, ln2.bias, self.x,
+                                                            self.n]),
+                                lw.fc1_w, Call(enc.lib.BiasGelu, [self.f, lw.fc1_b, self.f]), lw.fc2_w,
+                                Call(enc.lib.BiasResidual, [self.x, self.y, lw.fc2_b, self.x])))
+        self.final = Call(enc.lib.LayerNorm, [self.x, enc.final_ln.weight, enc.final_ln.bias, self.n])
 
 
 class HostEncoder:
     """One model's encoder weights as host views and the encoder's kernel calls."""
 
-    def __init__(self, library: str, conv, pos, layers, final_ln, heads: int, scaling: float):
+    def __init__(self, library: str, stem: W.Stem, layers, final_ln: W.LayerNorm, heads: int, scaling: float):
         self.lib = ctypes.CDLL(library)
-        w1, b1, w2, b2 = conv
-        self.d, self.mels = int(w1.shape[0]), int(w1.shape[1])
+        self.stem = stem
+        self.d, self.mels = int(stem.conv1_w.shape[0]), int(stem.conv1_w.shape[1])
         # (out, in, tap) as stored is (out, in x tap): the unfolded input's column order
-        self.conv = (w1.reshape(self.d, -1), b1, w2.reshape(self.d, -1), b2)
-        self.pos, self.layers, self.final_ln = pos, layers, final_ln
-        self.frames, self.ffn = int(pos.shape[0]), int(layers[0][3].shape[0])
+        self.conv_w = (stem.conv1_w.reshape(self.d, -1), stem.conv2_w.reshape(self.d, -1))
+        self.pos, self.layers, self.final_ln = stem.positions, layers, final_ln
+        self.frames, self.ffn = int(self.pos.shape[0]), int(layers[0].fc1_w.shape[0])
         self.heads, self.scaling = heads, np.array([scaling], _F32)
         self._buffers: Optional[_Buffers] = None
         #: encoder calls this object has run (tests and reports)
@@ -94,7 +98,7 @@ class HostEncoder:
         if buf is None or buf.batch != batch:
             buf = self._buffers = _Buffers(self, batch)
         t = self.frames
-        w1, _, w2, _ = self.conv
+        w1, w2 = self.conv_w
         # conv1: every frame's (mel, tap) window, the time axis padded by one on each side
         padded = np.pad(np.asarray(feats, _F32), ((0, 0), (0, 0), (1, 1)))
         windows = np.lib.stride_tricks.sliding_window_view(padded, 3, axis=2)  # (B, mels, 2t, 3)
@@ -107,13 +111,12 @@ class HostEncoder:
         buf.gelu2()
         np.add(buf.y.reshape(batch, t, self.d), self.pos, out=buf.x.reshape(batch, t, self.d))
         for ln1, attn, attention, res_ln, fc1, gelu, fc2, residual in buf.layers:
-            wq, _, wk, wv, _, wo, _ = attn
             ln1()
-            np.matmul(buf.n, wq.T, out=buf.q)  # q's bias and scaling, v's bias: in AttentionBias
-            np.matmul(buf.n, wk.T, out=buf.k)
-            np.matmul(buf.n, wv.T, out=buf.v)
+            np.matmul(buf.n, attn.q_w.T, out=buf.q)  # q's bias and scaling, v's bias: in AttentionBias
+            np.matmul(buf.n, attn.k_w.T, out=buf.k)
+            np.matmul(buf.n, attn.v_w.T, out=buf.v)
             attention()
-            np.matmul(buf.o, wo.T, out=buf.y)
+            np.matmul(buf.o, attn.o_w.T, out=buf.y)
             res_ln()
             np.matmul(buf.n, fc1.T, out=buf.f)
             gelu()
@@ -124,24 +127,21 @@ class HostEncoder:
         return buf.n.reshape(batch, t, self.d).copy()
 
 
-def for_model(cw) -> Optional[HostEncoder]:
-    """A :class:`HostEncoder` for the encoder of ``cw`` (a ``CompiledWhisper``), or None when the
-    fused kernels are not usable here or a weight is not a float32 host buffer whose view reads
-    the tensor's values."""
-    library = native.state()["library"]
-    if library is None:
-        return None
+def for_weights(w, library: str) -> Optional[HostEncoder]:
+    """A :class:`HostEncoder` for ``w`` (:class:`~.arranged.EncoderWeights`) on the kernel
+    ``library``, or None when a weight is not a float32 host buffer whose view reads the
+    tensor's values."""
 
-    views = host_calls.views
-    conv = views(cw.conv)
-    rest = views((cw.enc_pos, *cw.enc_ln))
-    layers = []
-    for lw in cw.enc_layers:  # (ln1, attn (q_w, q_b, k_w, v_w, v_b, o_w, o_b), ln2, fc1_w, fc1_b, fc2_w, fc2_b)
-        ln1, attn, ln2, tail = views(lw[0]), views(lw[1]), views(lw[2]), views(lw[3:])
-        if None in (ln1, attn, ln2, tail):
+    def viewed(structure):
+        paths = [p for p in W.leaf_paths(type(structure))]
+        got = host_calls.views([W.get(structure, type(structure), p) for p in paths])
+        if got is None:
             return None
-        layers.append((tuple(ln1), tuple(attn), tuple(ln2), *tail))
-    if conv is None or rest is None or not layers:
+        by_path = dict(zip(paths, got))
+        return W.mapped(structure, lambda path, _: by_path[path])
+
+    stem, final_ln = viewed(w.stem), viewed(w.final_ln)
+    layers = [viewed(lw) for lw in w.layers]
+    if stem is None or final_ln is None or not layers or any(lw is None for lw in layers):
         return None
-    pos, g, b = rest
-    return HostEncoder(library, conv, pos, layers, (g, b), cw.n_heads_enc, cw.scaling_enc)
+    return HostEncoder(library, stem, layers, final_ln, w.heads, w.scaling)

@@ -1,22 +1,21 @@
 """Decode steps on the host: the fused kernels called through ``ctypes``, no graph.
 
-Why: with every decoder layer one ``DecoderLayer`` kernel (PROFILE_NOTES section 22), a tiny
-one-token step's arithmetic is ~12 ms of memory traffic (the layers' weights, the cross K/V,
-the 51865 x 384 projection), but a step graph took ~22 ms: ~5 ms of Python before the launch
-(MindSpore builds an argument key over ~120 tensors) and the graph runtime around its ~30
-operators. Here the same kernels (``DecoderLayer`` per layer, ``LayerNorm``, ``RowsMatMul``)
-run back to back on numpy views of the weights' buffers, the self-attention cache lives in
-numpy arrays (:class:`HostCache`), and the token embedding, the suppression mask and the argmax
-are numpy (PROFILE_NOTES section 24).
+Why: a one-token step is a few milliseconds of memory traffic (the layers' weights, the cross
+K/V, the vocabulary projection), but a step graph adds Python before the launch (MindSpore
+builds an argument key over ~120 tensors) and the graph runtime around its operators. Here the
+same kernels (``DecoderLayer`` per layer, ``LayerNorm``, ``RowsMatMul``) run back to back on
+numpy views of the weights' buffers, the self-attention cache lives in numpy arrays
+(:class:`HostCache`), and the token embedding, the suppression mask and the argmax are numpy
+(benchmarks/PROFILE_NOTES.md has the measurements).
 
 What runs here: greedy and beam-search steps (no cross-attention probabilities) of one token
 a row, and prompts without padding of up to :data:`MAX_TOKENS` tokens (one after another), of up to
 :data:`MAX_ROWS` rows (batch x beams), with or without a decoder padding mask, when the
 fused kernels are usable. A float16/bfloat16 model's weight matrices are read as stored (half the
 bytes of its float32 compute copy; the same results, bit for bit). :class:`HostStep` refuses
-(``None`` from :func:`for_model`) a model whose weights are not host buffers it can verify; the
-caller then runs the step graphs. Not thread-safe
-by itself: :class:`whisper_accel.runtime.model.CompiledWhisper` calls it under its lock.
+(``None`` from :func:`for_weights`) a model whose weights are not host buffers it can verify; the
+caller then runs the step graphs. Not thread-safe by itself: its executor
+(:class:`whisper_accel.runtime.executors.host.HostDecoder`) calls it under the engine's lock.
 """
 
 from __future__ import annotations
@@ -27,8 +26,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import mindspore as ms
 import numpy as np
 
+from ..kernels import weights as W
 from ..kernels.fused import ROWS_MATMUL_MAX
-from . import host_calls, native
+from . import host_calls
 from .host_calls import Call
 
 #: Rows (batch x beams) one host step takes: the projection kernel's limit.
@@ -78,14 +78,15 @@ class HostStep:
     float32 as they read them, exactly, so the step computes what it computes on the float32
     compute copy, bit for bit, and reads half the bytes."""
 
-    def __init__(self, library: str, cw, layers: List[tuple], embed, pos, final_ln, proj):
+    def __init__(self, library: str, layers: List[W.DecoderLayer], embed, pos, final_ln, proj, heads: int,
+                 head_dim: int, scaling: float):
         self.lib = ctypes.CDLL(library)
         self.layers, self.embed, self.pos, self.final_ln, self.proj = layers, embed, pos, final_ln, proj
         suffix = _SUFFIX[proj.dtype]
         #: the weight matrices' dtype as the kernels read them: "float32", "float16" or "bfloat16"
         self.weights = {"": "float32", "F16": "float16", "BF16": "bfloat16"}[suffix]
         self._layer_fn, self._rows_fn = getattr(self.lib, "DecoderLayer" + suffix), getattr(self.lib, "RowsMatMul" + suffix)
-        self.heads, self.head_dim, self.scaling = cw.n_heads_dec, cw.head_dim, cw.scaling_dec
+        self.heads, self.head_dim, self.scaling = heads, head_dim, scaling
         self._plans: Dict[Tuple, Any] = {}
         self._audio: Optional[Tuple[Any, Any]] = None  # the cross K/V the plans read
         self._masks: Dict[int, Tuple[Any, np.ndarray]] = {}
@@ -112,9 +113,10 @@ class HostStep:
         kn, vn = np.zeros((rows, self.heads, 1, self.head_dim), _F32), np.zeros((rows, self.heads, 1, self.head_dim), _F32)
         pos0, ok, scaling = np.zeros(1, np.int32), np.ones((ok_rows, s), _F32), np.array([self.scaling], _F32)
         calls = []
-        for i, (a, b, c) in enumerate(self.layers):
-            calls.append(Call(self._layer_fn, [xs[i % 2], *a, k[i], v[i], pos0, ok, *b, kxs[i], vxs[i], *c,
-                                                       scaling, xs[(i + 1) % 2], kn, vn]))
+        for i, lw in enumerate(self.layers):
+            state = {"x": xs[i % 2], "k_cache": k[i], "v_cache": v[i], "positions": pos0, "key_ok": ok,
+                     "k_x": kxs[i], "v_x": vxs[i], "scaling": scaling}
+            calls.append(Call(self._layer_fn, W.kernel_args(lw, state) + [xs[(i + 1) % 2], kn, vn]))
         h = np.zeros((rows, d), _F32)
         logits = np.zeros((rows, self.proj.shape[0]), _F32)
         tail = [Call(self.lib.LayerNorm, [xs[len(self.layers) % 2], *self.final_ln, h]),
@@ -185,49 +187,39 @@ def reordered(cache: HostCache, order: np.ndarray) -> HostCache:
     return spare
 
 
-#: where a layer's weight matrices sit in each of its three parts (see :func:`_parts`)
-_MATRICES = ((2, 4, 5, 7), (2, 4), (2, 4))
-
-
-def _parts(lw, dtype) -> Optional[list]:
-    """One layer's weights (``CompiledWhisper.dec_host``/``dec_layers`` order) as the kernel's
-    three argument groups, [ln1, self-attention], [ln2, cross q/o], [ln3, fc1, fc2]: the
-    matrices viewed as ``dtype``, the rest float32; None when a view is not usable."""
-    groups = ((*lw[0], *lw[1]), (*lw[2], *lw[3]), (*lw[4], *lw[5:]))
-    parts = []
-    for group, at in zip(groups, _MATRICES):
-        mats = host_calls.views([group[i] for i in at], dtype)
-        rest = host_calls.views([t for i, t in enumerate(group) if i not in at])
-        if mats is None or rest is None:
-            return None
-        mats, rest = iter(mats), iter(rest)
-        parts.append([next(mats) if i in at else next(rest) for i in range(len(group))])
-    return parts
-
-
-def for_model(cw) -> Optional[HostStep]:
-    """A :class:`HostStep` for the decoder of ``cw`` (a ``CompiledWhisper``), or None when the
-    fused kernels are not usable here or a weight is not a host buffer whose view reads the
-    tensor's values. A half-precision model's weight matrices are read as stored
-    (``cw.dec_host``, ``cw.proj_half``) when they all give such views, else from the float32
-    copy (``cw.dec_layers``, built then)."""
-    library = native.state()["library"]
-    if library is None:
+def _layer_views(lw: W.DecoderLayer, dtype) -> Optional[W.DecoderLayer]:
+    """One layer's weights as host views: the matrices (:func:`W.matrix_paths`) viewed as
+    ``dtype``, the rest float32; None when a view is not usable."""
+    paths = W.leaf_paths(W.DecoderLayer)
+    matrices = set(W.matrix_paths(W.DecoderLayer))
+    mats = host_calls.views([W.get(lw, W.DecoderLayer, p) for p in paths if p in matrices], dtype)
+    rest = host_calls.views([W.get(lw, W.DecoderLayer, p) for p in paths if p not in matrices])
+    if mats is None or rest is None:
         return None
+    mats, rest = iter(mats), iter(rest)
+    got = {p: next(mats) if p in matrices else next(rest) for p in paths}
+    return W.mapped(lw, lambda path, _: got[path])
 
+
+def for_weights(w, library: str) -> Optional[HostStep]:
+    """A :class:`HostStep` for ``w`` (:class:`~.arranged.DecoderWeights`) on the kernel
+    ``library``, or None when a weight is not a host buffer whose view reads the tensor's
+    values. A half-precision model's weight matrices are read as stored (``w.stored``,
+    ``w.proj_stored``) when they all give such views, else from the float32 copy
+    (``w.layers``, built then)."""
     views = host_calls.views
-    dtype = host_calls.VIEW_DTYPES.get(cw.proj_half.dtype) if cw.proj_half is not None else None
+    dtype = host_calls.VIEW_DTYPES.get(w.proj_stored.dtype) if w.proj_stored is not None else None
     layers = proj = None
     if dtype is not None:
-        layers = [_parts(lw, dtype) for lw in cw.dec_host]
-        proj = views((cw.proj_half,), dtype)
+        layers = [_layer_views(lw, dtype) for lw in w.stored]
+        proj = views((w.proj_stored,), dtype)
     if dtype is None or proj is None or any(p is None for p in layers):
-        layers = [_parts(lw, np.dtype(np.float32)) for lw in cw.dec_layers]
-        proj = views((cw.proj,))
+        layers = [_layer_views(lw, np.dtype(np.float32)) for lw in w.layers]
+        proj = views((w.vocab.proj,))
         if proj is None or any(p is None for p in layers):
             return None
-    rest = views((cw.embed, cw.dec_pos, cw.dec_ln[0], cw.dec_ln[1]))
+    rest = views((w.vocab.embed, w.vocab.positions, w.vocab.final_ln.weight, w.vocab.final_ln.bias))
     if rest is None:
         return None
     embed, pos, g, b = rest
-    return HostStep(library, cw, [tuple(p) for p in layers], embed, pos, (g, b), proj[0])
+    return HostStep(library, layers, embed, pos, (g, b), proj[0], w.heads, w.head_dim, w.scaling)

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 from . import calls, padding
 from .binding import INFERENCE_LOCK, compiled_to_decode, fault
-from .decode_state import is_empty
+from .decode_state import is_empty, static_misfit, unusable
 from .interop import adopt, dtype_name
 from .rules import max_length
 
@@ -53,9 +53,8 @@ def why_stock(model, input_ids, stopping_criteria, gc, synced_gpus, kw) -> Optio
     """The checks common to both loops: why this call must run the stock loop, or None when the
     fast loop may take it (inference, no per-step attentions or hidden states, plain kwargs --
     a decoder attention mask of 0/1 shaped like the ids (:mod:`.padding`) --, a usable cache -- none, or an empty
-    ``EncoderDecoderCache`` of ``DynamicCache``s --, integer 2-D ids and a ``MaxLengthCriteria``)."""
-    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-
+    ``EncoderDecoderCache`` of ``DynamicCache``s and/or ``StaticCache``s (``cache_implementation="static"``)
+    that fit the generation --, integer 2-D ids and a ``MaxLengthCriteria``)."""
     if model.training:
         return "the model is in training mode"
     if synced_gpus:
@@ -76,14 +75,40 @@ def why_stock(model, input_ids, stopping_criteria, gc, synced_gpus, kw) -> Optio
         return "use_cache=False"
     if getattr(input_ids, "ndim", 0) != 2 or dtype_name(input_ids) not in ("int64", "int32"):
         return "decoder input ids are not a 2-D integer tensor"
-    cache = kw.get("past_key_values")
-    if cache is not None and (type(cache) is not EncoderDecoderCache
-                              or type(cache.self_attention_cache) is not DynamicCache
-                              or type(cache.cross_attention_cache) is not DynamicCache or not is_empty(cache)):
-        return "past_key_values is not an empty EncoderDecoderCache of DynamicCaches"
     if max_length(stopping_criteria) is None:
         return "no MaxLengthCriteria among the stopping criteria"
+    cache = kw.get("past_key_values")
+    if cache is not None:
+        why = unusable(cache)
+        if why is not None:
+            return why
+        if not is_empty(cache):
+            return "past_key_values is not empty"
+        enc = kw.get("encoder_outputs")
+        hidden = enc[0] if enc is not None and hasattr(enc, "__getitem__") else None
+        why = static_misfit(cache, int(input_ids.shape[0]), max_length(stopping_criteria) - 1,
+                            None if hidden is None else int(hidden.shape[1]))
+        if why is not None:
+            return why
     return None
+
+
+class UserCodeError(Exception):
+    """Raised inside a fast loop around an exception of the user's own code that the loop calls
+    (a streamer's ``put``/``end``): :func:`fast_or_stock` re-raises the original as stock would,
+    instead of treating it as a fault of ours."""
+
+    def __init__(self, exc: BaseException):
+        super().__init__(str(exc))
+        self.exc = exc
+
+
+def user_call(fn, *args):
+    """``fn(*args)`` (user code); its exception wrapped in :class:`UserCodeError`."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001
+        raise UserCodeError(exc) from exc
 
 
 def fast_or_stock(model, entry: str, fast: Callable[[], Any], stock: Callable[[], Any]) -> Any:
@@ -94,6 +119,9 @@ def fast_or_stock(model, entry: str, fast: Callable[[], Any], stock: Callable[[]
     with INFERENCE_LOCK:
         try:
             out = fast()
+        except UserCodeError as err:  # the user's code raised: as stock would, not a fault
+            calls.fast(entry)
+            raise err.exc
         except Exception as exc:  # noqa: BLE001
             out = fault(model, entry, exc)
         if isinstance(out, str):

@@ -4,9 +4,9 @@
 After every 30 s window, transformers' ``WhisperGenerationMixin.generate`` calls the staticmethod
 ``_retrieve_segment`` once per audio: it finds the pairs of timestamp tokens in the window's
 tokens, cuts the tokens into segments with their start and end times, and says how far the
-window's seek moves. Stock does that with ~15-40 mindtorch operators on a few dozen ids (~30 ms a
-window on CPU, each operator ~1-2 ms of dispatch). :func:`split` computes the same segments from
-one numpy copy of the ids and builds the result tensors from numpy:
+window's seek moves. Stock does that with ~15-40 mindtorch operators on a few dozen ids, each
+paying PyNative's dispatch cost on CPU. :func:`split` computes the same segments from one
+numpy copy of the ids and builds the result tensors from numpy:
 
 * the same dict keys, in the same order; ``tokens`` int tensors holding the same ids (fresh
   tensors rather than views of the window's ids; nothing writes to either);

@@ -4,7 +4,7 @@ It writes what stock writes, value for value: on mindtorch, stock's ``scores[...
 ``finfo(float32).min`` (see :func:`masked_value`), so that is what is stored here too.
 
 Stock runs ~15 PyNative mindtorch ops per step (clone, index writes per row, ``log_softmax``,
-``logsumexp``, ``max``); ~50 ms a step on CPU. The rules are index arithmetic on the generated
+``logsumexp``, ``max``), each paying PyNative's dispatch cost on CPU. The rules are index arithmetic on the generated
 ids, exactly reproducible in numpy, except one comparison: "is the total probability of the
 timestamp tokens above that of the best text token", which stock evaluates in float32 with
 MindSpore's kernels. Here it is evaluated in float64; when the two sides are closer than

@@ -1,0 +1,177 @@
+"""The one configuration object: which executors run, the kernel build, grouping, caches.
+
+Every tunable of the runtime lives in :class:`Config` (no module-global switches). A config
+comes from, in order of precedence: ``patch(config=Config(...))``, the environment variables
+below (read when no config was passed), the defaults. The runtime reads :func:`current` when it
+builds a model's engines, so a new ``patch(config=...)`` applies to models seen after it (a
+model already bound keeps the engines it was built with until its weights change or it is
+patched again).
+
+=============================  =========================================  ================
+field                          environment variable                       default
+=============================  =========================================  ================
+``encoder``                    ``WHISPER_ACCEL_ENCODER``                  ``auto``
+``decoder``                    ``WHISPER_ACCEL_DECODER``                  ``auto``
+``native``                     ``WHISPER_ACCEL_NATIVE``                   on
+``isa``                        ``WHISPER_ACCEL_ISA``                      ``auto``
+``measure``                    ``WHISPER_ACCEL_MEASURE``                  on
+``group_bytes``                ``WHISPER_ACCEL_GROUP_BYTES``              268435456
+``whole_encoder_graph``        ``WHISPER_ACCEL_WHOLE_ENCODER_GRAPH``      off
+``probe_cache``                ``WHISPER_ACCEL_PROBE_CACHE``              on
+``cache_dir``                  ``WHISPER_ACCEL_CACHE_DIR``                see below
+=============================  =========================================  ================
+
+* ``encoder`` / ``decoder``: the executor of the encoder / of the decoder's one-token steps:
+  ``auto`` (the fastest eligible one, measured on this machine: :mod:`whisper_accel.runtime.choice`),
+  or one forced by name: ``host`` (numpy and the fused kernels through ctypes, no graph),
+  ``fused`` (``mindspore.jit`` graphs with the fused kernels), ``plain`` (``mindspore.jit``
+  graphs of MindSpore's own operators). A forced executor that cannot run here falls back to
+  the next one (host -> fused -> plain), as after a fault.
+* ``native``: build and use the fused C++ kernels (off: only ``plain`` runs).
+* ``isa``: the kernels' instruction set: ``auto`` (the widest the CPU runs), or ``avx512``,
+  ``avx2``, ``neon`` (to compare variants on one machine).
+* ``measure``: with ``auto``, time the eligible executors on this machine (verdicts kept on disk
+  when ``probe_cache`` is on); off: a fixed order (host, fused, plain).
+* ``group_bytes``: resident memory the fused encoder graphs may spend to run several layers
+  per launch (0: one layer a launch).
+* ``whole_encoder_graph``: the whole encoder in one graph launch whatever its memory.
+* ``probe_cache`` / ``cache_dir``: keep probe results, executor verdicts and kernel builds on
+  disk, in ``cache_dir`` (default ``$XDG_CACHE_HOME/whisper_accel``, else
+  ``~/.cache/whisper_accel``). With ``probe_cache`` off nothing is written there; kernels are
+  then built in a temporary directory removed at exit.
+
+Imports nothing but the standard library (the ``WHISPER_ACCEL`` start-up hook may read it).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Dict, Mapping, Optional
+
+#: Executors of an engine, in fallback order.
+EXECUTORS = ("host", "fused", "plain")
+#: Accepted values of ``encoder`` / ``decoder``.
+EXECUTOR_CHOICES = ("auto",) + EXECUTORS
+#: Accepted values of ``isa``.
+ISA_CHOICES = ("auto", "avx512", "avx2", "neon")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+#: field name -> environment variable
+ENV = {
+    "encoder": "WHISPER_ACCEL_ENCODER",
+    "decoder": "WHISPER_ACCEL_DECODER",
+    "native": "WHISPER_ACCEL_NATIVE",
+    "isa": "WHISPER_ACCEL_ISA",
+    "measure": "WHISPER_ACCEL_MEASURE",
+    "group_bytes": "WHISPER_ACCEL_GROUP_BYTES",
+    "whole_encoder_graph": "WHISPER_ACCEL_WHOLE_ENCODER_GRAPH",
+    "probe_cache": "WHISPER_ACCEL_PROBE_CACHE",
+    "cache_dir": "WHISPER_ACCEL_CACHE_DIR",
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Runtime settings (see the module docstring for each field)."""
+
+    encoder: str = "auto"
+    decoder: str = "auto"
+    native: bool = True
+    isa: str = "auto"
+    measure: bool = True
+    group_bytes: int = 256 << 20
+    whole_encoder_graph: bool = False
+    probe_cache: bool = True
+    cache_dir: Optional[str] = None
+
+    def __post_init__(self):
+        for name in ("encoder", "decoder"):
+            if getattr(self, name) not in EXECUTOR_CHOICES:
+                raise ValueError(f"whisper_accel Config.{name} must be one of {EXECUTOR_CHOICES}, "
+                                 f"not {getattr(self, name)!r}")
+        if self.isa not in ISA_CHOICES:
+            raise ValueError(f"whisper_accel Config.isa must be one of {ISA_CHOICES}, not {self.isa!r}")
+        if not isinstance(self.group_bytes, int) or isinstance(self.group_bytes, bool) or self.group_bytes < 0:
+            raise ValueError(f"whisper_accel Config.group_bytes must be a non-negative int, not {self.group_bytes!r}")
+        for name in ("native", "measure", "whole_encoder_graph", "probe_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"whisper_accel Config.{name} must be True or False, not {getattr(self, name)!r}")
+
+    @classmethod
+    def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "Config":
+        """The defaults overridden by the ``WHISPER_ACCEL_*`` variables that are set (an
+        invalid value raises ValueError naming the variable)."""
+        environ = os.environ if environ is None else environ
+        values: Dict[str, object] = {}
+        for f in fields(cls):
+            raw = environ.get(ENV[f.name], "").strip()
+            if not raw:
+                continue
+            values[f.name] = _parse(f.name, raw)
+        return cls(**values)
+
+    def with_(self, **changes) -> "Config":
+        """A copy with ``changes`` (validated)."""
+        return replace(self, **changes)
+
+    def as_dict(self) -> Dict[str, object]:
+        return asdict(self)
+
+
+def _parse(name: str, raw: str):
+    var = ENV[name]
+    default = getattr(Config, name)
+    if isinstance(default, bool):
+        low = raw.lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ValueError(f"{var}={raw!r}: expected one of 1/0, true/false, on/off, yes/no")
+    if isinstance(default, int):
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"{var}={raw!r}: expected a number of bytes") from None
+    if name == "cache_dir":
+        return os.path.expanduser(raw)
+    return raw.lower()
+
+
+_lock = threading.Lock()
+_active: Optional[Config] = None  # set by patch(config=...), cleared by unpatch()
+
+
+def current() -> Config:
+    """The config in force: the one passed to ``patch(config=...)``, else the environment's
+    (an invalid variable there reads as the defaults; ``patch()`` reports it)."""
+    with _lock:
+        if _active is not None:
+            return _active
+    try:
+        return Config.from_env()
+    except ValueError:
+        return Config()
+
+
+def activate(config: Optional[Config]) -> None:
+    """Make ``config`` the one in force (None: the environment's again). Called by
+    ``patch()`` / ``unpatch()``."""
+    global _active
+    with _lock:
+        _active = config
+
+
+def cache_directory(config: Optional[Config] = None) -> str:
+    """Where probe results, verdicts and kernel builds live for ``config`` (default
+    :func:`current`)."""
+    config = current() if config is None else config
+    if config.cache_dir:
+        return os.path.expanduser(config.cache_dir)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = os.path.expanduser(xdg) if xdg else os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "whisper_accel")

@@ -1,0 +1,166 @@
+"""Which executor an engine runs first, measured on this machine.
+
+The fastest executor depends on the machine: numpy's BLAS against MindSpore's oneDNN MatMul,
+the kernels' instruction set, environment settings such as ``OPENBLAS_CORETYPE``. So with
+``Config.encoder = "auto"`` and ``Config.measure`` on, the encoder engine times its eligible
+executors on the calls it has to run anyway, and keeps the winner:
+
+* per *case* -- the model's dimensions and dtype and the input's shape (batch, mels, frames);
+* a case without a verdict runs its first calls round-robin over the candidates: each
+  candidate's first call is its warm-up (a graph executor compiles there) and is not timed; its
+  next call is timed (completion included); with every candidate timed, the fastest is the
+  verdict. So measuring adds no work: every call computes the real output once (with the
+  candidate of that call; executors agree within ~1e-6 relative), and the first call runs the
+  fixed-rule default. Calls under :data:`SHORT_S` are timed :data:`SHORT_RUNS` times each
+  (round-robin, the minimum kept), longer ones once;
+* the verdict is kept on disk (:mod:`whisper_accel._probe_cache`, kind ``verdicts``; atomic,
+  merged) under a key of the CPU's model and flags, the stack's versions, whisper_accel's, the
+  kernel build and the settings that change what an executor does. A verdict from another CPU,
+  stack or kernel build is never read; a corrupt file reads as none.
+
+:meth:`Choice.report` gives the verdicts, their timings and where they came from, for
+``status()`` and ``doctor``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .. import _probe_cache
+from .. import config as _config
+from ..kernels import isa
+
+KIND = "verdicts"
+#: Calls shorter than this many seconds are timed :data:`SHORT_RUNS` times per candidate (the
+#: minimum is kept), longer ones once.
+SHORT_S = 0.25
+SHORT_RUNS = 3
+#: Bump when the measuring protocol or a verdict's meaning changes.
+FORMAT = 1
+
+
+def machine_key(config: _config.Config, kernels: Optional[str]) -> Dict:
+    """What a verdict is valid for: the CPU (model, architecture, flags), the stack, this
+    package, the kernel build (``kernels``: the library's file name, which hashes source, flags,
+    compiler and CPU) and the settings that change an executor's work."""
+    from .. import __version__, _environment
+
+    cpu = isa.cpu()
+    return {"format": FORMAT, "cpu": cpu.model, "arch": cpu.arch, "flags": sorted(cpu.flags),
+            "versions": {p: _environment.installed_version(p) for p in _environment.SUPPORTED},
+            "whisper_accel": __version__, "kernels": kernels,
+            "settings": {"group_bytes": config.group_bytes, "whole_encoder_graph": config.whole_encoder_graph}}
+
+
+def cached(config: _config.Config, library: Optional[str]) -> Dict[str, Dict]:
+    """The verdicts kept on disk for this machine, stack and kernel ``library`` (``doctor``)."""
+    if not config.probe_cache:
+        return {}
+    kernels = library.rsplit("/", 1)[-1] if library else None
+    return {case: v for case, v in _probe_cache.load_entries(machine_key(config, kernels), KIND).items()
+            if isinstance(v, dict)}
+
+
+class Choice:
+    """The first executor for each case of one engine kind (e.g. ``"encoder"``)."""
+
+    def __init__(self, kind: str, dims: Tuple, candidates: Sequence[str], default: str,
+                 config: _config.Config, kernels: Optional[str]):
+        self.kind, self.dims, self.config = kind, tuple(dims), config
+        #: the executors that are timed (in the order they first run: the default first)
+        self.candidates: List[str] = [default] + [c for c in candidates if c != default]
+        self.default = default
+        self._kernels = kernels
+        self._key: Optional[Dict] = None
+        self._lock = threading.Lock()
+        self._verdicts: Dict[str, Dict] = {}  # case -> {"executor", "seconds", "source"}
+        self._runs: Dict[str, Dict[str, List[float]]] = {}  # case -> executor -> seconds of its calls
+
+    def _disk_key(self) -> Optional[Dict]:
+        if self._key is None:
+            try:
+                self._key = machine_key(self.config, self._kernels)
+            except Exception:  # noqa: BLE001  no key, no disk cache: measure in this process
+                self._key = {}
+        return self._key or None
+
+    def case(self, shape) -> str:
+        return f"{self.kind}:{'x'.join(map(str, self.dims))}:{'x'.join(map(str, shape))}"
+
+    def next(self, shape, usable: Sequence[str]) -> Tuple[str, bool]:
+        """The executor to try first for a call of input ``shape`` and whether to time it
+        (``usable``: the engine's executors not faulted)."""
+        case = self.case(shape)
+        with self._lock:
+            verdict = self._verdicts.get(case)
+            if verdict is None and len(self.candidates) > 1:
+                verdict = self._from_disk(case)
+            if verdict is not None and verdict["executor"] in usable:
+                return verdict["executor"], False
+            todo = [c for c in self.candidates if c in usable]
+            if len(todo) < 2:
+                return (todo[0] if todo else self.default), False
+            runs = self._runs.setdefault(case, {})
+            for c in todo:  # warm-ups first (untimed), then one timed call each
+                if c not in runs:
+                    runs[c] = []
+                    return c, False
+            want = self._wanted(runs)
+            for c in sorted(todo, key=lambda c: len(runs[c])):
+                if len(runs[c]) < want:
+                    return c, True
+            return self._decide(case, todo), False
+
+    def record(self, shape, executor: str, seconds: float) -> None:
+        """A timed call's duration; decides the case when every candidate has one."""
+        case = self.case(shape)
+        with self._lock:
+            runs = self._runs.setdefault(case, {})
+            runs.setdefault(executor, []).append(float(seconds))
+            want = self._wanted(runs)
+            if all(len(runs.get(c) or ()) >= want for c in self.candidates):
+                self._decide(case, self.candidates)
+
+    @staticmethod
+    def _wanted(runs: Dict[str, List[float]]) -> int:
+        """Timed calls per candidate: one where a call takes long (its noise is small against
+        it), :data:`SHORT_RUNS` where the fastest took under :data:`SHORT_S`."""
+        times = [t for ts in runs.values() for t in ts]
+        return SHORT_RUNS if times and min(times) < SHORT_S else 1
+
+    def _decide(self, case: str, names: Sequence[str]) -> str:
+        runs = self._runs[case]
+        seconds = {c: min(runs[c]) for c in names if runs.get(c)}
+        best = min(seconds, key=seconds.get)
+        self._verdicts[case] = {"executor": best, "seconds": seconds, "source": "measured"}
+        key = self._disk_key()
+        if key is not None and self.config.probe_cache:
+            stored = _probe_cache.store_entries(key, {case: {"executor": best, "seconds": seconds}}, KIND)
+            self._verdicts[case]["source"] = "measured; cached" if stored else "measured"
+        return best
+
+    def _from_disk(self, case: str) -> Optional[Dict]:
+        if not self.config.probe_cache:
+            return None
+        key = self._disk_key()
+        if key is None:
+            return None
+        entry = _probe_cache.load_entries(key, KIND).get(case)
+        if not isinstance(entry, dict) or entry.get("executor") not in self.candidates:
+            return None
+        seconds = entry.get("seconds") if isinstance(entry.get("seconds"), dict) else {}
+        verdict = {"executor": entry["executor"], "seconds": seconds, "source": "from the cache"}
+        self._verdicts[case] = verdict
+        return verdict
+
+    def report(self) -> Dict:
+        """``{case: {"executor", "seconds", "source"}}`` for the cases decided, and the cases
+        still being measured with their timings so far."""
+        with self._lock:
+            out = {case: dict(v) for case, v in self._verdicts.items()}
+            for case, runs in self._runs.items():
+                if case not in out:
+                    out[case] = {"executor": None, "seconds": {c: min(t) for c, t in runs.items() if t},
+                                 "source": "measuring"}
+            return out

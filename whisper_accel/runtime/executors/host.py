@@ -1,0 +1,101 @@
+"""The ``host`` executors: the encoder (:mod:`..host_encoder`) and the decoder's one-token
+steps (:mod:`..host_step`) with numpy and the fused kernels through ctypes, no graph.
+
+Each needs the fused kernel library (:mod:`..native`) and weights it can read as host buffers;
+a model whose weights it cannot read makes it :class:`~..engine.Unavailable` for that model
+(the graph executors run). Calls it does not take raise :class:`~..engine.Decline`.
+"""
+
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+from mindspore import ops
+
+from ... import config as _config
+from .. import host_encoder, host_step, native
+from ..arranged import DecoderWeights, EncoderWeights
+from ..engine import Decline, Executor, Unavailable
+
+
+class HostEncoderExecutor(Executor):
+    name = "host"
+
+    def __init__(self, w: EncoderWeights, config: _config.Config):
+        self.w, self.config = w, config
+        self.impl = None  # the HostEncoder, once built
+
+    def unavailable(self):
+        return native.state(self.config)["reason"]
+
+    def _ready(self) -> host_encoder.HostEncoder:
+        if self.impl is None:
+            lib = native.library(self.config)
+            impl = host_encoder.for_weights(self.w, lib.path) if lib is not None else None
+            if impl is None:
+                raise Unavailable("the encoder's weights are not float32 host buffers")
+            self.impl = impl
+        return self.impl
+
+    def encode(self, feats):
+        impl = self._ready()
+        if not impl.fits(tuple(feats.shape)):
+            raise Decline
+        return ms.Tensor(impl(feats.asnumpy()))
+
+
+class HostDecoder(Executor):
+    """Greedy and beam steps of at most :data:`host_step.MAX_TOKENS` tokens and
+    :data:`host_step.MAX_ROWS` rows, without cross-attention probabilities, and a prompt
+    without padding (a padded prompt's padding tokens attend to nothing: the graph computes
+    their cache slots as stock does, a host step would not)."""
+
+    name = "host"
+
+    def __init__(self, w: DecoderWeights, config: _config.Config):
+        self.w, self.config = w, config
+        self.impl = None  # the HostStep, once built
+
+    def unavailable(self):
+        return native.state(self.config)["reason"]
+
+    def _ready(self, ids, cross, padding) -> host_step.HostStep:
+        t = int(ids.shape[1])
+        if t > host_step.MAX_TOKENS or (t > 1 and padding is not None) or cross is not None \
+                or int(ids.shape[0]) > host_step.MAX_ROWS:
+            raise Decline
+        if self.impl is None:
+            lib = native.library(self.config)
+            impl = host_step.for_weights(self.w, lib.path) if lib is not None else None
+            if impl is None:
+                raise Unavailable("the decoder's weights are not host buffers it can read")
+            self.impl = impl
+        return self.impl
+
+    @staticmethod
+    def _caches(k_cache, v_cache, order=None):
+        k, v = host_step.on_host(k_cache), host_step.on_host(v_cache)
+        if order is not None:
+            k, v = host_step.reordered(k, order), host_step.reordered(v, order)
+        return k, v
+
+    def decode_next(self, ids, pos0, k_cache, v_cache, k_x, v_x, suppress, cross=None, padding=None):
+        impl = self._ready(ids, cross, padding)
+        k, v = self._caches(k_cache, v_cache)
+        rows = ids.asnumpy().astype(np.int64)
+        s = int(k[0].shape[2])
+        nxt, scores, logits = impl.next(rows, pos0, k, v, k_x, v_x, suppress,
+                                        None if padding is None else padding.positions(pos0, rows.shape[1]),
+                                        None if padding is None else padding.keys(s))
+        return ms.Tensor(nxt), ms.Tensor(scores), ms.Tensor(logits), k, v
+
+    def decode_beams(self, ids, pos0, k_cache, v_cache, beam_idx, k_x, v_x, beams, cross=None, padding=None):
+        """The log-softmax is MindSpore's, as in the graph (what stock beam search applies)."""
+        impl = self._ready(ids, cross, padding)
+        k, v = self._caches(k_cache, v_cache, beam_idx.asnumpy().astype(np.int64))
+        rows = ids.asnumpy().astype(np.int64)
+        s = int(k[0].shape[2])
+        logits = ms.Tensor(impl.logits(rows, pos0, k, v, k_x, v_x,
+                                       None if padding is None else padding.positions(pos0, rows.shape[1]),
+                                       None if padding is None else padding.keys(s)))
+        return logits, ops.log_softmax(logits, -1), k, v
