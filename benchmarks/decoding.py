@@ -10,7 +10,8 @@ Modes: ``greedy`` (``generate``), ``beam5`` (``num_beams=5``), ``beam5_timestamp
 with ``return_timestamps=True``), ``pipeline`` (transformers' ASR pipeline with
 ``return_timestamps=True`` and its default decoding, ``num_beams=5``: the seed script's call),
 ``assisted`` (greedy ``generate`` with ``assistant_model`` = the model itself: speculative
-decoding whose candidates are always accepted), ``streamer`` (greedy ``generate`` with a recording ``BaseStreamer``: what it receives is
+decoding whose candidates are always accepted),
+``streamer`` (greedy ``generate`` with a recording ``BaseStreamer``: what it receives is
 compared too), ``static`` / ``static_beam5`` (``cache_implementation="static"``, greedy / 5 beams),
 ``chunked`` (the same pipeline with ``chunk_length_s=30, batch_size=2``: a batch of windows,
 each decoded with 5 beams), ``sampled`` (``temperature=0.7``), ``fallback`` (the pipeline with
@@ -84,6 +85,7 @@ def run_mode(mode, model, processor, audio, feats, max_new_tokens=None):
         kw.update(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
     if mode == "assisted":  # speculative decoding with an assistant that always agrees
         kw["assistant_model"] = model
+        kw.pop("min_new_tokens", None)  # stock's assisted decoding refuses a minimum-length processor
     streamer = _recording_streamer() if mode == "streamer" else None
     if streamer is not None:
         kw["streamer"] = streamer

@@ -58,8 +58,8 @@ def test_report_at_exit_writes_json_or_prints(tmp_path, capsys):
 
 
 def test_status_counts_what_a_patched_model_ran():
-    """A real patched model: greedy, sampled and beam calls on the fast path, a streamed call in
-    the stock loop, with the reason a user can act on."""
+    """A real patched model: greedy, sampled, beam and streamed calls, all on the fast path and
+    counted (the reasons of stock calls: the test below)."""
     model, feats = mini_model(), features(1, frames=128, mel=16)  # imports mindnlp: torch is mindtorch
     import torch
 
@@ -77,11 +77,11 @@ def test_status_counts_what_a_patched_model_ran():
         model.generate(feats, max_new_tokens=3, num_beams=2)
         model.generate(feats, max_new_tokens=3, streamer=Streamer())
     got = whisper_accel.status()["calls"]
-    assert got["greedy loop"] == {"fast": 2, "stock": 1, "reasons": {"a streamer is attached": 1}}
+    assert got["greedy loop"] == {"fast": 3, "stock": 0, "reasons": {}}
     assert got["beam search loop"] == {"fast": 1, "stock": 0, "reasons": {}}
     assert got["encoder"]["fast"] == 4 and got["encoder"]["stock"] == 0
-    # the stock loop still runs each step through the compiled forward
-    assert got["decoder step"]["fast"] >= 3
+    # the loops' first steps (the prompt) go through the patched forward
+    assert got.get("decoder step", {"stock": 0})["stock"] == 0
 
 
 def test_unsupported_model_options_are_counted_with_their_reason():

@@ -164,8 +164,8 @@ def test_from_env_reads_every_variable():
     got = Config.from_env(env)
     assert got == Config(encoder="host", decoder="fused", native=False, isa="avx2", measure=False, group_bytes=1024,
                          whole_encoder_graph=True, probe_cache=False, cache_dir=os.path.expanduser("~/verdicts"))
-    assert Config.from_env({}) == Config()
-    assert Config.from_env({"WHISPER_ACCEL_ENCODER": "", "WHISPER_ACCEL_NATIVE": "  "}) == Config()
+    assert Config.from_env({}) == Config.defaults()
+    assert Config.from_env({"WHISPER_ACCEL_ENCODER": "", "WHISPER_ACCEL_NATIVE": "  "}) == Config.defaults()
     for raw, value in (("1", True), ("true", True), ("On", True), ("yes", True), ("0", False), ("no", False)):
         assert Config.from_env({"WHISPER_ACCEL_MEASURE": raw}).measure is value
 
@@ -195,6 +195,15 @@ def test_a_config_validates_its_fields(changes):
         Config().encoder = "plain"
 
 
+def test_a_field_not_given_takes_its_variable(clean_env):
+    """``Config(encoder=...)`` keeps the rest of the environment (the cache directory above
+    all); :meth:`Config.defaults` ignores it."""
+    clean_env.setenv("WHISPER_ACCEL_ISA", "avx2")
+    assert Config(encoder="host").isa == "avx2" and Config(encoder="host").cache_dir == os.environ["WHISPER_ACCEL_CACHE_DIR"]
+    assert Config.defaults().isa == "auto" and Config.defaults().cache_dir is None
+    assert Config(isa="auto").isa == "auto"  # a value given wins
+
+
 def test_the_config_in_force_activated_then_environment_then_defaults(clean_env, use):
     assert config.current() == Config.from_env() and config.current().encoder == "auto"
     clean_env.setenv("WHISPER_ACCEL_ENCODER", "plain")
@@ -205,7 +214,7 @@ def test_the_config_in_force_activated_then_environment_then_defaults(clean_env,
     use(None)
     assert config.current().encoder == "plain"
     clean_env.setenv("WHISPER_ACCEL_DECODER", "nonsense")  # invalid: the defaults (patch() reports it)
-    assert config.current() == Config()
+    assert config.current() == Config.defaults()
 
 
 def test_patch_activates_its_config_and_unpatch_the_environments(clean_env):
@@ -227,7 +236,7 @@ def test_patch_activates_its_config_and_unpatch_the_environments(clean_env):
 def test_the_cache_directory(clean_env, tmp_path):
     assert config.cache_directory(Config(cache_dir="~/wa")) == os.path.expanduser("~/wa")
     clean_env.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert config.cache_directory(Config()) == str(tmp_path / "whisper_accel")
+    assert config.cache_directory(Config.defaults()) == str(tmp_path / "whisper_accel")
 
 
 # ====================================================================== the weight schema

@@ -143,7 +143,7 @@ def patch(*, strict: bool = False, config: Optional[_config.Config] = None, **gr
                 config = _config.Config.from_env()
             except ValueError as exc:
                 _errors.problem(f"whisper_accel ignored an invalid setting and uses the defaults: {exc}", strict, exc)
-                config = _config.Config()
+                config = _config.Config.defaults()
         try:
             env = _environment.detect()
         except Exception as exc:  # noqa: BLE001  a fault of ours must not break the caller

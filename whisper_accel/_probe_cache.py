@@ -25,7 +25,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from . import config
 
@@ -47,21 +47,23 @@ def directory() -> Path:
     return Path(config.cache_directory())
 
 
-def path_for(key: Dict, kind: str = "probes") -> Path:
-    """The file holding ``kind`` results ("probes", "verdicts") for ``key``."""
+def path_for(key: Dict, kind: str = "probes", where: Optional[Path] = None) -> Path:
+    """The file holding ``kind`` results ("probes", "verdicts") for ``key``, in ``where``
+    (default: :func:`directory`)."""
     import hashlib  # here, not at import: the WHISPER_ACCEL hook imports this module
 
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return directory() / f"{kind}-{digest}.json"
+    return (directory() if where is None else Path(where)) / f"{kind}-{digest}.json"
 
 
-def load_entries(key: Dict, kind: str = "probes") -> Dict[str, Any]:
+def load_entries(key: Dict, kind: str = "probes", where: Optional[Path] = None) -> Dict[str, Any]:
     """Every entry stored for ``key`` under ``kind`` (empty: none, cache off, or the file is
-    unusable)."""
-    if not enabled():
+    unusable). ``where``: a directory the caller chose (its config decides whether the cache is
+    on), else :func:`directory` when :func:`enabled`."""
+    if where is None and not enabled():
         return {}
     try:
-        with open(path_for(key, kind), encoding="utf-8") as f:
+        with open(path_for(key, kind, where), encoding="utf-8") as f:
             data = json.load(f)
         if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("key") != key:
             return {}
@@ -71,18 +73,18 @@ def load_entries(key: Dict, kind: str = "probes") -> Dict[str, Any]:
         return {}
 
 
-def store_entries(key: Dict, results: Dict[str, Any], kind: str = "probes") -> bool:
-    """Add ``results`` (JSON values) to those stored for ``key`` under ``kind`` (atomically).
-    Returns whether it was written; never raises."""
-    if not enabled():
+def store_entries(key: Dict, results: Dict[str, Any], kind: str = "probes", where: Optional[Path] = None) -> bool:
+    """Add ``results`` (JSON values) to those stored for ``key`` under ``kind`` (atomically), in
+    ``where`` as for :func:`load_entries`. Returns whether it was written; never raises."""
+    if where is None and not enabled():
         return False
     import tempfile
 
     tmp = None
     try:
-        target = path_for(key, kind)
+        target = path_for(key, kind, where)
         target.parent.mkdir(parents=True, exist_ok=True)
-        merged = {**load_entries(key, kind), **results}
+        merged = {**load_entries(key, kind, where), **results}
         payload = {"format": FORMAT, "key": key, "results": merged,
                    "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{kind}-", suffix=".tmp")

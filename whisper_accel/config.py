@@ -1,8 +1,8 @@
 """The one configuration object: which executors run, the kernel build, grouping, caches.
 
-Every tunable of the runtime lives in :class:`Config` (no module-global switches). A config
-comes from, in order of precedence: ``patch(config=Config(...))``, the environment variables
-below (read when no config was passed), the defaults. The runtime reads :func:`current` when it
+Every tunable of the runtime lives in :class:`Config` (no module-global switches). Each field
+comes from, in order of precedence: the value given (``patch(config=Config(encoder="host"))``),
+its environment variable below, the default. The runtime reads :func:`current` when it
 builds a model's engines, so a new ``patch(config=...)`` applies to models seen after it (a
 model already bound keeps the engines it was built with until its weights change or it is
 patched again).
@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Dict, Mapping, Optional
 
 #: Executors of an engine, in fallback order.
@@ -74,45 +74,73 @@ ENV = {
 }
 
 
+#: Each field's default when its environment variable is unset.
+DEFAULTS: Dict[str, object] = {
+    "encoder": "auto", "decoder": "auto", "native": True, "isa": "auto", "measure": True,
+    "group_bytes": 256 << 20, "whole_encoder_graph": False, "probe_cache": True, "cache_dir": None,
+}
+
+
+def _env_default(name: str):
+    """A field whose default is its environment variable's value, else :data:`DEFAULTS`."""
+
+    def factory():
+        raw = os.environ.get(ENV[name], "").strip()
+        return _parse(name, raw) if raw else DEFAULTS[name]
+
+    return field(default_factory=factory)
+
+
 @dataclass(frozen=True)
 class Config:
-    """Runtime settings (see the module docstring for each field)."""
+    """Runtime settings (see the module docstring for each field). A field not given takes
+    its environment variable's value, else the default: ``Config(encoder="host")`` keeps
+    ``WHISPER_ACCEL_CACHE_DIR`` and the rest of the environment. :meth:`defaults` ignores the
+    environment. An invalid value raises ValueError naming the field and its variable."""
 
-    encoder: str = "auto"
-    decoder: str = "auto"
-    native: bool = True
-    isa: str = "auto"
-    measure: bool = True
-    group_bytes: int = 256 << 20
-    whole_encoder_graph: bool = False
-    probe_cache: bool = True
-    cache_dir: Optional[str] = None
+    encoder: str = _env_default("encoder")
+    decoder: str = _env_default("decoder")
+    native: bool = _env_default("native")
+    isa: str = _env_default("isa")
+    measure: bool = _env_default("measure")
+    group_bytes: int = _env_default("group_bytes")
+    whole_encoder_graph: bool = _env_default("whole_encoder_graph")
+    probe_cache: bool = _env_default("probe_cache")
+    cache_dir: Optional[str] = _env_default("cache_dir")
 
     def __post_init__(self):
+        def bad(name, want):
+            return ValueError(f"whisper_accel Config.{name} ({ENV[name]}) must be {want}, not "
+                              f"{getattr(self, name)!r}")
+
         for name in ("encoder", "decoder"):
             if getattr(self, name) not in EXECUTOR_CHOICES:
-                raise ValueError(f"whisper_accel Config.{name} must be one of {EXECUTOR_CHOICES}, "
-                                 f"not {getattr(self, name)!r}")
+                raise bad(name, f"one of {', '.join(EXECUTOR_CHOICES)}")
         if self.isa not in ISA_CHOICES:
-            raise ValueError(f"whisper_accel Config.isa must be one of {ISA_CHOICES}, not {self.isa!r}")
+            raise bad("isa", f"one of {', '.join(ISA_CHOICES)}")
         if not isinstance(self.group_bytes, int) or isinstance(self.group_bytes, bool) or self.group_bytes < 0:
-            raise ValueError(f"whisper_accel Config.group_bytes must be a non-negative int, not {self.group_bytes!r}")
+            raise bad("group_bytes", "a non-negative number of bytes")
         for name in ("native", "measure", "whole_encoder_graph", "probe_cache"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"whisper_accel Config.{name} must be True or False, not {getattr(self, name)!r}")
+                raise bad(name, "True or False")
+        if self.cache_dir is not None and not isinstance(self.cache_dir, str):
+            raise bad("cache_dir", "a path (str) or None")
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "Config":
-        """The defaults overridden by the ``WHISPER_ACCEL_*`` variables that are set (an
-        invalid value raises ValueError naming the variable)."""
-        environ = os.environ if environ is None else environ
-        values: Dict[str, object] = {}
-        for f in fields(cls):
-            raw = environ.get(ENV[f.name], "").strip()
-            if not raw:
-                continue
-            values[f.name] = _parse(f.name, raw)
-        return cls(**values)
+        """The defaults overridden by the ``WHISPER_ACCEL_*`` variables of ``environ`` (default:
+        the process environment) that are set; an invalid value raises ValueError naming the
+        variable."""
+        if environ is None:
+            return cls()
+        values = {f.name: _parse(f.name, environ[ENV[f.name]].strip()) for f in fields(cls)
+                  if environ.get(ENV[f.name], "").strip()}
+        return cls.defaults().with_(**values)
+
+    @classmethod
+    def defaults(cls) -> "Config":
+        """Every field at its default, whatever the environment says."""
+        return cls(**DEFAULTS)
 
     def with_(self, **changes) -> "Config":
         """A copy with ``changes`` (validated)."""
@@ -124,7 +152,7 @@ class Config:
 
 def _parse(name: str, raw: str):
     var = ENV[name]
-    default = getattr(Config, name)
+    default = DEFAULTS[name]
     if isinstance(default, bool):
         low = raw.lower()
         if low in _TRUE:
@@ -153,9 +181,9 @@ def current() -> Config:
         if _active is not None:
             return _active
     try:
-        return Config.from_env()
-    except ValueError:
         return Config()
+    except ValueError:
+        return Config.defaults()
 
 
 def activate(config: Optional[Config]) -> None:

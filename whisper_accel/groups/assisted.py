@@ -23,8 +23,16 @@ past it are overwritten later). Per round:
    matched); both caches' lengths roll back to the accepted prefix.
 
 Exactness: every emitted token is the main model's argmax of its processed logits on the
-accepted prefix, as in stock's assisted decoding and in plain greedy search; the candidates
-only decide how many tokens one verification step yields (the speed-up).
+accepted prefix, as in stock's assisted decoding; the candidates only decide how many tokens one
+verification step yields (the speed-up). One stock quirk is reproduced: a
+``WhisperForConditionalGeneration`` assistant's ``generate`` (Whisper's) calls
+``set_begin_index(len(input_ids))`` on every processor of the list it is handed, which is the
+main model's own list; so each round's first verified position is begin-suppressed
+(``SuppressTokensAtBeginLogitsProcessor``: the model's ``begin_suppress_tokens``, e.g. 220 and
+EOS), and stock's assisted output differs from plain greedy search wherever plain greedy would
+pick one of those tokens at a round's first position. The loop does the same (same rounds, same
+``set_begin_index`` calls, same output as stock). A ``WhisperForCausalLM`` assistant runs
+``GenerationMixin.generate``, which does not do this: output = plain greedy.
 
 Assistants: a ``WhisperForConditionalGeneration`` (its own encoder runs on the input features,
 as stock's candidate generator does) or a ``WhisperForCausalLM`` decoder-only assistant reading
@@ -36,7 +44,8 @@ caches (stock raises), ``MinLengthLogitsProcessor`` (stock raises), and the comm
 :func:`whisper_accel.runtime.loops.why_stock`.
 
 :data:`STATS` counts candidate tokens proposed and accepted (acceptance rate = accepted /
-proposed) since import or the last :func:`reset_stats`.
+proposed) since import or the last :func:`reset_stats`; the same counts are reported in
+``whisper_accel.status()["calls"]["assisted loop"]["counters"]``.
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ import numpy as np
 
 from .._environment import Gates
 from .._patcher import Patch
+from ..runtime import calls
 from ..runtime.binding import compiled_to_decode, to_compute
 from ..runtime.decode_state import DecodeState
 from ..runtime.interop import adopt, as_tensor, import_whisper
@@ -177,7 +187,8 @@ def _assisted(self, input_ids, logits_processor, stopping_criteria, gc, kw, inpu
     if padding is not None:
         return "a padded decoder attention mask"
     limit = max_length(stopping_criteria)
-    a_hidden = _assistant_states(assistant, hidden, inputs_tensor)
+    # the model as its own assistant: the same encoder output (no second encoder run)
+    a_hidden = hidden if assistant is self else _assistant_states(assistant, hidden, inputs_tensor)
     if isinstance(a_hidden, str):
         return a_hidden
     acw = compiled_to_decode(assistant, a_hidden, 1, limit)
@@ -193,7 +204,7 @@ def _assisted(self, input_ids, logits_processor, stopping_criteria, gc, kw, inpu
 
     kx, vx = cw.cross_kv(to_compute(hidden))
     main = _Cache(cw, kx, vx, cur_len)
-    akx, avx = acw.cross_kv(to_compute(a_hidden))
+    akx, avx = (kx, vx) if acw is cw and a_hidden is hidden else acw.cross_kv(to_compute(a_hidden))
     helper = _Cache(acw, akx, avx, cur_len)
 
     vocab = int(cw.proj.shape[0])
@@ -300,6 +311,7 @@ def _assisted(self, input_ids, logits_processor, stopping_criteria, gc, kw, inpu
         STATS["proposed"] += cand_len
         STATS["accepted"] += max(n_matches, 0)
         STATS["rounds"] += 1
+        calls.count(ENTRY, proposed=cand_len, accepted=max(n_matches, 0), rounds=1)
 
         # 4. append; roll both caches back to the accepted prefix
         ids_np = np.concatenate([ids_np, valid[None, :]], axis=1)

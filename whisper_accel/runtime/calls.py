@@ -23,6 +23,7 @@ logger = logging.getLogger("whisper_accel")
 _lock = threading.Lock()
 _fast: Dict[str, int] = {}
 _stock: Dict[str, Dict[str, int]] = {}
+_counters: Dict[str, Dict[str, int]] = {}
 
 
 def fast(entry: str) -> None:
@@ -42,18 +43,33 @@ def stock(entry: str, reason: str) -> None:
                     entry, reason)
 
 
+def count(entry: str, **amounts: int) -> None:
+    """Add ``amounts`` to ``entry``'s named counters (e.g. the assisted loop's candidate tokens
+    ``proposed`` and ``accepted``), reported with its calls."""
+    with _lock:
+        counters = _counters.setdefault(entry, {})
+        for name, n in amounts.items():
+            counters[name] = counters.get(name, 0) + int(n)
+
+
 def snapshot() -> Dict[str, Dict]:
-    """``{entry: {"fast": n, "stock": n, "reasons": {reason: n}}}`` for every entry point called."""
+    """``{entry: {"fast": n, "stock": n, "reasons": {reason: n}}}`` for every entry point called,
+    plus ``"counters": {name: n}`` for an entry point that counts more (:func:`count`)."""
     with _lock:
         names = sorted(set(_fast) | set(_stock))
-        return {n: {"fast": _fast.get(n, 0), "stock": sum(_stock.get(n, {}).values()),
-                    "reasons": dict(_stock.get(n, {}))} for n in names}
+        out = {n: {"fast": _fast.get(n, 0), "stock": sum(_stock.get(n, {}).values()),
+                   "reasons": dict(_stock.get(n, {}))} for n in names}
+        for n, counters in _counters.items():
+            if n in out:
+                out[n]["counters"] = dict(counters)
+        return out
 
 
 def reset() -> None:
     with _lock:
         _fast.clear()
         _stock.clear()
+        _counters.clear()
 
 
 def format_table(counts: Dict[str, Dict]) -> str:
@@ -62,7 +78,9 @@ def format_table(counts: Dict[str, Dict]) -> str:
         return "whisper_accel: no patched Whisper entry point was called"
     lines = [f"{'whisper_accel entry point':<28}{'fast':>7}{'stock':>7}"]
     for name, c in counts.items():
-        lines.append(f"{name:<28}{c['fast']:>7}{c['stock']:>7}")
+        extra = c.get("counters")
+        tail = ("  (" + ", ".join(f"{k} {v}" for k, v in sorted(extra.items())) + ")") if extra else ""
+        lines.append(f"{name:<28}{c['fast']:>7}{c['stock']:>7}{tail}")
         for reason, n in sorted(c["reasons"].items(), key=lambda kv: -kv[1]):
             lines.append(f"    stock x{n}: {reason}")
     return "\n".join(lines)

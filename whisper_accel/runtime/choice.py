@@ -25,6 +25,7 @@ executors on the calls it has to run anyway, and keeps the winner:
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .. import _probe_cache
@@ -58,8 +59,12 @@ def cached(config: _config.Config, library: Optional[str]) -> Dict[str, Dict]:
     if not config.probe_cache:
         return {}
     kernels = library.rsplit("/", 1)[-1] if library else None
-    return {case: v for case, v in _probe_cache.load_entries(machine_key(config, kernels), KIND).items()
-            if isinstance(v, dict)}
+    entries = _probe_cache.load_entries(machine_key(config, kernels), KIND, _where(config))
+    return {case: v for case, v in entries.items() if isinstance(v, dict)}
+
+
+def _where(config: _config.Config) -> Path:
+    return Path(_config.cache_directory(config))
 
 
 class Choice:
@@ -136,7 +141,8 @@ class Choice:
         self._verdicts[case] = {"executor": best, "seconds": seconds, "source": "measured"}
         key = self._disk_key()
         if key is not None and self.config.probe_cache:
-            stored = _probe_cache.store_entries(key, {case: {"executor": best, "seconds": seconds}}, KIND)
+            stored = _probe_cache.store_entries(key, {case: {"executor": best, "seconds": seconds}}, KIND,
+                                                _where(self.config))
             self._verdicts[case]["source"] = "measured; cached" if stored else "measured"
         return best
 
@@ -146,7 +152,7 @@ class Choice:
         key = self._disk_key()
         if key is None:
             return None
-        entry = _probe_cache.load_entries(key, KIND).get(case)
+        entry = _probe_cache.load_entries(key, KIND, _where(self.config)).get(case)
         if not isinstance(entry, dict) or entry.get("executor") not in self.candidates:
             return None
         seconds = entry.get("seconds") if isinstance(entry.get("seconds"), dict) else {}
