@@ -205,6 +205,7 @@ def _gen(model, feats, **kw):
         return model.generate(feats, **kw).asnumpy()
 
 
+@pytest.mark.slow  # ~40 s: CI runs it, the quick tier does not
 def test_greedy_tokens_identical(env, model, feats):
     one = feats[:1]
     base = _gen(model, one, max_new_tokens=12)
@@ -358,6 +359,7 @@ def _segments_np(out):
              for s in segs] for segs in out["segments"]]
 
 
+@pytest.mark.slow  # ~75 s: CI runs it, the quick tier does not
 def test_long_form_segments_equal_stock(env):
     """Sequential long-form with timestamps (> 64 frames a window here): the segments, their
     times and the sequences equal stock's, and the numpy split ran for every window."""

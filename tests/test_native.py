@@ -134,6 +134,7 @@ def test_the_step_projection_matches_x_w_transposed(fused_library, rows):
     assert rel_diff(got, x.astype(np.float64) @ w.T.astype(np.float64)) < 1e-6
 
 
+@pytest.mark.slow  # ~2 min (stock generate on tiny dimensions): CI runs it, the quick tier does not
 @pytest.mark.parametrize("decoder", ["host", "fused"], ids=["host-steps", "step-graphs"])
 def test_the_decoder_steps_use_the_projection_kernel_with_stock_tokens(fused_library, model, decoder):
     """Greedy and beam steps with the fused kernels: on the host (the kernels through ctypes)
