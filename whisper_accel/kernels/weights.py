@@ -25,6 +25,8 @@ matrices as stored (:func:`matrix_paths`), everything else in float32.
 
 from __future__ import annotations
 
+import functools
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from types import SimpleNamespace
 from typing import Any, Callable, Dict, Tuple
@@ -178,16 +180,15 @@ def mapped(obj, fn: Callable[[str, Any], Any], prefix: str = ""):
     return type(obj)(**values)
 
 
-_TYPES = {
-    (EncoderLayer, "ln1"): LayerNorm, (EncoderLayer, "attn"): SelfAttention, (EncoderLayer, "ln2"): LayerNorm,
-    (DecoderLayer, "ln1"): LayerNorm, (DecoderLayer, "attn"): SelfAttention, (DecoderLayer, "ln2"): LayerNorm,
-    (DecoderLayer, "cross"): CrossAttention, (DecoderLayer, "ln3"): LayerNorm,
-    (Vocabulary, "final_ln"): LayerNorm,
-}
+@functools.lru_cache(maxsize=None)
+def _nested(cls) -> Dict[str, Any]:
+    """Field name -> its structure class, for the fields that are structures (read from the
+    annotations: the schema is written once, in the classes)."""
+    return {name: hint for name, hint in typing.get_type_hints(cls).items() if is_dataclass(hint)}
 
 
 def _type_of(cls, name: str):
-    return _TYPES.get((cls, name))
+    return _nested(cls).get(name)
 
 
 #: The ``DecoderLayer`` kernel's inputs, in order: names of :class:`DecoderLayer` fields

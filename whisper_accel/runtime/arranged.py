@@ -156,7 +156,9 @@ class DecoderWeights(_Arranged):
 
     @property
     def layers_graph(self) -> Any:
-        self.layers  # noqa: B018  (builds the copy when needed)
+        """:attr:`layers` as the step graphs take them (built with them)."""
+        if self._layers is None:
+            self._build_layers()
         return self._layers_graph
 
     @property

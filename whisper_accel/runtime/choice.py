@@ -99,8 +99,8 @@ class Choice:
         case = self.case(shape)
         with self._lock:
             verdict = self._verdicts.get(case)
-            if verdict is None and len(self.candidates) > 1:
-                verdict = self._from_disk(case)
+            if verdict is None and case not in self._runs and len(self.candidates) > 1:
+                verdict = self._from_disk(case)  # once per case: measuring runs record it in _runs
             if verdict is not None and verdict["executor"] in usable:
                 return verdict["executor"], False
             todo = [c for c in self.candidates if c in usable]

@@ -48,10 +48,15 @@ class Unavailable(Decline):
 
 
 class Executor:
-    """One way to run an engine's operations. Subclasses define the operations they run as
-    methods, and set :attr:`name` (one of :data:`whisper_accel.config.EXECUTORS`)."""
+    """One way to run an engine's operations, on weights ``w`` with a config. Subclasses define
+    the operations they run as methods, and set :attr:`name` (one of
+    :data:`whisper_accel.config.EXECUTORS`)."""
 
     name = "?"
+
+    def __init__(self, w, config):
+        #: the engine's arranged weights and the config it was built with
+        self.w, self.config = w, config
 
     def unavailable(self):
         """Why this executor cannot run here at all (None: it can). Checked once per engine."""

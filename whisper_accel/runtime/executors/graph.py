@@ -16,11 +16,10 @@ from typing import Optional
 import mindspore as ms
 import numpy as np
 
-from ... import config as _config
 from ...kernels import graphs as G
-from .. import host_step, native
-from ..arranged import DecoderWeights, EncoderWeights
+from .. import host_step
 from ..engine import Executor
+from .base import KernelExecutor
 
 
 def layers_per_launch(n_layers: int, layer_bytes: int, budget: int) -> int:
@@ -40,10 +39,8 @@ class GraphEncoder(Executor):
     """The encoder as graph launches: stem, layers (``group`` a launch), final norm; all in one
     graph when the group is every layer."""
 
-    def __init__(self, w: EncoderWeights, config: _config.Config):
-        self.w, self.config = w, config
-        #: how many layers the last call ran per launch
-        self.last_group: Optional[int] = None
+    #: how many layers the last call ran per launch
+    last_group: Optional[int] = None
 
     def graphs(self):
         raise NotImplementedError
@@ -79,20 +76,14 @@ class PlainEncoder(GraphEncoder):
         return len(self.w.layers) if self.config.whole_encoder_graph else 1
 
 
-class FusedEncoder(GraphEncoder):
+class FusedEncoder(KernelExecutor, GraphEncoder):
     """The fused kernels' graphs; as many layers a launch as ``Config.group_bytes`` allows
     (:func:`layers_per_launch`), or all with ``Config.whole_encoder_graph``."""
 
     name = "fused"
 
-    def unavailable(self):
-        return native.state(self.config)["reason"]
-
     def graphs(self):
-        fused = native.fused_graphs(self.config)
-        if fused is None:
-            raise RuntimeError(native.state(self.config)["reason"])
-        return fused.ENCODER
+        return self.fused().ENCODER
 
     def group(self, shape) -> int:
         n = len(self.w.layers)
@@ -126,9 +117,6 @@ def positions(pos0: int, t: int, s: int, padding=None):
 class GraphDecoder(Executor):
     """The decoder's cross K/V and greedy / beam steps as graph launches; caches are MindSpore
     tensors (a host step's numpy cache is copied in first)."""
-
-    def __init__(self, w: DecoderWeights, config: _config.Config):
-        self.w, self.config = w, config
 
     def steps(self):
         raise NotImplementedError
@@ -192,24 +180,15 @@ class PlainDecoder(GraphDecoder):
         return logits, ms.mutable(tuple(k)), ms.mutable(tuple(v))
 
 
-class FusedDecoder(GraphDecoder):
+class FusedDecoder(KernelExecutor, GraphDecoder):
     """The fused kernels: every layer's cross K/V in one ``CrossKV`` launch, and step graphs with
     the ``RowsMatMul`` projection and one ``DecoderLayer`` kernel a layer (prompts of several
     tokens: :class:`PlainDecoder`)."""
 
     name = "fused"
 
-    def unavailable(self):
-        return native.state(self.config)["reason"]
-
-    def _fused(self):
-        fused = native.fused_graphs(self.config)
-        if fused is None:
-            raise RuntimeError(native.state(self.config)["reason"])
-        return fused
-
     def steps(self):
-        return self._fused().DECODER
+        return self.fused().DECODER
 
     def cross_kv(self, hidden):
-        return self._fused().cross_kv(hidden, self.w.cross_flat, self.w.heads)
+        return self.fused().cross_kv(hidden, self.w.cross_flat, self.w.heads)

@@ -12,65 +12,38 @@ import mindspore as ms
 import numpy as np
 from mindspore import ops
 
-from ... import config as _config
-from .. import host_encoder, host_step, native
-from ..arranged import DecoderWeights, EncoderWeights
-from ..engine import Decline, Executor, Unavailable
+from .. import host_encoder, host_step
+from ..engine import Decline
+from .base import KernelExecutor
 
 
-class HostEncoderExecutor(Executor):
+class HostEncoderExecutor(KernelExecutor):
+    """The encoder (:attr:`impl`: its :class:`~..host_encoder.HostEncoder`, once built)."""
+
     name = "host"
 
-    def __init__(self, w: EncoderWeights, config: _config.Config):
-        self.w, self.config = w, config
-        self.impl = None  # the HostEncoder, once built
-
-    def unavailable(self):
-        return native.state(self.config)["reason"]
-
-    def _ready(self) -> host_encoder.HostEncoder:
-        if self.impl is None:
-            lib = native.library(self.config)
-            impl = host_encoder.for_weights(self.w, lib.path) if lib is not None else None
-            if impl is None:
-                raise Unavailable("the encoder's weights are not float32 host buffers")
-            self.impl = impl
-        return self.impl
-
     def encode(self, feats):
-        impl = self._ready()
+        impl = self.host_impl(host_encoder.for_weights, "the encoder's weights are not float32 host buffers")
         if not impl.fits(tuple(feats.shape)):
             raise Decline
         return ms.Tensor(impl(feats.asnumpy()))
 
 
-class HostDecoder(Executor):
+class HostDecoder(KernelExecutor):
     """Greedy and beam steps of at most :data:`host_step.MAX_TOKENS` tokens and
     :data:`host_step.MAX_ROWS` rows, without cross-attention probabilities, and a prompt
     without padding (a padded prompt's padding tokens attend to nothing: the graph computes
-    their cache slots as stock does, a host step would not)."""
+    their cache slots as stock does, a host step would not). :attr:`impl`: its
+    :class:`~..host_step.HostStep`, once built."""
 
     name = "host"
-
-    def __init__(self, w: DecoderWeights, config: _config.Config):
-        self.w, self.config = w, config
-        self.impl = None  # the HostStep, once built
-
-    def unavailable(self):
-        return native.state(self.config)["reason"]
 
     def _ready(self, ids, cross, padding) -> host_step.HostStep:
         t = int(ids.shape[1])
         if t > host_step.MAX_TOKENS or (t > 1 and padding is not None) or cross is not None \
                 or int(ids.shape[0]) > host_step.MAX_ROWS:
             raise Decline
-        if self.impl is None:
-            lib = native.library(self.config)
-            impl = host_step.for_weights(self.w, lib.path) if lib is not None else None
-            if impl is None:
-                raise Unavailable("the decoder's weights are not host buffers it can read")
-            self.impl = impl
-        return self.impl
+        return self.host_impl(host_step.for_weights, "the decoder's weights are not host buffers it can read")
 
     @staticmethod
     def _caches(k_cache, v_cache, order=None):
