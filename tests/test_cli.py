@@ -104,8 +104,14 @@ def test_doctor_explains_the_stack():
     else:
         assert "- conv1d: would NOT apply" in proc.stdout and "Conv1DExt" in proc.stdout
     assert "probe cache   " + os.environ["WHISPER_ACCEL_CACHE_DIR"] in proc.stdout  # not the user's
+    # both GEMMs named: numpy's BLAS with its core type (host executors), MindSpore's (graphs)
+    assert "host GEMM     " in proc.stdout and "graph GEMM    MindSpore's CPU MatMul" in proc.stdout
     data = json.loads(cli("doctor", "--json").stdout)
     assert data["groups"]["attention"]["would_apply"] is True
+    assert data["gemm"] and "MindSpore" in data["graph_gemm"]
+    forced = subprocess.run([sys.executable, "-m", "whisper_accel", "doctor", "--json"], capture_output=True,
+                            text=True, timeout=300, env={**ENV, "OPENBLAS_CORETYPE": "Prescott"})
+    assert "OPENBLAS_CORETYPE=Prescott forces that core type" in json.loads(forced.stdout)["gemm"]
     assert data["probe_cache"]["enabled"] and data["probe_cache"]["sources"] == {
         name: "from the cache" for name in data["capabilities"]}  # the first doctor stored them
 

@@ -175,6 +175,28 @@ def test_save_pretrained_of_a_patched_model_loads_stock(model, tmp_path):
     np.testing.assert_array_equal(_gen(loaded, feats), stock)  # unpatched
 
 
+def test_a_loaded_model_builds_its_engines_once(model, tmp_path):
+    """Parameters read from a checkpoint hold host data only until an operator reads them (no
+    buffer address yet). The first patched call must not see their fingerprint change: it did,
+    and the second call rebuilt both engines (and MindSpore logged an error per parameter)."""
+    from transformers import WhisperForConditionalGeneration
+
+    from whisper_accel.runtime.binding import ATTR
+
+    model.save_pretrained(str(tmp_path))
+    loaded = WhisperForConditionalGeneration.from_pretrained(str(tmp_path), local_files_only=True).eval()
+    feats = _feats(seed=5)
+    stock = _gen(loaded, feats)
+    modules = {"decoder": loaded, "encoder": loaded.model.encoder}
+    with whisper_accel.patched():
+        np.testing.assert_array_equal(_gen(loaded, feats), stock)
+        built = {name: m.__dict__.get(ATTR) for name, m in modules.items()}
+        assert all(built.values()), f"no engine built: {built}"
+        np.testing.assert_array_equal(_gen(loaded, feats), stock)
+        again = {name: m.__dict__.get(ATTR) for name, m in modules.items()}
+    assert all(again[name] is built[name] for name in modules), "an engine was rebuilt on the second call"
+
+
 # ----------------------------------------------------------------------------- memory
 def _rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():

@@ -232,21 +232,23 @@ def test_cross_kv_runs_the_kernel_with_the_per_layer_graphs_values(fused_library
     with whisper_accel.patched(), torch.no_grad():
         model.generate(feats, max_new_tokens=2, min_new_tokens=2, do_sample=False)
         dec = model.__dict__[ATTR]
-        assert dec.executor("cross_kv") == "fused"
+        assert dec.executor("cross_kv") == "host"  # the kernel through ctypes, first in the order
         hidden = ms.Tensor(model.model.encoder(feats).last_hidden_state.asnumpy())
-        kx, vx = dec.cross_kv(hidden)
+        ran = {name: dec.engine.executors[name].cross_kv(hidden) for name in ("host", "fused")}
         ks, vs = dec.engine.executors["plain"].cross_kv(hidden)  # MindSpore's graphs, a layer a launch
-    assert len(kx) == len(ks) == len(model.model.decoder.layers)
-    for got, want in zip(tuple(kx) + tuple(vx), tuple(ks) + tuple(vs)):
-        assert got.shape == want.shape
-        assert rel_diff(got.asnumpy(), want.asnumpy()) < 1e-5
+    for name, (kx, vx) in ran.items():
+        assert len(kx) == len(ks) == len(model.model.decoder.layers), name
+        for got, want in zip(tuple(kx) + tuple(vx), tuple(ks) + tuple(vs)):
+            assert got.shape == want.shape, name
+            assert rel_diff(got.asnumpy(), want.asnumpy()) < 1e-5, name
 
 
 @pytest.mark.parametrize("owner, name, op, decoder, faulted, ran", [
-    (fused, "cross_kv", "cross_kv", "auto", "fused", "plain"),
+    (fused, "cross_kv", "cross_kv", "fused", "fused", "plain"),
+    (host_step.HostStep, "cross_kv", "cross_kv", "host", "host", "fused"),
     (fused.DECODER, "decode_next", "decode_next", "fused", "fused", "plain"),
     (host_step.HostStep, "next", "decode_next", "host", "host", "fused")],
-    ids=["cross-kv-kernel", "fused-step-graph", "host-step"])
+    ids=["cross-kv-kernel", "host-cross-kv", "fused-step-graph", "host-step"])
 def test_a_failing_kernel_launch_in_generate_falls_back_to_the_next_executor(fused_library, model, monkeypatch, owner,
                                                                              name, op, decoder, faulted, ran):
     """The executor that fails is recorded as this engine's fault and the next one in the order

@@ -37,6 +37,13 @@ def host_gemm() -> str:
     return text + (f"; OPENBLAS_CORETYPE={forced} forces that core type" if forced else "")
 
 
+#: The matrix products of the graph executors (fused, plain): MindSpore's own CPU MatMul, which
+#: picks its kernels per CPU and never reads OPENBLAS_* settings. With ``encoder="auto"`` the
+#: encoder times host (numpy's BLAS) against fused per case and keeps the faster, so a BLAS
+#: that an environment slows down moves the choice to fused (benchmarks/PROFILE_NOTES.md section 33).
+GRAPH_GEMM = "MindSpore's CPU MatMul (its own per-CPU kernels; OPENBLAS_* settings do not apply)"
+
+
 def diagnose() -> dict:
     """Everything doctor prints, as a dict. Applies nothing."""
     env = _environment.detect()
@@ -60,6 +67,7 @@ def diagnose() -> dict:
     except Exception as exc:  # doctor explains; it does not crash
         result["fused_kernels"] = {"library": None, "reason": f"error: {exc!r}"}
     result["gemm"] = host_gemm()
+    result["graph_gemm"] = GRAPH_GEMM
     try:
         from .runtime import choice, native
 
@@ -109,6 +117,7 @@ def doctor(json_out: bool = False) -> int:
         print(f"  fused kernels {fused.get('isa')} build {fused['library']}" if fused["library"]
               else f"  fused kernels not used: {fused['reason']} (the encoder and decoder steps run MindSpore's own ops)")
     print(f"  host GEMM     {d.get('gemm')}")
+    print(f"  graph GEMM    {d.get('graph_gemm')}")
     print("  config        " + ", ".join(f"{k}={v}" for k, v in d.get("config", {}).items()))
     verdicts = d.get("verdicts") or {}
     if "error" in verdicts:

@@ -50,6 +50,26 @@ def fingerprint(params) -> Tuple:
     return tuple((id(p), p.dtype, buffer(p)) for p in params)
 
 
+def unchanged(print_, params) -> bool:
+    """``params`` still have fingerprint ``print_``. Identities and dtypes are compared first:
+    a parameter that replaced another may hold host data only, whose address is not asked."""
+    if len(print_) != len(params) or any(f[0] != id(p) or f[1] != p.dtype for f, p in zip(print_, params)):
+        return False
+    return print_ == fingerprint(params)
+
+
+def materialize(params) -> None:
+    """A parameter read from a checkpoint holds host data only until an operator reads it: it
+    has no buffer address yet (MindSpore logs an error for each one asked), and the first graph
+    launched on it gives it one, which would change the fingerprint and rebuild the engine on
+    the next call. A one-element slice of each (no copy: it reads the data where it is) gives
+    every parameter its buffer before the fingerprint is taken."""
+    for p in params:
+        shape = tuple(p.shape)
+        if shape and all(d > 0 for d in shape):
+            ops.slice(p, (0,) * len(shape), (1,) * len(shape))
+
+
 def decoder_params(model) -> Tuple:
     """What the decoder reads of a WhisperForConditionalGeneration: the decoder's parameters
     and the vocabulary projection."""
@@ -70,6 +90,7 @@ class _Arranged:
         self.model_dtype = dtype
         self.dtype = ms.float32
         params = tuple(params)
+        materialize(params)
         self.fingerprint = fingerprint(params)
         # Half precision: the compute copies do not hold the parameters' buffers; these views
         # do, so a buffer address seen in the fingerprint cannot be reused while this lives.
@@ -100,7 +121,7 @@ class EncoderWeights(_Arranged):
         return (len(self.layers), self.d_model, self.ffn, self.heads, self.mels, self.positions, str(self.model_dtype))
 
     def matches(self, encoder) -> bool:
-        return self.fingerprint == fingerprint(tuple(encoder.parameters()))
+        return unchanged(self.fingerprint, tuple(encoder.parameters()))
 
 
 class DecoderWeights(_Arranged):
@@ -168,4 +189,4 @@ class DecoderWeights(_Arranged):
         return self._layers is not None
 
     def matches(self, model) -> bool:
-        return self.fingerprint == fingerprint(decoder_params(model))
+        return unchanged(self.fingerprint, decoder_params(model))

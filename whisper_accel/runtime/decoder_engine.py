@@ -78,8 +78,13 @@ class DecoderEngine(NotCopied):
         return ms.mutable(tuple(ks)), ms.mutable(tuple(vs))
 
     def new_cache(self, batch: int, bucket: int):
-        """Empty self-attention cache: per-layer tuples of (B, H, bucket, Dh) zeros."""
+        """Empty self-attention cache: per-layer tuples of (B, H, bucket, Dh) zeros. When the
+        host steps come first they are numpy arrays (a HostCache, which the host steps write in
+        place): 2 x layers MindSpore zeros would each cost an operator dispatch, and the first
+        host step would copy them to the host anyway. A graph step given it converts it once."""
         shape = (batch, self.weights.heads, bucket, self.head_dim)
+        if self.engine.usable()[:1] == ["host"] and batch <= host_step.MAX_ROWS:
+            return host_step.empty(shape, self.weights.n_layers), host_step.empty(shape, self.weights.n_layers)
         zeros = tuple(ops.zeros(shape, self.dtype) for _ in range(2 * self.weights.n_layers))
         return ms.mutable(zeros[::2]), ms.mutable(zeros[1::2])
 

@@ -8,6 +8,9 @@ numpy views of the weights' buffers, the self-attention cache lives in numpy arr
 (:class:`HostCache`), and the token embedding, the suppression mask and the argmax are numpy
 (benchmarks/PROFILE_NOTES.md has the measurements).
 
+The cross-attention K/V of a window (``CrossKV``, every layer in one call) runs here too, into
+numpy arrays the steps then read where they are (no graph launch, no copy back).
+
 What runs here: greedy and beam-search steps (no cross-attention probabilities) of one token
 a row, and prompts without padding of up to :data:`MAX_TOKENS` tokens (one after another), of up to
 :data:`MAX_ROWS` rows (batch x beams), with or without a decoder padding mask, when the
@@ -66,6 +69,11 @@ def on_device(cache):
     return cache
 
 
+def empty(shape, layers: int) -> HostCache:
+    """A HostCache of ``layers`` float32 zero arrays of ``shape`` (R, H, S, Dh)."""
+    return HostCache(np.zeros(shape, _F32) for _ in range(layers))
+
+
 def grow(cache: HostCache, bucket: int) -> HostCache:
     """Zero-pad a HostCache along the slot axis to ``bucket`` slots."""
     return HostCache(np.pad(a, ((0, 0), (0, 0), (0, bucket - a.shape[2]), (0, 0))) for a in cache)
@@ -79,8 +87,12 @@ class HostStep:
     compute copy, bit for bit, and reads half the bytes."""
 
     def __init__(self, library: str, layers: List[W.DecoderLayer], embed, pos, final_ln, proj, heads: int,
-                 head_dim: int, scaling: float):
+                 head_dim: int, scaling: float, cross: Optional[List[np.ndarray]] = None):
         self.lib = ctypes.CDLL(library)
+        #: CrossKV's weights, (Wk, Wv, bv) of every layer, float32 views; None: the graph computes it
+        self.cross = cross
+        #: the latest :meth:`cross_kv` result: (its K^T and V tensors, their numpy arrays)
+        self._made: Optional[Tuple[Tuple, List[np.ndarray]]] = None
         self.layers, self.embed, self.pos, self.final_ln, self.proj = layers, embed, pos, final_ln, proj
         suffix = _SUFFIX[proj.dtype]
         #: the weight matrices' dtype as the kernels read them: "float32", "float16" or "bfloat16"
@@ -104,8 +116,13 @@ class HostStep:
         plan = self._plans.get(key)
         if plan is not None:
             return plan
-        vx[-1].asnumpy()  # the cross K/V graph has finished writing (launches are asynchronous)
-        kxs, vxs = [host_calls.view(t) for t in kx], [host_calls.view(t) for t in vx]
+        made = self._made
+        if made is not None and len(made[0]) == len(kx) + len(vx) and \
+                all(a is b for a, b in zip(made[0], tuple(kx) + tuple(vx))):
+            kxs, vxs = made[1][:len(kx)], made[1][len(kx):]  # computed here: read where they are
+        else:
+            vx[-1].asnumpy()  # the cross K/V graph has finished writing (launches are asynchronous)
+            kxs, vxs = [host_calls.view(t) for t in kx], [host_calls.view(t) for t in vx]
         if any(a is None or a.dtype != _F32 for a in kxs + vxs):
             raise RuntimeError("cross-attention K/V without a float32 host buffer")
         d, s = self.embed.shape[1], k[0].shape[2]
@@ -125,6 +142,19 @@ class HostStep:
             self._plans.clear()
         plan = self._plans[key] = (xs[0], pos0, ok, kn, vn, calls, tail, logits)
         return plan
+
+    def cross_kv(self, enc: np.ndarray):
+        """Every layer's cross-attention K^T (B, H, Dh, S) and V (B, H, S, Dh) from the encoder
+        output ``enc`` (B, S, D) float32, in one ``CrossKV`` call: per-layer tuples of tensors
+        that share the arrays the kernel wrote (the steps read those arrays, :meth:`_plan`)."""
+        b, s, _ = enc.shape
+        ks = [np.empty((b, self.heads, self.head_dim, s), _F32) for _ in self.layers]
+        vs = [np.empty((b, self.heads, s, self.head_dim), _F32) for _ in self.layers]
+        outs = [a for pair in zip(ks, vs) for a in pair]  # the kernel's order: K^T, V per layer
+        Call(self.lib.CrossKV, [np.ascontiguousarray(enc, _F32)] + list(self.cross) + outs)()
+        kt, vt = tuple(ms.Tensor.from_numpy(a) for a in ks), tuple(ms.Tensor.from_numpy(a) for a in vs)
+        self._made = (kt + vt, ks + vs)
+        return kt, vt
 
     def _mask(self, suppress) -> np.ndarray:
         hit = self._masks.get(id(suppress))
@@ -222,4 +252,5 @@ def for_weights(w, library: str) -> Optional[HostStep]:
     if rest is None:
         return None
     embed, pos, g, b = rest
-    return HostStep(library, layers, embed, pos, (g, b), proj[0], w.heads, w.head_dim, w.scaling)
+    return HostStep(library, layers, embed, pos, (g, b), proj[0], w.heads, w.head_dim, w.scaling,
+                    cross=views(tuple(w.cross_flat)))

@@ -52,6 +52,14 @@ class HostDecoder(KernelExecutor):
             k, v = host_step.reordered(k, order), host_step.reordered(v, order)
         return k, v
 
+    def cross_kv(self, hidden):
+        """The cross-attention K/V on the host (``CrossKV`` through ctypes): float32 (B, S, D)
+        encoder states of a model whose cross weights gave host views."""
+        impl = self.host_impl(host_step.for_weights, "the decoder's weights are not host buffers it can read")
+        if impl.cross is None or hidden.dtype != ms.float32 or len(hidden.shape) != 3:
+            raise Decline
+        return impl.cross_kv(hidden.asnumpy())
+
     def decode_next(self, ids, pos0, k_cache, v_cache, k_x, v_x, suppress, cross=None, padding=None):
         impl = self._ready(ids, cross, padding)
         k, v = self._caches(k_cache, v_cache)
