@@ -18,6 +18,7 @@ same contents stock's steps leave there (the slots past the length stay as ``res
 from __future__ import annotations
 
 import mindspore as ms
+import numpy as np
 from mindspore import ops
 
 from .binding import to_model
@@ -72,6 +73,33 @@ def has_static(cache) -> bool:
                                       getattr(cache, "cross_attention_cache", None)))
 
 
+def _update(sub, k, v, i: int) -> None:
+    """``sub.update(k, v, i)``: what stock's steps leave in layer ``i`` of a cache, positions
+    0..n-1 along the slot axis. A ``StaticLayer`` (a ``StaticCache``'s) is written as stock's
+    ``update`` writes it -- ``index_copy_`` of those slots into its zero-initialised tensors --
+    but as one in-place ``copy_`` of each whole tensor, its other slots kept: mindtorch runs each
+    ``index_copy_`` as a slow operator (a static-cache generate's spill was most of its extra time)."""
+    from transformers.cache_utils import StaticLayer
+
+    layers = getattr(sub, "layers", None)
+    layer = layers[i] if isinstance(layers, list) and i < len(layers) else None
+    if type(layer) is not StaticLayer or getattr(sub, "offloading", False) or k.shape[2] > layer.max_cache_len \
+            or k.dtype not in (ms.float32, ms.float16):  # numpy has no bfloat16: stock's update
+        sub.update(k, v, i)
+        return
+    if not layer.is_initialized:
+        layer.lazy_initialization(k)
+    if tuple(layer.keys.shape[:2]) + (layer.keys.shape[3],) != (k.shape[0], k.shape[1], k.shape[3]) \
+            or layer.keys.dtype != k.dtype:
+        sub.update(k, v, i)  # stock's own error or conversion
+        return
+    n = int(k.shape[2])
+    for dst, src in ((layer.keys, k), (layer.values, v)):
+        full = np.array(dst.numpy(), copy=True)
+        full[:, :, :n] = src.numpy()
+        dst.copy_(adopt(ms.Tensor(full), dst))
+
+
 class DecodeState:
     """Static KV cache of one generation, attached to its EncoderDecoderCache."""
 
@@ -95,8 +123,8 @@ class DecodeState:
             return adopt(to_model(t, cw), self.like)
 
         for i in range(len(self.k)):
-            cache.self_attention_cache.update(out(ops.gather(self.k[i], idx, 2)), out(ops.gather(self.v[i], idx, 2)), i)
-            cache.cross_attention_cache.update(out(ops.transpose(self.kx[i], (0, 1, 3, 2))), out(self.vx[i]), i)
+            _update(cache.self_attention_cache, out(ops.gather(self.k[i], idx, 2)), out(ops.gather(self.v[i], idx, 2)), i)
+            _update(cache.cross_attention_cache, out(ops.transpose(self.kx[i], (0, 1, 3, 2))), out(self.vx[i]), i)
             cache.is_updated[i] = True
 
     def spill_for_output(self, given=None):
