@@ -807,3 +807,40 @@ def test_concurrent_processes_writing_verdicts_leave_a_valid_file(tmp_path, use)
     final = _check_file(path, written)
     assert any(k.startswith("case-") for k in final)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+@pytest.mark.parametrize("how", ["variable", "context"])
+def test_mindspore_compile_cache_turns_the_graph_executors_off(how, models, monkeypatch, request):
+    """MindSpore's compile cache loads a later process's graphs by compile order (measured: a
+    greedy run after a beam run loaded the wrong graphs and faulted with garbage gather indices):
+    with it on, the graph executors are unavailable, patch() says so once, the host runs."""
+    import mindspore
+
+    import whisper_accel
+    from whisper_accel import _environment, _errors
+
+    if how == "variable":
+        monkeypatch.setenv("MS_COMPILER_CACHE_ENABLE", "1")
+    else:
+        monkeypatch.setattr(mindspore, "get_context",
+                            lambda key, _g=mindspore.get_context: True if key == "enable_compile_cache" else _g(key))
+    assert _environment.compile_cache_on()
+    request.getfixturevalue("fused_library")  # the host executor needs the kernels
+    (a, fa, _, tokens_a), _ = models
+    _fresh(a)
+    _errors.forget_warnings()
+    with pytest.warns(_errors.WhisperAccelWarning, match="compile cache is on"):
+        whisper_accel.patch()
+    try:
+        got = _greedy(a, fa)
+        dec = _engine_of(a)
+    finally:
+        whisper_accel.unpatch()
+        _fresh(a)
+    for name in ("fused", "plain"):
+        assert dec.engine.faults[name] == f"unavailable: {_environment.COMPILE_CACHE}"
+    assert dec.executor("decode_next") == "host" and dec.executor("cross_kv") == "host"
+    assert np.array_equal(got, tokens_a)
+    monkeypatch.delenv("MS_COMPILER_CACHE_ENABLE", raising=False)
+    monkeypatch.undo()
+    assert not _environment.compile_cache_on()

@@ -152,6 +152,8 @@ def patch(*, strict: bool = False, config: Optional[_config.Config] = None, **gr
             _last_report = _stock_report({}, wanted, f"detection failed: {exc!r}")
             return _last_report
         report = Report(environment=env.as_dict())
+        if env.supported and _environment.compile_cache_on():  # a setting, not a failure: never raises
+            _errors.problem(f"whisper_accel: {_environment.COMPILE_CACHE}", strict=False)
         if not env.supported:
             for reason in env.problems:
                 _errors.problem(f"whisper_accel left Whisper stock: {reason}", strict)

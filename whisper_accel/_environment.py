@@ -117,6 +117,27 @@ def detect(versions: Optional[Dict[str, Optional[str]]] = None) -> Environment:
     return env
 
 
+#: Why the graph executors are off while MindSpore's compile cache is on (PROFILE_NOTES section 35).
+COMPILE_CACHE = ("MindSpore's compile cache is on (MS_COMPILER_CACHE_ENABLE / enable_compile_cache): it loads "
+                 "a process's compiled graphs by their compile order, and whisper_accel's graphs are compiled per "
+                 "shape and mode, so a later process can load the wrong graph; the graph executors are not used "
+                 "(the host executors are)")
+
+
+def compile_cache_on() -> bool:
+    """MindSpore's compile cache is on, read as MindSpore reads it: the context's
+    ``enable_compile_cache``, else ``MS_COMPILER_CACHE_ENABLE=1``."""
+    import mindspore
+
+    try:
+        value = mindspore.get_context("enable_compile_cache")
+    except Exception:  # noqa: BLE001  another MindSpore: only the variable
+        value = None
+    if value is None:
+        value = os.environ.get("MS_COMPILER_CACHE_ENABLE")
+    return value is True or value == "1"
+
+
 def device_target() -> str:
     """``CPU``, ``GPU`` or ``Ascend``: where MindSpore runs operators in this process."""
     import mindspore

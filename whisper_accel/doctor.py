@@ -69,6 +69,10 @@ def diagnose() -> dict:
     result["gemm"] = host_gemm()
     result["graph_gemm"] = GRAPH_GEMM
     try:
+        result["compile_cache"] = _environment.compile_cache_on()
+    except Exception as exc:  # noqa: BLE001  doctor explains; it does not crash
+        result["compile_cache"] = repr(exc)
+    try:
         from .runtime import choice, native
 
         lib = native.library()
@@ -118,6 +122,8 @@ def doctor(json_out: bool = False) -> int:
               else f"  fused kernels not used: {fused['reason']} (the encoder and decoder steps run MindSpore's own ops)")
     print(f"  host GEMM     {d.get('gemm')}")
     print(f"  graph GEMM    {d.get('graph_gemm')}")
+    if d.get("compile_cache") is True:
+        print(f"  PROBLEM       {_environment.COMPILE_CACHE}")
     print("  config        " + ", ".join(f"{k}={v}" for k, v in d.get("config", {}).items()))
     verdicts = d.get("verdicts") or {}
     if "error" in verdicts:

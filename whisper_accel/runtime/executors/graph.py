@@ -16,10 +16,16 @@ from typing import Optional
 import mindspore as ms
 import numpy as np
 
+from ... import _environment
 from ...kernels import graphs as G
 from .. import host_step
 from ..engine import Executor
 from .base import KernelExecutor
+
+
+def graphs_unavailable() -> Optional[str]:
+    """Why no graph executor runs in this process (None: they can)."""
+    return _environment.COMPILE_CACHE if _environment.compile_cache_on() else None
 
 
 def layers_per_launch(n_layers: int, layer_bytes: int, budget: int) -> int:
@@ -38,6 +44,9 @@ def encoder_layer_bytes(batch: int, frames: int, d_model: int, ffn: int) -> int:
 class GraphEncoder(Executor):
     """The encoder as graph launches: stem, layers (``group`` a launch), final norm; all in one
     graph when the group is every layer."""
+
+    def unavailable(self) -> Optional[str]:
+        return graphs_unavailable()
 
     #: how many layers the last call ran per launch
     last_group: Optional[int] = None
@@ -80,6 +89,9 @@ class FusedEncoder(KernelExecutor, GraphEncoder):
     """The fused kernels' graphs; as many layers a launch as ``Config.group_bytes`` allows
     (:func:`layers_per_launch`), or all with ``Config.whole_encoder_graph``."""
 
+    def unavailable(self) -> Optional[str]:
+        return graphs_unavailable() or KernelExecutor.unavailable(self)
+
     name = "fused"
 
     def graphs(self):
@@ -117,6 +129,9 @@ def positions(pos0: int, t: int, s: int, padding=None):
 class GraphDecoder(Executor):
     """The decoder's cross K/V and greedy / beam steps as graph launches; caches are MindSpore
     tensors (a host step's numpy cache is copied in first)."""
+
+    def unavailable(self) -> Optional[str]:
+        return graphs_unavailable()
 
     def steps(self):
         raise NotImplementedError
@@ -184,6 +199,9 @@ class FusedDecoder(KernelExecutor, GraphDecoder):
     """The fused kernels: every layer's cross K/V in one ``CrossKV`` launch, and step graphs with
     the ``RowsMatMul`` projection and one ``DecoderLayer`` kernel a layer (prompts of several
     tokens: :class:`PlainDecoder`)."""
+
+    def unavailable(self) -> Optional[str]:
+        return graphs_unavailable() or KernelExecutor.unavailable(self)
 
     name = "fused"
 
