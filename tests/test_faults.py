@@ -96,9 +96,15 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+#: Settings an injection needs: a graph launch fails only where graphs run, and the host
+#: executors (first when the kernels build) launch none, so the graph executors are forced.
+INJECT_ENV = {"jit_launch": {"WHISPER_ACCEL_ENCODER": "fused", "WHISPER_ACCEL_DECODER": "fused"}}
+
+
 def run_user_script(inject: str, mode: str = "env", strict: bool = False) -> dict:
     env = child_env()
     env["GLOG_v"] = "3"
+    env.update(INJECT_ENV.get(inject, {}))
     if mode == "env":
         env["WHISPER_ACCEL"] = "1"
         if strict:

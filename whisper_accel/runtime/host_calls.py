@@ -28,9 +28,24 @@ def upcast(a: np.ndarray) -> np.ndarray:
     return a.astype(np.float32, copy=False)
 
 
+#: On a tensor made by :func:`shared`: the numpy array it shares.
+_SHARED = "_whisper_accel_shared"
+
+
+def shared(a: np.ndarray):
+    """A MindSpore tensor sharing the numpy array ``a`` (``Tensor.from_numpy``: no copy), whose
+    :func:`view` is ``a`` itself (such a tensor has no buffer address until an operator reads it)."""
+    t = ms.Tensor.from_numpy(a)
+    setattr(t, _SHARED, a)
+    return t
+
+
 def view(t) -> Optional[np.ndarray]:
     """A numpy view of a float32, float16 or bfloat16 MindSpore tensor's host buffer (no copy),
     or None (another dtype, no host buffer)."""
+    a = getattr(t, _SHARED, None)
+    if a is not None:
+        return a
     dtype = VIEW_DTYPES.get(t.dtype)
     if dtype is None:
         return None

@@ -91,8 +91,6 @@ class HostStep:
         self.lib = ctypes.CDLL(library)
         #: CrossKV's weights, (Wk, Wv, bv) of every layer, float32 views; None: the graph computes it
         self.cross = cross
-        #: the latest :meth:`cross_kv` result: (its K^T and V tensors, their numpy arrays)
-        self._made: Optional[Tuple[Tuple, List[np.ndarray]]] = None
         self.layers, self.embed, self.pos, self.final_ln, self.proj = layers, embed, pos, final_ln, proj
         suffix = _SUFFIX[proj.dtype]
         #: the weight matrices' dtype as the kernels read them: "float32", "float16" or "bfloat16"
@@ -116,13 +114,8 @@ class HostStep:
         plan = self._plans.get(key)
         if plan is not None:
             return plan
-        made = self._made
-        if made is not None and len(made[0]) == len(kx) + len(vx) and \
-                all(a is b for a, b in zip(made[0], tuple(kx) + tuple(vx))):
-            kxs, vxs = made[1][:len(kx)], made[1][len(kx):]  # computed here: read where they are
-        else:
-            vx[-1].asnumpy()  # the cross K/V graph has finished writing (launches are asynchronous)
-            kxs, vxs = [host_calls.view(t) for t in kx], [host_calls.view(t) for t in vx]
+        vx[-1].asnumpy()  # the cross K/V graph has finished writing (launches are asynchronous)
+        kxs, vxs = [host_calls.view(t) for t in kx], [host_calls.view(t) for t in vx]
         if any(a is None or a.dtype != _F32 for a in kxs + vxs):
             raise RuntimeError("cross-attention K/V without a float32 host buffer")
         d, s = self.embed.shape[1], k[0].shape[2]
@@ -146,15 +139,14 @@ class HostStep:
     def cross_kv(self, enc: np.ndarray):
         """Every layer's cross-attention K^T (B, H, Dh, S) and V (B, H, S, Dh) from the encoder
         output ``enc`` (B, S, D) float32, in one ``CrossKV`` call: per-layer tuples of tensors
-        that share the arrays the kernel wrote (the steps read those arrays, :meth:`_plan`)."""
+        that share the arrays the kernel wrote (:func:`host_calls.shared`: the steps read those
+        arrays where they are)."""
         b, s, _ = enc.shape
         ks = [np.empty((b, self.heads, self.head_dim, s), _F32) for _ in self.layers]
         vs = [np.empty((b, self.heads, s, self.head_dim), _F32) for _ in self.layers]
         outs = [a for pair in zip(ks, vs) for a in pair]  # the kernel's order: K^T, V per layer
         Call(self.lib.CrossKV, [np.ascontiguousarray(enc, _F32)] + list(self.cross) + outs)()
-        kt, vt = tuple(ms.Tensor.from_numpy(a) for a in ks), tuple(ms.Tensor.from_numpy(a) for a in vs)
-        self._made = (kt + vt, ks + vs)
-        return kt, vt
+        return tuple(host_calls.shared(a) for a in ks), tuple(host_calls.shared(a) for a in vs)
 
     def _mask(self, suppress) -> np.ndarray:
         hit = self._masks.get(id(suppress))
