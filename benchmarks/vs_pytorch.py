@@ -222,7 +222,7 @@ def anchor_table(speech: dict, faster: dict | None, cpu: str) -> list:
     rows = []
     for (name, mode), (dmode, _) in ANCHORS.items():
         r = ours.get(dmode)
-        if r is None or (dmode == "pipeline_greedy") != (name == "long"):
+        if r is None:
             continue
         fw = (faster or {}).get("rows", {})
         f32, i8 = fw.get(f"{name}/{mode}/float32"), fw.get(f"{name}/{mode}/int8")

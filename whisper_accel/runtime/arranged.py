@@ -55,7 +55,7 @@ def unchanged(print_, params) -> bool:
     a parameter that replaced another may hold host data only, whose address is not asked."""
     if len(print_) != len(params) or any(f[0] != id(p) or f[1] != p.dtype for f, p in zip(print_, params)):
         return False
-    return print_ == fingerprint(params)
+    return all(f[2] == buffer(p) for f, p in zip(print_, params))
 
 
 def materialize(params) -> None:

@@ -16,7 +16,8 @@ class KernelExecutor(Executor):
     impl = None
 
     def unavailable(self) -> Optional[str]:
-        return native.state(self.config)["reason"]
+        # cooperative: a graph executor's own reason (its next class in the MRO) comes first
+        return super().unavailable() or native.state(self.config)["reason"]
 
     def fused(self):
         """:mod:`whisper_accel.kernels.fused`, bound to this config's library."""

@@ -89,9 +89,6 @@ class FusedEncoder(KernelExecutor, GraphEncoder):
     """The fused kernels' graphs; as many layers a launch as ``Config.group_bytes`` allows
     (:func:`layers_per_launch`), or all with ``Config.whole_encoder_graph``."""
 
-    def unavailable(self) -> Optional[str]:
-        return graphs_unavailable() or KernelExecutor.unavailable(self)
-
     name = "fused"
 
     def graphs(self):
@@ -199,9 +196,6 @@ class FusedDecoder(KernelExecutor, GraphDecoder):
     """The fused kernels: every layer's cross K/V in one ``CrossKV`` launch, and step graphs with
     the ``RowsMatMul`` projection and one ``DecoderLayer`` kernel a layer (prompts of several
     tokens: :class:`PlainDecoder`)."""
-
-    def unavailable(self) -> Optional[str]:
-        return graphs_unavailable() or KernelExecutor.unavailable(self)
 
     name = "fused"
 

@@ -43,6 +43,9 @@ class HostDecoder(KernelExecutor):
         if t > host_step.MAX_TOKENS or (t > 1 and padding is not None) or cross is not None \
                 or int(ids.shape[0]) > host_step.MAX_ROWS:
             raise Decline
+        return self._impl()
+
+    def _impl(self) -> host_step.HostStep:
         return self.host_impl(host_step.for_weights, "the decoder's weights are not host buffers it can read")
 
     @staticmethod
@@ -55,7 +58,7 @@ class HostDecoder(KernelExecutor):
     def cross_kv(self, hidden):
         """The cross-attention K/V on the host (``CrossKV`` through ctypes): float32 (B, S, D)
         encoder states of a model whose cross weights gave host views."""
-        impl = self.host_impl(host_step.for_weights, "the decoder's weights are not host buffers it can read")
+        impl = self._impl()
         if impl.cross is None or hidden.dtype != ms.float32 or len(hidden.shape) != 3:
             raise Decline
         return impl.cross_kv(hidden.asnumpy())
