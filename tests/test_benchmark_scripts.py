@@ -128,3 +128,26 @@ def test_encoder_worker_runs_every_arm_on_the_forced_isa(fused_library, tmp_path
     assert arms["auto"]["executor"] == verdict["executor"] and len(out["auto_measuring_s"]) == 1 + 2 * timed
     assert all(not r["faults"] for r in arms.values())
     assert all(r["rel_diff_vs_stock"] < 1e-5 for r in arms.values())  # against the plain arm (no stock)
+
+
+def test_assisted_benchmark_assistant_computes_the_main_models_logits():
+    """benchmarks/assisted.py's premise: the main model's layers past the assistant's add
+    nothing, so the decoder-only assistant (its first layers, embeddings, norm and projection)
+    gives the main model's logits, and its candidates are the main model's tokens."""
+    import importlib.util
+
+    import mindnlp  # noqa: F401  (mindtorch as torch, before torch is imported)
+    import numpy as np
+    import torch
+
+    spec = importlib.util.spec_from_file_location("assisted_bench", os.path.join(ROOT, "benchmarks", "assisted.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    main, helper = bench.build_pair(dict(d_model=64, decoder_layers=3, decoder_attention_heads=4, decoder_ffn_dim=128), 1)
+    ids = torch.tensor([[50258, 50259, 50359, 50363, 440, 1029]])
+    with torch.no_grad():
+        hidden = torch.tensor(np.random.default_rng(0).normal(0, 1, (1, 1500, 64)).astype(np.float32))
+        want = main(decoder_input_ids=ids, encoder_outputs=(hidden,), use_cache=False).logits.asnumpy()
+        got = helper(input_ids=ids, encoder_outputs=(hidden,), use_cache=False).logits.asnumpy()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    assert np.array_equal(got.argmax(-1), want.argmax(-1))

@@ -136,6 +136,86 @@ def test_host_beam_steps_match_the_beam_graphs(model):
         assert rel_diff(x, y) < 1e-5
 
 
+@pytest.mark.parametrize("layers", ["at-once", "token-by-token"])
+def test_a_multi_token_host_step_gives_every_position_as_one_token_steps_do(model, layers):
+    """decode_step on the host (an assistant's candidates verified at once): every position's
+    logits and the cache as one-token host steps give them -- bit for bit where the tokens run
+    one after another through the layer kernels (a half-precision model's weights), within
+    float32 summation order where numpy's products take all the tokens at once (float32
+    weights) --; the plain graph agrees, also past the projection kernel's rows (blocks of
+    them); more positions than the host takes run the graph (declined, not a fault)."""
+    feats = features(1, seed=28)
+    prompt = np.array([[50258, 50359, 50363]], np.int64)
+    cand = np.array([[440, 1029, 318, 257, 922]], np.int64)
+    with torch.no_grad():
+        dec, (kx, vx) = _bound(model, feats, _config(decoder="host"))
+        suppress = ms.Tensor(np.zeros(int(dec.proj.shape[0]), bool))
+        k, v = dec.new_cache(1, 64)
+        _, _, _, k, v = dec.decode_next(torch.tensor(prompt), 0, k, v, kx, vx, suppress)
+        if layers == "token-by-token":  # what a float16/bfloat16 model's step runs
+            _host(dec).weights = "float16"
+        # one-token steps
+        at_prompt = [np.array(c) for c in k + v]
+        one = []
+        for j in range(cand.shape[1]):
+            _, _, logits, k, v = dec.decode_next(torch.tensor(cand[:, j:j + 1]), 3 + j, k, v, kx, vx, suppress)
+            one.append(logits.asnumpy()[0])
+        one, one_cache = np.stack(one)[None], [np.array(c) for c in k + v]
+        # the same tokens in one multi-token step, from the prompt's cache
+        k = host_step.HostCache(a.copy() for a in at_prompt[:len(k)])
+        v = host_step.HostCache(a.copy() for a in at_prompt[len(k):])
+        before = _steps(dec)
+        logits, k, v = dec.decode_step(torch.tensor(cand), 3, k, v, kx, vx)
+        assert dec.executor("decode_step") == "host" and _steps(dec) == before + 1
+        assert isinstance(k, host_step.HostCache)
+        got = logits.asnumpy()
+        assert got.shape == one.shape
+        if layers == "token-by-token":
+            assert np.array_equal(got, one)
+            assert all(np.array_equal(a, b) for a, b in zip(one_cache, k + v))
+        else:
+            assert rel_diff(got, one) < 1e-5 and np.array_equal(got.argmax(-1), one.argmax(-1))
+            assert all(rel_diff(a[:, :, :8], b[:, :, :8]) < 1e-5 for a, b in zip(one_cache, k + v))
+        # the plain graph on the same prompt cache
+        graph_dec = DecoderEngine(model, _config(decoder="plain"))
+        gk, gv = graph_dec.new_cache(1, 64)
+        _, _, _, gk, gv = graph_dec.decode_next(torch.tensor(prompt), 0, gk, gv, kx, vx, suppress)
+        ref, _, _ = graph_dec.decode_step(torch.tensor(cand), 3, gk, gv, kx, vx)
+        assert graph_dec.executor("decode_step") == "plain"
+        assert rel_diff(got, ref.asnumpy()) < 1e-5
+        # more positions than the projection kernel's rows: in blocks of them, the same logits
+        many = np.tile(cand, (1, 4))[:, :host_step.MAX_ROWS + 3]
+        got, _, _ = dec.decode_step(torch.tensor(many), 0, *dec.new_cache(1, 64), kx, vx)
+        assert dec.executor("decode_step") == "host"
+        ref, _, _ = graph_dec.decode_step(torch.tensor(many), 0, *graph_dec.new_cache(1, 64), kx, vx)
+        assert rel_diff(got.asnumpy(), ref.asnumpy()) < 1e-5
+        # beyond the host's limit: the graph runs it (declined, not a fault)
+        dec.decode_step(torch.tensor(np.resize(cand, (2, host_step.MAX_POSITIONS // 2 + 1))), 0,
+                        *dec.new_cache(2, 64), *_bound(model, features(2, seed=29))[1])
+        assert dec.executor("decode_step") == "plain" and not dec.engine.faults
+
+
+def test_host_beam_log_probabilities_are_mindspore_log_softmax_bit_for_bit(monkeypatch):
+    """The host beam step's log-probabilities: MindSpore's LogSoftmax kernel (what stock beam
+    search applies), launched as a graph, or as a PyNative operator when MindSpore's compile
+    cache is on (no graph runs then); equal bit for bit either way."""
+    from mindspore import ops
+
+    from whisper_accel.runtime.executors import host as host_executor
+
+    logits = ms.Tensor(np.random.default_rng(5).normal(0, 4, (5, 51865)).astype(np.float32))
+    want = ops.log_softmax(logits, -1).asnumpy()
+    assert np.array_equal(host_executor.log_softmax(logits).asnumpy(), want)
+
+    def no_graph(_):
+        raise AssertionError("a graph launched with the compile cache on")
+
+    monkeypatch.setattr(host_executor.graphs, "log_softmax", no_graph)
+    monkeypatch.setattr(ms, "get_context",
+                        lambda key, _g=ms.get_context: True if key == "enable_compile_cache" else _g(key))
+    assert np.array_equal(host_executor.log_softmax(logits).asnumpy(), want)
+
+
 def test_beam_search_takes_host_steps_with_stock_tokens(model):
     feats = features(2, seed=26)
     stock = _generate(model, feats, 8, num_beams=3)

@@ -225,6 +225,14 @@ def decode(ids, positions, cols, k_cache, v_cache, k_x, v_x, embed, proj, pos_ta
     return linear(x, proj), new_k, new_v
 
 
+@ms.jit
+def log_softmax(logits):
+    """MindSpore's LogSoftmax over the last axis as a one-operator graph: the kernel stock beam
+    search runs (so its scores bit for bit), launched without PyNative's per-operator dispatch
+    (the host executor's beam steps; PROFILE_NOTES section 37)."""
+    return ops.log_softmax(logits, -1)
+
+
 def decoder_graphs(logits_of, layer_of=None) -> SimpleNamespace:
     """The greedy and beam step graphs (``decode_next``, ``decode_beams``; each with a constant
     ``with_probs``: also return every layer's cross-attention probabilities, what

@@ -122,8 +122,10 @@ class DecodeState:
         def out(t):
             return adopt(to_model(t, cw), self.like)
 
-        for i in range(len(self.k)):
-            _update(cache.self_attention_cache, out(ops.gather(self.k[i], idx, 2)), out(ops.gather(self.v[i], idx, 2)), i)
+        # the decoder group's steps may have left a host step's cache (numpy) here
+        keys, values = on_device(self.k), on_device(self.v)
+        for i in range(len(keys)):
+            _update(cache.self_attention_cache, out(ops.gather(keys[i], idx, 2)), out(ops.gather(values[i], idx, 2)), i)
             _update(cache.cross_attention_cache, out(ops.transpose(self.kx[i], (0, 1, 3, 2))), out(self.vx[i]), i)
             cache.is_updated[i] = True
 

@@ -24,6 +24,7 @@ caller then runs the step graphs. Not thread-safe by itself: its executor
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import mindspore as ms
@@ -40,6 +41,9 @@ MAX_ROWS = ROWS_MATMUL_MAX
 #: task, timestamps) runs its tokens one after another; a longer one (previous text as a
 #: prompt) runs the prompt graph, which takes all its positions in one pass.
 MAX_TOKENS = 8
+#: The most positions (rows x tokens) one multi-token step with every position's logits
+#: (:meth:`HostStep.all_logits`) takes: an assistant's candidates, a batch's prompts.
+MAX_POSITIONS = 64
 
 _F32 = np.float32
 #: The weight matrices' dtype (numpy's, as :func:`host_calls.view` gives them) -> the suffix of
@@ -77,6 +81,24 @@ def empty(shape, layers: int) -> HostCache:
 def grow(cache: HostCache, bucket: int) -> HostCache:
     """Zero-pad a HostCache along the slot axis to ``bucket`` slots."""
     return HostCache(np.pad(a, ((0, 0), (0, 0), (0, bucket - a.shape[2]), (0, 0))) for a in cache)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A step's buffers and kernel calls for one shape, cache and audio (:meth:`HostStep._plan`):
+    ``x`` the layers' input (R, D), ``slot`` the cache slot the calls write, ``ok`` the
+    attendable slots, ``kn``/``vn`` a layer's new K/V, ``calls`` one per layer, ``tail`` the
+    final LayerNorm and the projection into ``logits``; ``last`` holds the last layer's output."""
+
+    x: np.ndarray
+    slot: np.ndarray
+    ok: np.ndarray
+    kn: np.ndarray
+    vn: np.ndarray
+    calls: list
+    tail: list
+    logits: np.ndarray
+    last: np.ndarray
 
 
 class HostStep:
@@ -133,7 +155,7 @@ class HostStep:
                 Call(self._rows_fn, [h, self.proj, logits])]
         if len(self._plans) > 8:
             self._plans.clear()
-        plan = self._plans[key] = (xs[0], pos0, ok, kn, vn, calls, tail, logits)
+        plan = self._plans[key] = _Plan(xs[0], pos0, ok, kn, vn, calls, tail, logits, xs[len(self.layers) % 2])
         return plan
 
     def cross_kv(self, enc: np.ndarray):
@@ -168,21 +190,105 @@ class HostStep:
         rows, t = int(ids.shape[0]), int(ids.shape[1])
         if pos_ids is not None:
             pos_ids = pos_ids.reshape(rows, t)
-        x, slot, ok, kn, vn, calls, tail, logits = self._plan(rows, k, v, kx, vx, 1 if key_ok is None else rows)
+        plan = self._plan(rows, k, v, kx, vx, 1 if key_ok is None else rows)
         if key_ok is not None:
-            ok[...] = key_ok
+            plan.ok[...] = key_ok
         for j in range(t):
-            at = pos0 + j
-            np.add(self.embed[ids[:, j]], self.pos[at if pos_ids is None else pos_ids[:, j]], out=x)
-            slot[0] = at
-            for i, call in enumerate(calls):
-                call()
-                k[i][:, :, at] = kn[:, :, 0]
-                v[i][:, :, at] = vn[:, :, 0]
-        for call in tail:
+            self._token(plan, ids[:, j], pos0 + j, None if pos_ids is None else pos_ids[:, j], k, v)
+        for call in plan.tail:
             call()
         self.steps += 1
-        return logits.copy()
+        return plan.logits.copy()
+
+    def _token(self, plan: "_Plan", ids: np.ndarray, at: int, pos_ids: Optional[np.ndarray], k: HostCache,
+               v: HostCache) -> None:
+        """One token a row (``ids`` (R,)) at cache slot ``at`` through every layer: its K/V into
+        ``k``/``v``, its final state in ``plan.last``."""
+        np.add(self.embed[ids], self.pos[at if pos_ids is None else pos_ids], out=plan.x)
+        plan.slot[0] = at
+        for i, call in enumerate(plan.calls):
+            call()
+            k[i][:, :, at] = plan.kn[:, :, 0]
+            v[i][:, :, at] = plan.vn[:, :, 0]
+
+    def all_logits(self, ids: np.ndarray, pos0: int, k: HostCache, v: HostCache, kx, vx) -> np.ndarray:
+        """Tokens ``ids`` (R, T) at cache slots ``pos0``.., causal (each attends the slots before
+        it and its own), with the logits of every position: (R, T, V), a new array; their K/V
+        written into ``k``/``v``. What an assistant's candidate tokens are verified with.
+
+        With float32 weights each layer reads its weights once for all T tokens (numpy's matrix
+        products over the R x T rows: within ~1e-6 relative of the one-token kernels, which sum
+        in another order); a half-precision model's tokens run one after another through the
+        ``DecoderLayer`` kernels (bit for bit its one-token steps). Then the R x T final states
+        go through the final LayerNorm and the ``RowsMatMul`` projection together (one pass over
+        its weights; each row computed as a one-token step computes it). At most
+        :data:`MAX_POSITIONS` positions."""
+        rows, t = int(ids.shape[0]), int(ids.shape[1])
+        if rows * t > MAX_POSITIONS:
+            raise ValueError(f"{rows} x {t} positions: at most {MAX_POSITIONS} a call")
+        d = self.embed.shape[1]
+        if self.weights == "float32":
+            states = self._layers_at_once(ids, pos0, k, v, kx, vx)
+        else:
+            plan = self._plan(rows, k, v, kx, vx, 1)
+            states = np.empty((rows, t, d), _F32)
+            for j in range(t):
+                self._token(plan, ids[:, j], pos0 + j, None, k, v)
+                states[:, j] = plan.last
+        states = np.ascontiguousarray(states.reshape(rows * t, d))
+        normed = np.empty_like(states)
+        logits = np.empty((rows * t, self.proj.shape[0]), _F32)
+        Call(self.lib.LayerNorm, [states, *self.final_ln, normed])()
+        Call(self._rows_fn, [normed, self.proj, logits])()
+        self.steps += 1
+        return logits.reshape(rows, t, -1)
+
+    def _layers_at_once(self, ids: np.ndarray, pos0: int, k: HostCache, v: HostCache, kx, vx) -> np.ndarray:
+        """The decoder layers on tokens ``ids`` (R, T) at slots ``pos0``.. in one pass a layer
+        (float32 weights): their final states (R, T, D) before the final norm."""
+        rows, t = int(ids.shape[0]), int(ids.shape[1])
+        h, dh = self.heads, self.head_dim
+        end = pos0 + t
+        x = (self.embed[ids] + self.pos[pos0:end]).astype(_F32).reshape(rows * t, -1)
+        # token j attends slots up to pos0 + j
+        causal = np.where(np.arange(end)[None, :] > (pos0 + np.arange(t))[:, None], -np.inf, 0.0).astype(_F32)
+        vx[-1].asnumpy()  # the cross K/V graph has finished writing (launches are asynchronous)
+        kxs, vxs = [host_calls.view(a) for a in kx], [host_calls.view(a) for a in vx]
+        if any(a is None or a.dtype != _F32 for a in kxs + vxs):
+            raise RuntimeError("cross-attention K/V without a float32 host buffer")
+
+        def norm(x, ln):
+            out = np.empty_like(x)
+            Call(self.lib.LayerNorm, [x, ln.weight, ln.bias, out])()
+            return out
+
+        def heads(y):  # (R*T, D) -> (R, H, T, Dh)
+            return y.reshape(rows, t, h, dh).transpose(0, 2, 1, 3)
+
+        def merged(o):  # (R, H, T, Dh) -> (R*T, D)
+            return np.ascontiguousarray(o.transpose(0, 2, 1, 3)).reshape(rows * t, h * dh)
+
+        def softmax(w):
+            w = np.exp(w - w.max(-1, keepdims=True))
+            return w / w.sum(-1, keepdims=True)
+
+        for i, lw in enumerate(self.layers):
+            a, c = lw.attn, lw.cross
+            n = norm(x, lw.ln1)
+            q = heads((n @ a.q_w.T + a.q_b) * self.scaling)
+            k[i][:, :, pos0:end] = heads(n @ a.k_w.T)
+            v[i][:, :, pos0:end] = heads(n @ a.v_w.T + a.v_b)
+            o = softmax(q @ k[i][:, :, :end].transpose(0, 1, 3, 2) + causal) @ v[i][:, :, :end]
+            x = x + (merged(o) @ a.o_w.T + a.o_b)
+            n = norm(x, lw.ln2)
+            q = heads((n @ c.q_w.T + c.q_b) * self.scaling)
+            o = softmax(q @ kxs[i]) @ vxs[i]  # K^T (B, H, Dh, S), V (B, H, S, Dh)
+            x = x + (merged(o) @ c.o_w.T + c.o_b)
+            n = norm(x, lw.ln3)
+            f = n @ lw.fc1_w.T
+            Call(self.lib.BiasGelu, [f, lw.fc1_b, f])()
+            x = x + (f @ lw.fc2_w.T + lw.fc2_b)
+        return x.reshape(rows, t, -1)
 
     def next(self, ids: np.ndarray, pos0: int, k: HostCache, v: HostCache, kx, vx, suppress,
              pos_ids: Optional[np.ndarray], key_ok: Optional[np.ndarray]):

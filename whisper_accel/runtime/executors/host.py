@@ -12,6 +12,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import ops
 
+from ... import _environment
+from ...kernels import graphs
 from .. import host_encoder, host_step
 from ..engine import Decline
 from .base import KernelExecutor
@@ -31,8 +33,8 @@ class HostEncoderExecutor(KernelExecutor):
 
 class HostDecoder(KernelExecutor):
     """Greedy and beam steps of at most :data:`host_step.MAX_TOKENS` tokens and
-    :data:`host_step.MAX_ROWS` rows, without cross-attention probabilities, and a prompt
-    without padding (a padded prompt's padding tokens attend to nothing: the graph computes
+    :data:`host_step.MAX_ROWS` rows, without cross-attention probabilities, a prompt
+    without padding, and multi-token steps of every position's logits (:meth:`decode_step`) (a padded prompt's padding tokens attend to nothing: the graph computes
     their cache slots as stock does, a host step would not). :attr:`impl`: its
     :class:`~..host_step.HostStep`, once built."""
 
@@ -73,8 +75,20 @@ class HostDecoder(KernelExecutor):
                                         None if padding is None else padding.keys(s))
         return ms.Tensor(nxt), ms.Tensor(scores), ms.Tensor(logits), k, v
 
+    def decode_step(self, ids, pos0, k_cache, v_cache, k_x, v_x):
+        """Every position's logits (B, T, V) of tokens ``ids`` (B, T) at ``pos0``..: up to
+        :data:`host_step.MAX_POSITIONS` positions in all (an assistant's candidates verified
+        with one pass over each layer's weights: :meth:`~..host_step.HostStep.all_logits`)."""
+        b, t = int(ids.shape[0]), int(ids.shape[1])
+        if b * t > host_step.MAX_POSITIONS:
+            raise Decline
+        impl = self._impl()
+        k, v = self._caches(k_cache, v_cache)
+        return ms.Tensor(impl.all_logits(ids.asnumpy().astype(np.int64), pos0, k, v, k_x, v_x)), k, v
+
     def decode_beams(self, ids, pos0, k_cache, v_cache, beam_idx, k_x, v_x, beams, cross=None, padding=None):
-        """The log-softmax is MindSpore's, as in the graph (what stock beam search applies)."""
+        """The log-softmax is MindSpore's, as in the graph (what stock beam search applies):
+        :func:`log_softmax`."""
         impl = self._ready(ids, cross, padding)
         k, v = self._caches(k_cache, v_cache, beam_idx.asnumpy().astype(np.int64))
         rows = ids.asnumpy().astype(np.int64)
@@ -82,4 +96,14 @@ class HostDecoder(KernelExecutor):
         logits = ms.Tensor(impl.logits(rows, pos0, k, v, k_x, v_x,
                                        None if padding is None else padding.positions(pos0, rows.shape[1]),
                                        None if padding is None else padding.keys(s)))
-        return logits, ops.log_softmax(logits, -1), k, v
+        return logits, log_softmax(logits), k, v
+
+
+def log_softmax(logits):
+    """MindSpore's LogSoftmax of ``logits`` over the last axis, the kernel stock beam search
+    applies (the scores are stock's bit for bit): as a one-operator graph, whose launch costs a
+    fraction of a PyNative operator's dispatch; as a PyNative operator when no graph may run in
+    this process (MindSpore's compile cache is on: ``_environment.compile_cache_on``)."""
+    if _environment.compile_cache_on():
+        return ops.log_softmax(logits, -1)
+    return graphs.log_softmax(logits)
