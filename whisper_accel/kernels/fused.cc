@@ -291,50 +291,38 @@ extern "C" int AttentionBias(int nparam, void **params, int *ndims, int64_t **sh
 // one row per beam). MindSpore's CPU MatMul runs this single-threaded and, past one row, at
 // well under memory speed; here the threads split w's rows and each w row is read once for up
 // to MB rows of x (x stays in L1): NW w rows at a time for one row of x (more streams in flight),
-// two at a time for several, MB = ROWS_A_PASS rows: 8 where the ISA has 32 vector registers
-// (AVX-512, NEON: 16 accumulators), 4 where it has 16 (AVX2). Each output sums its products in
-// the same order whatever the blocking: a row's result does not depend on the rows beside it.
+// two at a time for several.
 // Weights as stored: float32, float16 (IEEE half, converted with F16C / FCVTL) or bfloat16 (the upper
 // half of a float32). Either conversion to float32 is exact, so a kernel that reads half-precision
 // weights computes what it computes on their float32 copy, bit for bit, and reads half the bytes.
 // (Half, BHalf and their loads: simd.h.)
-enum { ROWS_A_PASS = simd::REGS >= 32 ? 8 : 4 };
-// MR rows of x from row m0 against NW rows of w from row n0: the accumulators stay in registers
-// (MR and NW are constants: no per-row test in the inner loop).
-template <int NW, int MR, class T> static inline void rows_tile(const float *x, const T *w, float *y, int64_t m0,
-                                                                int64_t K, int64_t N, int64_t n0) {
-  const int64_t KW = K / W * W;
-  vf a[MR][NW];
-  for (int i = 0; i < MR; i++) for (int j = 0; j < NW; j++) a[i][j] = simd::zero();
-  for (int64_t k = 0; k < KW; k += W) {
-    vf wv[NW];
-    for (int j = 0; j < NW; j++) wv[j] = simd::load(w + (n0 + j) * K + k);
-    for (int i = 0; i < MR; i++) {
-      const vf xv = simd::load(x + (m0 + i) * K + k);
-      for (int j = 0; j < NW; j++) a[i][j] = simd::fmadd(xv, wv[j], a[i][j]);
-    }
-  }
-  for (int i = 0; i < MR; i++) {
-    const float *xr = x + (m0 + i) * K;
-    for (int j = 0; j < NW; j++) {
-      const T *wr = w + (n0 + j) * K; float acc = simd::hsum(a[i][j]);
-      for (int64_t k = KW; k < K; k++) acc = std::fma(xr[k], simd::load1(wr + k), acc);  // one rounding, in every instantiation
-      y[(m0 + i) * N + n0 + j] = acc;
-    }
-  }
-}
-// The last rows < MB of a block: one tile of exactly that many.
-template <int NW, int MB, class T> static inline void rows_rest(const float *x, const T *w, float *y, int64_t m0,
-                                                                int64_t mm, int64_t K, int64_t N, int64_t n0) {
-  if (MB > 1 && mm == MB - 1) rows_tile<NW, (MB > 1 ? MB - 1 : 1)>(x, w, y, m0, K, N, n0);
-  else if (MB > 2) rows_rest<NW, (MB > 2 ? MB - 1 : 1)>(x, w, y, m0, mm, K, N, n0);
-}
 template <int NW, class T> static inline void rows_block(const float *x, const T *w, float *y, int64_t M, int64_t K,
                                                          int64_t N, int64_t n0) {
-  enum { MB = NW == 2 ? ROWS_A_PASS : 1 };
-  int64_t m0 = 0;
-  for (; m0 + MB <= M; m0 += MB) rows_tile<NW, MB>(x, w, y, m0, K, N, n0);
-  if (m0 < M) rows_rest<NW, MB>(x, w, y, m0, M - m0, K, N, n0);
+  enum { MB = NW == 2 ? 4 : 1 };
+  const int64_t KW = K / W * W;
+  for (int64_t m0 = 0; m0 < M; m0 += MB) {
+    const int64_t mm = std::min<int64_t>(MB, M - m0);
+    vf a[MB][NW];
+    for (int i = 0; i < MB; i++) for (int j = 0; j < NW; j++) a[i][j] = simd::zero();
+    for (int64_t k = 0; k < KW; k += W) {
+      vf wv[NW];
+      for (int j = 0; j < NW; j++) wv[j] = simd::load(w + (n0 + j) * K + k);
+      for (int i = 0; i < MB; i++) {
+        if (i < mm) {
+          const vf xv = simd::load(x + (m0 + i) * K + k);
+          for (int j = 0; j < NW; j++) a[i][j] = simd::fmadd(xv, wv[j], a[i][j]);
+        }
+      }
+    }
+    for (int64_t i = 0; i < mm; i++) {
+      const float *xr = x + (m0 + i) * K;
+      for (int j = 0; j < NW; j++) {
+        const T *wr = w + (n0 + j) * K; float acc = simd::hsum(a[i][j]);
+        for (int64_t k = KW; k < K; k++) acc = std::fma(xr[k], simd::load1(wr + k), acc);  // one rounding, in every instantiation
+        y[(m0 + i) * N + n0 + j] = acc;
+      }
+    }
+  }
 }
 // y[:, n0:n1] = x (R, K) w[n0:n1]^T (+ b), y with row stride N
 template <class T> static void rows_part(const float *x, int64_t R, int64_t K, const T *w, int64_t N, const float *b,

@@ -29,7 +29,7 @@ struct BHalf { uint16_t bits; };
 #include <immintrin.h>
 #define WHISPER_ACCEL_ISA "avx512"
 namespace simd {
-enum { W = 16, REGS = 32 };  // lanes, vector registers
+enum { W = 16 };
 typedef __m512 vf;
 static inline vf zero() { return _mm512_setzero_ps(); }
 static inline vf set1(float a) { return _mm512_set1_ps(a); }
@@ -69,7 +69,7 @@ static inline void pause() { _mm_pause(); }
 #include <immintrin.h>
 #define WHISPER_ACCEL_ISA "avx2"
 namespace simd {
-enum { W = 8, REGS = 16 };  // lanes, vector registers
+enum { W = 8 };
 typedef __m256 vf;
 static inline vf zero() { return _mm256_setzero_ps(); }
 static inline vf set1(float a) { return _mm256_set1_ps(a); }
@@ -109,7 +109,7 @@ static inline void pause() { _mm_pause(); }
 #include <arm_neon.h>
 #define WHISPER_ACCEL_ISA "neon"
 namespace simd {
-enum { W = 4, REGS = 32 };  // lanes, vector registers
+enum { W = 4 };
 typedef float32x4_t vf;
 static inline vf zero() { return vdupq_n_f32(0.f); }
 static inline vf set1(float a) { return vdupq_n_f32(a); }

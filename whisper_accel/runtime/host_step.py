@@ -88,7 +88,7 @@ class _Plan:
     """A step's buffers and kernel calls for one shape, cache and audio (:meth:`HostStep._plan`):
     ``x`` the layers' input (R, D), ``slot`` the cache slot the calls write, ``ok`` the
     attendable slots, ``kn``/``vn`` a layer's new K/V, ``calls`` one per layer, ``tail`` the
-    final LayerNorm and the projection into ``logits``; ``last`` holds the last layer's output."""
+    final LayerNorm and the projection into ``logits``."""
 
     x: np.ndarray
     slot: np.ndarray
@@ -98,7 +98,6 @@ class _Plan:
     calls: list
     tail: list
     logits: np.ndarray
-    last: np.ndarray
 
 
 class HostStep:
@@ -155,7 +154,7 @@ class HostStep:
                 Call(self._rows_fn, [h, self.proj, logits])]
         if len(self._plans) > 8:
             self._plans.clear()
-        plan = self._plans[key] = _Plan(xs[0], pos0, ok, kn, vn, calls, tail, logits, xs[len(self.layers) % 2])
+        plan = self._plans[key] = _Plan(xs[0], pos0, ok, kn, vn, calls, tail, logits)
         return plan
 
     def cross_kv(self, enc: np.ndarray):
@@ -203,7 +202,7 @@ class HostStep:
     def _token(self, plan: "_Plan", ids: np.ndarray, at: int, pos_ids: Optional[np.ndarray], k: HostCache,
                v: HostCache) -> None:
         """One token a row (``ids`` (R,)) at cache slot ``at`` through every layer: its K/V into
-        ``k``/``v``, its final state in ``plan.last``."""
+        ``k``/``v``, its final state in the buffer ``plan.tail`` reads."""
         np.add(self.embed[ids], self.pos[at if pos_ids is None else pos_ids], out=plan.x)
         plan.slot[0] = at
         for i, call in enumerate(plan.calls):
@@ -216,36 +215,30 @@ class HostStep:
         it and its own), with the logits of every position: (R, T, V), a new array; their K/V
         written into ``k``/``v``. What an assistant's candidate tokens are verified with.
 
-        With float32 weights each layer reads its weights once for all T tokens (numpy's matrix
-        products over the R x T rows: within ~1e-6 relative of the one-token kernels, which sum
-        in another order); a half-precision model's tokens run one after another through the
-        ``DecoderLayer`` kernels (bit for bit its one-token steps). Then the R x T final states
-        go through the final LayerNorm and the ``RowsMatMul`` projection together (one pass over
-        its weights; each row computed as a one-token step computes it). At most
+        Each layer reads its weights once for all R x T positions (``RowsMatMul`` over the rows,
+        the weights as stored; numpy for the attention), and the final states go through the
+        final LayerNorm and the projection together. The layers sum in another order than the
+        fused one-token layer: the logits are within ~1e-6 relative of one-token steps'. At most
         :data:`MAX_POSITIONS` positions."""
         rows, t = int(ids.shape[0]), int(ids.shape[1])
         if rows * t > MAX_POSITIONS:
             raise ValueError(f"{rows} x {t} positions: at most {MAX_POSITIONS} a call")
-        d = self.embed.shape[1]
-        if self.weights == "float32":
-            states = self._layers_at_once(ids, pos0, k, v, kx, vx)
-        else:
-            plan = self._plan(rows, k, v, kx, vx, 1)
-            states = np.empty((rows, t, d), _F32)
-            for j in range(t):
-                self._token(plan, ids[:, j], pos0 + j, None, k, v)
-                states[:, j] = plan.last
-        states = np.ascontiguousarray(states.reshape(rows * t, d))
+        states = np.ascontiguousarray(self._layers_at_once(ids, pos0, k, v, kx, vx).reshape(rows * t, -1))
         normed = np.empty_like(states)
-        logits = np.empty((rows * t, self.proj.shape[0]), _F32)
         Call(self.lib.LayerNorm, [states, *self.final_ln, normed])()
-        Call(self._rows_fn, [normed, self.proj, logits])()
         self.steps += 1
-        return logits.reshape(rows, t, -1)
+        return self._product(normed, self.proj).reshape(rows, t, -1)
+
+    def _product(self, x: np.ndarray, w) -> np.ndarray:
+        """x (M, K) float32 times w (N, K)^T, the weights as stored: ``RowsMatMul``, a new array."""
+        x = np.ascontiguousarray(x, _F32)
+        out = np.empty((x.shape[0], w.shape[0]), _F32)
+        Call(self._rows_fn, [x, w, out])()
+        return out
 
     def _layers_at_once(self, ids: np.ndarray, pos0: int, k: HostCache, v: HostCache, kx, vx) -> np.ndarray:
-        """The decoder layers on tokens ``ids`` (R, T) at slots ``pos0``.. in one pass a layer
-        (float32 weights): their final states (R, T, D) before the final norm."""
+        """The decoder layers on tokens ``ids`` (R, T) at slots ``pos0``.. in one pass over each
+        layer's weights: their final states (R, T, D) before the final norm."""
         rows, t = int(ids.shape[0]), int(ids.shape[1])
         h, dh = self.heads, self.head_dim
         end = pos0 + t
@@ -272,22 +265,23 @@ class HostStep:
             w = np.exp(w - w.max(-1, keepdims=True))
             return w / w.sum(-1, keepdims=True)
 
+        mm = self._product
         for i, lw in enumerate(self.layers):
             a, c = lw.attn, lw.cross
             n = norm(x, lw.ln1)
-            q = heads((n @ a.q_w.T + a.q_b) * self.scaling)
-            k[i][:, :, pos0:end] = heads(n @ a.k_w.T)
-            v[i][:, :, pos0:end] = heads(n @ a.v_w.T + a.v_b)
+            q = heads((mm(n, a.q_w) + a.q_b) * self.scaling)
+            k[i][:, :, pos0:end] = heads(mm(n, a.k_w))
+            v[i][:, :, pos0:end] = heads(mm(n, a.v_w) + a.v_b)
             o = softmax(q @ k[i][:, :, :end].transpose(0, 1, 3, 2) + causal) @ v[i][:, :, :end]
-            x = x + (merged(o) @ a.o_w.T + a.o_b)
+            x = x + (mm(merged(o), a.o_w) + a.o_b)
             n = norm(x, lw.ln2)
-            q = heads((n @ c.q_w.T + c.q_b) * self.scaling)
+            q = heads((mm(n, c.q_w) + c.q_b) * self.scaling)
             o = softmax(q @ kxs[i]) @ vxs[i]  # K^T (B, H, Dh, S), V (B, H, S, Dh)
-            x = x + (merged(o) @ c.o_w.T + c.o_b)
+            x = x + (mm(merged(o), c.o_w) + c.o_b)
             n = norm(x, lw.ln3)
-            f = n @ lw.fc1_w.T
+            f = mm(n, lw.fc1_w)
             Call(self.lib.BiasGelu, [f, lw.fc1_b, f])()
-            x = x + (f @ lw.fc2_w.T + lw.fc2_b)
+            x = x + (mm(f, lw.fc2_w) + lw.fc2_b)
         return x.reshape(rows, t, -1)
 
     def next(self, ids: np.ndarray, pos0: int, k: HostCache, v: HostCache, kx, vx, suppress,
