@@ -295,8 +295,9 @@ def test_a_prompt_longer_than_the_host_limit_runs_the_prompt_graph(model):
 def test_a_half_precision_model_steps_on_its_weights_as_stored(name, fused_library):
     """A float16/bfloat16 model's host steps read its weight matrices as stored (half the bytes
     of the float32 compute copy) and compute what the steps on that copy compute, bit for bit:
-    the same logits and caches for a three-token prompt and two further steps, and for a
-    multi-token step with every position's logits."""
+    the same logits and caches for a three-token prompt and two further steps; a multi-token
+    step with every position's logits reads them as stored too (within float32 summation
+    order of the copy's, whose products are numpy's)."""
     dtype = getattr(torch, name)
     half = build_model(seed=7, decoder_layers=2).to(dtype)
     feats = features(1, seed=25).to(dtype)
@@ -332,9 +333,10 @@ def test_a_half_precision_model_steps_on_its_weights_as_stored(name, fused_libra
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert all(np.array_equal(x, y) for x, y in zip(ka + va, kb + vb))
     assert np.abs(a[-1]).max() > 0
-    (ma, mka, mva), (mb, mkb, mvb) = multi
-    assert ma.shape == (1, 3, a[0].shape[-1]) and np.array_equal(ma, mb)
-    assert all(np.array_equal(x, y) for x, y in zip(mka + mva, mkb + mvb))
+    (ma, mka, mva), (mb, mkb, mvb) = multi  # RowsMatMul on the stored weights, numpy on the copy
+    assert ma.shape == (1, 3, a[0].shape[-1]) and rel_diff(ma, mb) < 1e-5
+    assert np.array_equal(ma.argmax(-1), mb.argmax(-1))
+    assert all(rel_diff(x, y) < 1e-5 for x, y in zip(mka + mva, mkb + mvb))
 
 
 def test_a_half_precision_model_gets_its_float32_decoder_copy_only_for_a_step_graph():

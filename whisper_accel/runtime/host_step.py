@@ -215,11 +215,10 @@ class HostStep:
         it and its own), with the logits of every position: (R, T, V), a new array; their K/V
         written into ``k``/``v``. What an assistant's candidate tokens are verified with.
 
-        Each layer reads its weights once for all R x T positions (``RowsMatMul`` over the rows,
-        the weights as stored; numpy for the attention), and the final states go through the
-        final LayerNorm and the projection together. The layers sum in another order than the
-        fused one-token layer: the logits are within ~1e-6 relative of one-token steps'. At most
-        :data:`MAX_POSITIONS` positions."""
+        Each layer reads its weights once for all R x T positions (:meth:`_product`; numpy for
+        the attention), and the final states go through the final LayerNorm and the projection
+        together. The products sum in another order than the fused one-token layer: the logits
+        are within ~1e-6 relative of one-token steps'. At most :data:`MAX_POSITIONS` positions."""
         rows, t = int(ids.shape[0]), int(ids.shape[1])
         if rows * t > MAX_POSITIONS:
             raise ValueError(f"{rows} x {t} positions: at most {MAX_POSITIONS} a call")
@@ -230,8 +229,12 @@ class HostStep:
         return self._product(normed, self.proj).reshape(rows, t, -1)
 
     def _product(self, x: np.ndarray, w) -> np.ndarray:
-        """x (M, K) float32 times w (N, K)^T, the weights as stored: ``RowsMatMul``, a new array."""
+        """x (M, K) float32 times w (N, K)^T, a new array: numpy's BLAS for float32 weights (past a
+        few rows it beat ``RowsMatMul`` here: PROFILE_NOTES section 38), ``RowsMatMul`` for
+        half-precision weights as stored (numpy has no bfloat16)."""
         x = np.ascontiguousarray(x, _F32)
+        if w.dtype == _F32:
+            return x @ w.T
         out = np.empty((x.shape[0], w.shape[0]), _F32)
         Call(self._rows_fn, [x, w, out])()
         return out
