@@ -83,6 +83,17 @@ def grow(cache: HostCache, bucket: int) -> HostCache:
     return HostCache(np.pad(a, ((0, 0), (0, 0), (0, bucket - a.shape[2]), (0, 0))) for a in cache)
 
 
+def _audio_views(kx, vx) -> Tuple[List[np.ndarray], List[np.ndarray]]:
+    """Host views of an audio's per-layer cross K/V tensors, once the graph that may be writing
+    them has finished (launches are asynchronous); a RuntimeError when one is not float32 host
+    memory."""
+    vx[-1].asnumpy()
+    kxs, vxs = [host_calls.view(t) for t in kx], [host_calls.view(t) for t in vx]
+    if any(a is None or a.dtype != _F32 for a in kxs + vxs):
+        raise RuntimeError("cross-attention K/V without a float32 host buffer")
+    return kxs, vxs
+
+
 @dataclass(frozen=True)
 class _Plan:
     """A step's buffers and kernel calls for one shape, cache and audio (:meth:`HostStep._plan`):
@@ -135,10 +146,7 @@ class HostStep:
         plan = self._plans.get(key)
         if plan is not None:
             return plan
-        vx[-1].asnumpy()  # the cross K/V graph has finished writing (launches are asynchronous)
-        kxs, vxs = [host_calls.view(t) for t in kx], [host_calls.view(t) for t in vx]
-        if any(a is None or a.dtype != _F32 for a in kxs + vxs):
-            raise RuntimeError("cross-attention K/V without a float32 host buffer")
+        kxs, vxs = _audio_views(kx, vx)
         d, s = self.embed.shape[1], k[0].shape[2]
         xs = [np.zeros((rows, d), _F32), np.zeros((rows, d), _F32)]
         kn, vn = np.zeros((rows, self.heads, 1, self.head_dim), _F32), np.zeros((rows, self.heads, 1, self.head_dim), _F32)
@@ -248,10 +256,7 @@ class HostStep:
         x = (self.embed[ids] + self.pos[pos0:end]).astype(_F32).reshape(rows * t, -1)
         # token j attends slots up to pos0 + j
         causal = np.where(np.arange(end)[None, :] > (pos0 + np.arange(t))[:, None], -np.inf, 0.0).astype(_F32)
-        vx[-1].asnumpy()  # the cross K/V graph has finished writing (launches are asynchronous)
-        kxs, vxs = [host_calls.view(a) for a in kx], [host_calls.view(a) for a in vx]
-        if any(a is None or a.dtype != _F32 for a in kxs + vxs):
-            raise RuntimeError("cross-attention K/V without a float32 host buffer")
+        kxs, vxs = _audio_views(kx, vx)
 
         def norm(x, ln):
             out = np.empty_like(x)

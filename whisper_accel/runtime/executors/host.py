@@ -33,10 +33,11 @@ class HostEncoderExecutor(KernelExecutor):
 
 class HostDecoder(KernelExecutor):
     """Greedy and beam steps of at most :data:`host_step.MAX_TOKENS` tokens and
-    :data:`host_step.MAX_ROWS` rows, without cross-attention probabilities, a prompt
-    without padding, and multi-token steps of every position's logits (:meth:`decode_step`) (a padded prompt's padding tokens attend to nothing: the graph computes
-    their cache slots as stock does, a host step would not). :attr:`impl`: its
-    :class:`~..host_step.HostStep`, once built."""
+    :data:`host_step.MAX_ROWS` rows, without cross-attention probabilities, and a prompt
+    without padding (a padded prompt's padding tokens attend to nothing: the graph computes
+    their cache slots as stock does, a host step would not); multi-token steps with every
+    position's logits (:meth:`decode_step`). :attr:`impl`: its :class:`~..host_step.HostStep`,
+    once built."""
 
     name = "host"
 
