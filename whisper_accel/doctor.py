@@ -120,6 +120,10 @@ def doctor(json_out: bool = False) -> int:
     if fused:
         print(f"  fused kernels {fused.get('isa')} build {fused['library']}" if fused["library"]
               else f"  fused kernels not used: {fused['reason']} (the encoder and decoder steps run MindSpore's own ops)")
+        if fused["library"] and fused.get("chosen_by"):
+            timed = fused.get("seconds") or {}
+            print(f"  kernel ISA    {fused['isa']}: {fused['chosen_by']}"
+                  + ("".join(f"; {n} {s * 1e3:.2f} ms" for n, s in timed.items()) if timed else ""))
     print(f"  host GEMM     {d.get('gemm')}")
     print(f"  graph GEMM    {d.get('graph_gemm')}")
     if d.get("compile_cache") is True:
