@@ -28,10 +28,13 @@ field                          environment variable                       defaul
   graphs of MindSpore's own operators). A forced executor that cannot run here falls back to
   the next one (host -> fused -> plain), as after a fault.
 * ``native``: build and use the fused C++ kernels (off: only ``plain`` runs).
-* ``isa``: the kernels' instruction set: ``auto`` (the widest the CPU runs), or ``avx512``,
-  ``avx2``, ``neon`` (to compare variants on one machine).
+* ``isa``: the kernels' instruction set: ``auto``, or ``avx512``, ``avx2``, ``neon`` (to compare
+  variants on one machine). ``auto`` with ``measure`` and ``probe_cache`` on times the variants
+  the CPU runs and keeps the widest unless another is clearly faster
+  (:mod:`whisper_accel.runtime.native`); otherwise the widest.
 * ``measure``: with ``auto``, time the eligible executors on this machine (verdicts kept on disk
-  when ``probe_cache`` is on); off: a fixed order (host, fused, plain).
+  when ``probe_cache`` is on), and the kernel variants (with ``probe_cache`` on); off: a fixed
+  order (host, fused, plain) and the widest variant.
 * ``group_bytes``: resident memory the fused encoder graphs may spend to run several layers
   per launch (0: one layer a launch).
 * ``whole_encoder_graph``: the whole encoder in one graph launch whatever its memory.
