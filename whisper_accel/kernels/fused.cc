@@ -290,21 +290,31 @@ extern "C" int AttentionBias(int nparam, void **params, int *ndims, int64_t **sh
 // y (M, N) = x (M, K) w^T, w (N, K) as stored, for a few rows M (a decoder step's last position,
 // one row per beam). MindSpore's CPU MatMul runs this single-threaded and, past one row, at
 // well under memory speed; here the threads split w's rows and each w row is read once for up
-// to MB rows of x (x stays in L1): NW w rows at a time for one row of x (more streams in flight),
-// two at a time for several.
+// to MB rows of x (x stays in L1): NW = 2 w rows at a time, for one row of x or MB = 4.
+// The w rows are a forward stream from memory (the projection's 80 MB for tiny.en, a layer's
+// matrices after the projection evicted them), so the block PREFETCH_BYTES ahead is prefetched
+// while this one is read, its lines spread over the k loop: reading the rows of w in order with
+// the prefetch measured ~2x the rate of eight interleaved rows without it, the same over a
+// distance of 6-24 KB (benchmarks/PROFILE_NOTES.md section 42). The prefetch changes no result:
+// each output is still one accumulator over k in order, then its hsum and the scalar tail.
 // Weights as stored: float32, float16 (IEEE half, converted with F16C / FCVTL) or bfloat16 (the upper
 // half of a float32). Either conversion to float32 is exact, so a kernel that reads half-precision
 // weights computes what it computes on their float32 copy, bit for bit, and reads half the bytes.
 // (Half, BHalf and their loads: simd.h.)
-template <int NW, class T> static inline void rows_block(const float *x, const T *w, float *y, int64_t M, int64_t K,
-                                                         int64_t N, int64_t n0) {
-  enum { MB = NW == 2 ? 4 : 1 };
+enum { PREFETCH_BYTES = 12288 };
+template <int NW, int MB, class T> static inline void rows_block(const float *x, const T *w, float *y, int64_t M,
+                                                                 int64_t K, int64_t N, int64_t n0) {
   const int64_t KW = K / W * W;
+  // prefetch window: the NW rows' bytes, PREFETCH_BYTES ahead, per_step bytes of it each k step
+  const char *ahead = (const char *)(w + n0 * K) + PREFETCH_BYTES;
+  const int64_t per_step = KW ? (NW * K * (int64_t)sizeof(T) + KW / W - 1) / (KW / W) : 0;
   for (int64_t m0 = 0; m0 < M; m0 += MB) {
     const int64_t mm = std::min<int64_t>(MB, M - m0);
     vf a[MB][NW];
     for (int i = 0; i < MB; i++) for (int j = 0; j < NW; j++) a[i][j] = simd::zero();
-    for (int64_t k = 0; k < KW; k += W) {
+    for (int64_t k = 0, step = 0; k < KW; k += W, step++) {
+      if (m0 == 0)  // the first pass over these rows streams them; a later one finds them in cache
+        for (int64_t off = step * per_step; off < (step + 1) * per_step; off += 64) __builtin_prefetch(ahead + off, 0, 3);
       vf wv[NW];
       for (int j = 0; j < NW; j++) wv[j] = simd::load(w + (n0 + j) * K + k);
       for (int i = 0; i < MB; i++) {
@@ -328,9 +338,9 @@ template <int NW, class T> static inline void rows_block(const float *x, const T
 template <class T> static void rows_part(const float *x, int64_t R, int64_t K, const T *w, int64_t N, const float *b,
                                          float *y, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  if (R == 1) for (; n + 8 <= n1; n += 8) rows_block<8>(x, w, y, R, K, N, n);
-  for (; n + 2 <= n1; n += 2) rows_block<2>(x, w, y, R, K, N, n);
-  for (; n < n1; n++) rows_block<1>(x, w, y, R, K, N, n);
+  if (R == 1) for (; n + 2 <= n1; n += 2) rows_block<2, 1>(x, w, y, R, K, N, n);
+  for (; n + 2 <= n1; n += 2) rows_block<2, 4>(x, w, y, R, K, N, n);
+  for (; n < n1; n++) rows_block<1, 1>(x, w, y, R, K, N, n);
   if (b) for (int64_t r = 0; r < R; r++) for (int64_t j = n0; j < n1; j++) y[r * N + j] += b[j];
 }
 template <class T> static int rows_matmul(void **params, int64_t **shapes) {
