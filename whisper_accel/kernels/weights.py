@@ -130,13 +130,18 @@ def slots(cls) -> SimpleNamespace:
     return SimpleNamespace(**{f.name: i for i, f in enumerate(fields(cls))})
 
 
+@functools.lru_cache(maxsize=None)
+def _names(cls) -> Tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
+
+
+@functools.lru_cache(maxsize=None)
 def index_path(cls, path: str) -> Tuple[int, ...]:
     """``"attn.q_w"`` -> (1, 0) for :class:`DecoderLayer`: where a dotted field sits in the
-    tuple form."""
+    tuple form. (Cached: the host steps look up every kernel argument when they plan a step.)"""
     out = []
     for name in path.split("."):
-        names = [f.name for f in fields(cls)]
-        i = names.index(name)
+        i = _names(cls).index(name)
         out.append(i)
         cls = _type_of(cls, name)
     return tuple(out)
@@ -145,7 +150,7 @@ def index_path(cls, path: str) -> Tuple[int, ...]:
 def get(obj, cls, path: str):
     """The field at dotted ``path`` of ``obj``, a ``cls`` structure or its tuple form."""
     for i in index_path(cls, path):
-        obj = obj[i] if isinstance(obj, tuple) else getattr(obj, fields(obj)[i].name)
+        obj = obj[i] if isinstance(obj, tuple) else getattr(obj, _names(type(obj))[i])
     return obj
 
 
