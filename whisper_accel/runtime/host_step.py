@@ -182,7 +182,8 @@ class HostStep:
         if hit is None or hit[0] is not suppress:
             if len(self._masks) > 64:
                 self._masks.clear()
-            hit = self._masks[id(suppress)] = (suppress, suppress.asnumpy().astype(bool))
+            # the suppressed ids' indices: assigning through them beats a (V,) boolean mask
+            hit = self._masks[id(suppress)] = (suppress, np.flatnonzero(suppress.asnumpy().astype(bool)))
         return hit[1]
 
     def logits(self, ids: np.ndarray, pos0: int, k: HostCache, v: HostCache, kx, vx,
