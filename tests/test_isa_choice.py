@@ -145,18 +145,20 @@ def test_a_timing_that_fails_keeps_the_widest(fake):
 # --- the real kernels of this machine ---
 
 def test_the_workload_runs_every_kernel_of_each_library(fused_library):
-    cases = kernel_timing.workload(d_model=64, heads=2, ffn=128, slots=16, frames=30, vocab_slice=256,
+    cases = kernel_timing.workload(d_model=64, heads=2, ffn=128, layers=3, slots=16, frames=30, vocab=256,
                                    attention_frames=20)
-    assert [c.kernel for c in cases] == ["DecoderLayer", "DecoderLayer", "RowsMatMul", "RowsMatMul", "Attention"]
+    assert [[c.kernel for c in case.calls] for case in cases] == [["DecoderLayer"] * 3 + ["RowsMatMul"]] * 2 + [
+        ["Attention"]]
+    assert [case.calls[0].inputs[0].shape[0] for case in cases[:2]] == [1, 5]  # greedy, 5 beams
     calls = ctypes.CDLL(fused_library).DecoderLayerCalls
     calls.restype = ctypes.c_longlong
     before = calls()
     ticks = iter(range(10 ** 6))
     seconds = kernel_timing.time_libraries({"a": fused_library, "b": fused_library}, cases, rounds=2,
                                            clock=lambda: float(next(ticks)))
-    # every call is one tick long on this clock: each case's fastest call is 1, five cases
-    assert seconds == {"a": 5.0, "b": 5.0}
-    assert calls() - before == 2 * 2 * (1 + 2 * kernel_timing.REPEATS)  # 2 layer cases, 2 libraries, warm-up + timed
+    # each case is timed as a whole: one tick on this clock, its fastest round 1; three cases
+    assert seconds == {"a": 3.0, "b": 3.0}
+    assert calls() - before == 2 * 2 * 3 * (1 + 2)  # 2 libraries, 2 cases of 3 layers, a warm-up + 2 rounds
 
 
 def test_this_machine_times_the_variants_it_runs(fused_library, clean_env, tmp_path, monkeypatch):

@@ -181,6 +181,35 @@ def test_variant_builds_and_passes_checks(builds, results, suite, name):
     assert kc.problems(suite, results(name)) == []
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_the_worker_pool_serves_threads_at_once_and_a_forked_child(builds, name):
+    """The kernels' parts run on worker threads kept for the process (fused.cc's Pool): calls
+    from several threads at once (one takes the pool, the others start threads of their own),
+    and calls from a child forked after the pool was made (its own pool), give the results of
+    one call alone."""
+    lib = ctypes.CDLL(str(builds[name].result()))
+    rng = np.random.default_rng(5)
+    x, w = rng.standard_normal((1, 200)).astype(np.float32), rng.standard_normal((3000, 200)).astype(np.float32)
+
+    def once():
+        y = np.zeros((1, 3000), np.float32)
+        kc.call_ctypes(lib, "RowsMatMul", [x, w, y])
+        return y
+
+    want = once()
+    assert kc.rel_err(want, x.astype(np.float64) @ w.T.astype(np.float64)) < 1e-5
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda _: [once() for _ in range(20)], range(4)))
+    assert all(np.array_equal(y, want) for ys in got for y in ys)
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 when its calls agree (no pytest machinery here)
+        ok = all(np.array_equal(once(), want) for _ in range(5))
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert np.array_equal(once(), want)
+
+
 @pytest.mark.skipif("avx2" not in NAMES, reason="this CPU cannot run the avx2 variant")
 def test_avx2_bit_for_bit_the_kernels_of_before(results, suite):
     labels, want = kc.load_reference()

@@ -41,7 +41,10 @@
 #include <algorithm>
 #include <atomic>
 #include <thread>
+#include <condition_variable>
+#include <mutex>
 #include <string>
+#include <unistd.h>
 #include <vector>
 #include <sched.h>
 using simd::vf;
@@ -141,13 +144,96 @@ static int threads_for(int64_t items) {
   if (n > 64) n = 64;
   return (int)std::max<int64_t>(1, std::min<int64_t>(n, items));
 }
+// Worker threads kept for the process: a kernel call hands them its parts instead of starting
+// threads (starting and joining one cost ~45 us here, and a greedy step makes five calls). The
+// workers are made on first use (one fewer than threads_for allows), spin briefly after a part
+// (a step's kernels come back to back; past SPIN_PAUSES they yield the core, so other threads,
+// MindSpore's among them, get it), then sleep until the next call. One call uses the pool at a
+// time: a call that finds it busy (a kernel on another thread) or too small starts threads of
+// its own, as it did before the pool. A forked child makes a pool of its own. Never destroyed:
+// its threads are detached and end with the process.
+class Pool {
+ public:
+  typedef void (*Part)(void *ctx, int i);
+  static Pool *get(int workers) {
+    static std::atomic<Pool *> pool{nullptr};
+    static std::mutex made;
+    Pool *p = pool.load(std::memory_order_acquire);
+    if (p && p->pid_ == getpid()) return p;
+    std::lock_guard<std::mutex> lock(made);
+    p = pool.load(std::memory_order_acquire);
+    if (!p || p->pid_ != getpid()) {  // none yet, or one of the parent's (its threads are not in this process)
+      p = new Pool(workers);
+      pool.store(p, std::memory_order_release);
+    }
+    return p;
+  }
+  // part(ctx, i) for i in 0..n-1 (0 on this thread); false (nothing run) when the pool is busy
+  // or has fewer than n - 1 workers
+  bool run(int n, Part part, void *ctx) {
+    if (n - 1 > (int)size_ || !busy_.try_lock()) return false;
+    part_ = part; ctx_ = ctx; n_ = n;
+    left_.store((int)size_, std::memory_order_relaxed);  // every worker answers (those past n - 1 idle)
+    {
+      std::lock_guard<std::mutex> lock(m_);
+      gen_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    part(ctx, 0);
+    for (int spins = 0; left_.load(std::memory_order_acquire) != 0; spins++) {
+      if (spins < SPIN_PAUSES) simd::pause();
+      else std::this_thread::yield();
+    }
+    busy_.unlock();
+    return true;
+  }
+
+ private:
+  enum { SPIN_PAUSES = 2000, SPIN_YIELDS = 2000 };
+  explicit Pool(int workers) : size_(std::max(0, workers)), pid_(getpid()) {
+    // generation 0 is seen: a worker that starts after the first call was handed out still runs it
+    for (unsigned i = 1; i <= size_; i++) std::thread([this, i] { work(i, 0); }).detach();
+  }
+  void work(unsigned i, uint64_t seen) {
+    for (;;) {
+      for (int spins = 0; gen_.load(std::memory_order_acquire) == seen; spins++) {
+        if (spins < SPIN_PAUSES) simd::pause();
+        else if (spins < SPIN_PAUSES + SPIN_YIELDS) std::this_thread::yield();
+        else {
+          std::unique_lock<std::mutex> lock(m_);
+          cv_.wait(lock, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+        }
+      }
+      seen = gen_.load(std::memory_order_acquire);
+      if ((int)i < n_) part_(ctx_, (int)i);
+      // answered: the caller returns (and a next call may begin) only after every worker did, so
+      // no worker reads a later call's task as this one's
+      left_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+  const unsigned size_;
+  const pid_t pid_;
+  std::mutex busy_, m_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int> left_{0};
+  Part part_ = nullptr;
+  void *ctx_ = nullptr;
+  int n_ = 0;
+};
 template <class F> static void parallel(int64_t items, F f) {
   int n = threads_for(items);
   if (n == 1) { f(0, items); return; }
-  std::vector<std::thread> pool;
-  for (int i = 1; i < n; i++) pool.emplace_back([=] { f(items * i / n, items * (i + 1) / n); });
+  struct Ctx { F *f; int64_t items; int n; } ctx{&f, items, n};
+  Pool::Part part = [](void *c, int i) {
+    Ctx *x = (Ctx *)c;
+    (*x->f)(x->items * i / x->n, x->items * (i + 1) / x->n);
+  };
+  if (Pool::get(threads_for(INT64_MAX) - 1)->run(n, part, &ctx)) return;
+  std::vector<std::thread> threads;
+  for (int i = 1; i < n; i++) threads.emplace_back([=] { f(items * i / n, items * (i + 1) / n); });
   f(0, items / n);
-  for (auto &t : pool) t.join();
+  for (auto &t : threads) t.join();
 }
 // Register tiles: MR rows by NR = NV vectors of columns, MR x NV accumulators: 6 x 2 x 8 with AVX2
 // (12 of its 16 registers), 6 x 2 x 16 with AVX-512; 5 x 4 x 4 with NEON (20 of 32 registers: it

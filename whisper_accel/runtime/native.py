@@ -53,7 +53,7 @@ MARGIN = 0.05
 #: The probe cache's kind for the measured variant, and its format (bump when the workload or
 #: the rule changes).
 KIND = "isa"
-FORMAT = 1
+FORMAT = 2
 
 
 @dataclass(frozen=True)
