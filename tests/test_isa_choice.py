@@ -156,8 +156,10 @@ def test_the_workload_runs_every_kernel_of_each_library(fused_library):
     ticks = iter(range(10 ** 6))
     seconds = kernel_timing.time_libraries({"a": fused_library, "b": fused_library}, cases, rounds=2,
                                            clock=lambda: float(next(ticks)))
-    # each case is timed as a whole: one tick on this clock, its fastest round 1; three cases
-    assert seconds == {"a": 3.0, "b": 3.0}
+    # each case is timed as a whole: one tick on this clock, its fastest round 1, times its weight
+    # (a 30 s window: 50 greedy steps, 10 of 5 rows, the attention once a layer)
+    assert [c.weight for c in cases] == [50.0, 10.0, 3.0]
+    assert seconds == {"a": 63.0, "b": 63.0}
     assert calls() - before == 2 * 2 * 3 * (1 + 2)  # 2 libraries, 2 cases of 3 layers, a warm-up + 2 rounds
 
 
