@@ -101,7 +101,8 @@ def _key(config: _config.Config) -> Tuple:
             os.environ.get("CXX"))
 
 
-def _build_and_check(config: _config.Config, cxx: str, variant: isa.Variant, cpu: isa.Cpu) -> Tuple[Optional[str], Optional[str]]:
+def _build_and_check(config: _config.Config, cxx: str, variant: isa.Variant,
+                     cpu: isa.Cpu) -> Tuple[Optional[str], Optional[str]]:
     """(the library's path, None), or (None, why it cannot be used)."""
     try:
         path = str(kbuild.build(_directory(config), cxx, variant, cpu))
