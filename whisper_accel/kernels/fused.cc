@@ -146,7 +146,7 @@ static int threads_for(int64_t items) {
 }
 // Worker threads kept for the process: a kernel call hands them its parts instead of starting
 // threads (starting and joining one cost ~45 us here, and a greedy step makes five calls). The
-// workers are made on first use (one fewer than threads_for allows), spin briefly after a part
+// workers are made on first use (one fewer than threads_for allows then), spin briefly after a part
 // (a step's kernels come back to back; past SPIN_PAUSES they yield the core, so other threads,
 // MindSpore's among them, get it), then sleep until the next call. One call uses the pool at a
 // time: a call that finds it busy (a kernel on another thread) or too small starts threads of
@@ -155,7 +155,7 @@ static int threads_for(int64_t items) {
 class Pool {
  public:
   typedef void (*Part)(void *ctx, int i);
-  static Pool *get(int workers) {
+  static Pool *get() {
     static std::atomic<Pool *> pool{nullptr};
     static std::mutex made;
     Pool *p = pool.load(std::memory_order_acquire);
@@ -163,7 +163,7 @@ class Pool {
     std::lock_guard<std::mutex> lock(made);
     p = pool.load(std::memory_order_acquire);
     if (!p || p->pid_ != getpid()) {  // none yet, or one of the parent's (its threads are not in this process)
-      p = new Pool(workers);
+      p = new Pool(threads_for(INT64_MAX) - 1);
       pool.store(p, std::memory_order_release);
     }
     return p;
@@ -229,7 +229,7 @@ template <class F> static void parallel(int64_t items, F f) {
     Ctx *x = (Ctx *)c;
     (*x->f)(x->items * i / x->n, x->items * (i + 1) / x->n);
   };
-  if (Pool::get(threads_for(INT64_MAX) - 1)->run(n, part, &ctx)) return;
+  if (Pool::get()->run(n, part, &ctx)) return;
   std::vector<std::thread> threads;
   for (int i = 1; i < n; i++) threads.emplace_back([=] { f(items * i / n, items * (i + 1) / n); });
   f(0, items / n);

@@ -28,9 +28,9 @@ from typing import Callable, Dict, List, Mapping, Sequence
 
 import numpy as np
 
-from ..kernels import weights
 from ..kernels.reference import layer_inputs
 from . import host_calls
+from .kernel_checks import ARG
 
 #: Interleaved rounds; each case's fastest round counts.
 ROUNDS = 12
@@ -72,7 +72,6 @@ def workload(seed: int = 0, d_model: int = 384, heads: int = 6, ffn: int = 1536,
     """The cases timed (seeded inputs; see the module's docstring)."""
     rng = np.random.default_rng(seed)
     dh = d_model // heads
-    arg = {name: i for i, name in enumerate(weights.DECODER_LAYER_ARGS)}
     per_row = ("x", "k_cache", "v_cache", "key_ok")  # what a layer's call has per row
     stacks = {1: [], 5: []}
     for _ in range(layers):
@@ -80,7 +79,7 @@ def workload(seed: int = 0, d_model: int = 384, heads: int = 6, ffn: int = 1536,
                                               frames=frames, ffn=ffn)]
         one = list(five)
         for name in per_row:
-            one[arg[name]] = np.ascontiguousarray(five[arg[name]][:1])
+            one[ARG[name]] = np.ascontiguousarray(five[ARG[name]][:1])
         for rows, ins in ((1, one), (5, five)):
             stacks[rows].append(KernelCall("DecoderLayer", ins, [(rows, d_model), (rows, heads, 1, dh),
                                                                  (rows, heads, 1, dh)]))

@@ -129,13 +129,6 @@ def _build_all(config: _config.Config, cxx: str, variants: List[isa.Variant], cp
         list(pool.map(one, variants))
 
 
-def measuring(config: _config.Config, runnable: List[isa.Variant]) -> bool:
-    """Whether the variant is chosen by timing: several runnable, ``isa`` auto, ``measure`` and
-    ``probe_cache`` on (without the disk cache every process would build and time them all)."""
-    return (len(runnable) > 1 and (config.isa or isa.AUTO).strip().lower() == isa.AUTO and config.measure
-            and config.probe_cache)
-
-
 def pick(seconds: Dict[str, float], widest: str) -> str:
     """The variant kept: ``widest`` unless another's time is at least :data:`MARGIN` below it."""
     best = min(seconds, key=seconds.get)
@@ -183,9 +176,11 @@ def _decide(config: _config.Config) -> Decision:
     if cxx is None:
         return Decision(None, "no C++ compiler ($CXX, c++ or g++)")
     runnable = isa.runnable(cpu)
-    forced = (config.isa or isa.AUTO).strip().lower() != isa.AUTO
+    forced = config.isa != isa.AUTO  # Config validates it: one of config.ISA_CHOICES
     candidates = [variant] if forced else runnable
-    timed = measuring(config, runnable)
+    # timed: several to choose from, and the disk cache to keep the verdict (without it every
+    # process would build and time them all)
+    timed = not forced and len(runnable) > 1 and config.measure and config.probe_cache
     if timed:
         _build_all(config, cxx, candidates, cpu)
     built: Dict[str, str] = {}
