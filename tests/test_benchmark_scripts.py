@@ -151,3 +151,38 @@ def test_assisted_benchmark_assistant_computes_the_main_models_logits():
         got = helper(input_ids=ids, encoder_outputs=(hidden,), use_cache=False).logits.asnumpy()
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
     assert np.array_equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_anchor_rounds_alternate_and_ratios_are_per_round(monkeypatch, capsys):
+    """``vs_pytorch.py`` cannot interleave faster-whisper call by call (another interpreter), so
+    it runs rounds in ABBA order and takes each ratio as the median of the rounds' own ratios:
+    a drift of the machine between rounds must not land on one arm only."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import vs_pytorch
+
+    calls, speed = [], iter([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])  # the machine slows down call by call
+
+    def ours(a):
+        t = next(speed)
+        calls.append("ours")
+        rows = [{"mode": "greedy", "patched_median_s": 0.9 * t, "pytorch_median_s": 1.8 * t,
+                 "patched_vs_pytorch": 0.5, "equal_to_pytorch": True, "patched_first_s": 2.0,
+                 "pytorch_first_s": 3.0}]
+        return {"clip7.wav": {"audio": "clip7.wav", "rows": rows}}
+
+    def faster(a):
+        t = next(speed)
+        calls.append("faster")
+        return {"faster_whisper": "x", "rows": {"speech/greedy/float32": {"median_s": t, "first_s": t, "text": ""}}}
+
+    monkeypatch.setattr(vs_pytorch, "clip_rows", ours)
+    monkeypatch.setattr(vs_pytorch, "faster_rows", faster)
+    monkeypatch.setattr(sys, "argv", ["vs_pytorch.py", "--anchors-only", "--model", "m", "--speech", "clip7.wav",
+                                      "--ct2", "c", "--faster-whisper", "py", "--rounds", "3", "--repeats", "1"])
+    assert vs_pytorch.main() == 0
+    assert calls == ["ours", "faster", "faster", "ours", "ours", "faster"]
+    out = capsys.readouterr().out
+    assert "over 3 round(s)" in out
+    # Rounds: ours 0.9 / faster 2 = 0.45, faster 3 then ours 3.6 = 1.2, ours 4.5 / faster 6 = 0.75.
+    # Their median is 0.75x; the ratio of the medians (3.6 / 3) would say 1.2x.
+    assert "| 3.60 s (2.00 s) |" in out and "0.75x (0.45-1.20)" in out
