@@ -35,6 +35,9 @@ verdict an earlier run kept.
 ``--layers N`` gives the model N encoder layers (every layer of a config costs the same, so a
 32-layer encoder's time is 32 / N times the layers' share; the stem and final norm are once;
 the decoder, which no arm runs, then gets one layer).
+``--bf16`` adds ``host, bfloat16``: the host encoder with ``matmul_precision="bfloat16"`` (its
+products' inputs rounded to bfloat16, summed in float32; AVX512_BF16 CPUs). Its output is not
+stock's: the table's difference column shows by how much.
 ``--products`` adds an arm that runs only the encoder's matrix products -- the two convolutions
 as GEMMs over their unfolded inputs, every layer's six linear layers, and per head the
 attention's scores Q K^T and their product with V -- as numpy ``matmul`` calls (its OpenBLAS)
@@ -70,11 +73,15 @@ ARMS = {
 AUTO = "auto"
 #: The host encoder's arm: runtime/host_encoder.py.
 HOST = "host"
+#: ``--bf16``'s arm: the host encoder with its products in bfloat16 (``matmul_precision``).
+BF16 = "host, bfloat16"
 
 
-def arm_configs(base):
-    """arm name -> its :class:`whisper_accel.Config` (``base`` with the arm's fields)."""
-    return {name: base.with_(**fields) for name, fields in ARMS.items()}
+def arm_configs(base, bf16: bool = False):
+    """arm name -> its :class:`whisper_accel.Config` (``base`` with the arm's fields), and the
+    bfloat16 arm when ``bf16``."""
+    arms = dict(ARMS, **({BF16: dict(encoder="host", matmul_precision="bfloat16")} if bf16 else {}))
+    return {name: base.with_(**fields) for name, fields in arms.items()}
 
 
 class Arm:
@@ -127,7 +134,7 @@ def _arms(a, model):
     base = config.Config.from_env()
     if a.isa:
         base = base.with_(isa=a.isa)
-    configs = arm_configs(base)
+    configs = arm_configs(base, a.bf16)
     if a.fresh_verdict:
         configs[AUTO] = configs[AUTO].with_(cache_dir=_fresh_cache(base, a.folder))
     arms = {}
@@ -257,7 +264,8 @@ def worker_mindnlp(a) -> dict:
         eng = arm.engine if arm is not None else None
         if eng is None:
             return {}
-        out = {"executor": eng.executor, "layers_per_launch": eng.layers_per_launch, "faults": dict(eng.engine.faults)}
+        out = {"executor": eng.executor, "layers_per_launch": eng.layers_per_launch, "faults": dict(eng.engine.faults),
+               "matmul_precision": eng.report()["matmul_precision"]}
         if eng.choice is not None:
             out["verdict"] = eng.choice.report().get(eng.choice.case(tuple(feats.shape)))
         return out
@@ -310,6 +318,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stock", action="store_true", help="skip the stock arm (slow on large configs)")
     p.add_argument("--layers", type=int, help="encoder layers of the model (default: the config's)")
     p.add_argument("--products", action="store_true", help="add the matrix-products-alone arm (see above)")
+    p.add_argument("--bf16", action="store_true",
+                   help="add the host encoder with matmul_precision=bfloat16 (AVX512_BF16 CPUs; elsewhere it "
+                        "runs float32 and says so)")
     p.add_argument("--isa", choices=from_isa, help="force this kernel variant in every arm (Config(isa=...))")
     p.add_argument("--fresh-verdict", action="store_true",
                    help="the auto arm measures now (an empty verdict cache) instead of reading a kept verdict")
@@ -325,7 +336,8 @@ def _forwarded(a):
     """The worker's arguments from ``a``."""
     return (["--config", a.config, "--seed", str(a.seed), "--batch", str(a.batch), "--repeats", str(a.repeats)]
             + (["--no-stock"] if a.no_stock else []) + (["--layers", str(a.layers)] if a.layers else [])
-            + (["--products"] if a.products else []) + (["--isa", a.isa] if a.isa else [])
+            + (["--products"] if a.products else []) + (["--bf16"] if a.bf16 else [])
+            + (["--isa", a.isa] if a.isa else [])
             + (["--fresh-verdict"] if a.fresh_verdict else []) + ["--settle", str(a.settle)])
 
 
@@ -381,6 +393,12 @@ def main() -> int:
               f"{r['min_s']:.3f} | {r['first_s']:.2f} | {r['median_s'] / pt['median_s']:.2f}x | {rel} |")
     print(f"| PyTorch {pt['torch']} ({pt['threads']} threads) | - | - | {pt['median_s']:.3f} | {pt['min_s']:.3f} | "
           f"{pt['first_s']:.2f} | 1.00x | {pt['rel_diff_vs_fused']:.1e} vs fused |")
+    if BF16 in arms:
+        r, prec = arms[BF16], arms[BF16].get("matmul_precision") or {}
+        print(f"{BF16}: products ran in {prec.get('host')}" + (f" ({prec['why']})" if prec.get("why") else "")
+              + (f"; {arms['stock']['median_s'] / r['median_s']:.2f}x stock" if "stock" in arms else "")
+              + (f"; {r['median_s'] / arms[HOST]['median_s']:.2f}x the float32 host arm's time"
+                 if HOST in arms else ""))
     executors = {n: r["median_s"] for n, r in arms.items() if n in ("plain", "fused", "fused, 1 layer a launch", HOST)}
     if AUTO in arms and executors:
         best = min(executors, key=executors.get)

@@ -8,6 +8,8 @@ Random weights with the checkpoint's real dimensions (``whisper_accel.models``).
 a fresh process, so its peak resident memory (VmHWM) is its own:
 
 * ``patched``: the model in ``--dtype`` (float16, as the seed script loads it), all groups;
+* ``patched-bf16`` (with ``--bf16``): the same, patched with ``matmul_precision="bfloat16"`` (the
+  encoder's products in bfloat16 on AVX512_BF16 CPUs; its tokens are compared, not required equal);
 * ``stock``: stock MindNLP cannot run a float16 Whisper on CPU (its first forward fails in the
   conv1d bias add), so the stock arm runs a float32 model holding the same (float16-rounded)
   weights: the reference the bench uses too.
@@ -51,6 +53,10 @@ def whisper_generation_config(model) -> None:
     gc.begin_suppress_tokens, gc.max_initial_timestamp_index = [220, 50257], 50
 
 
+#: ``--bf16``'s arm: patched with ``matmul_precision="bfloat16"`` (the encoder's products)
+BF16 = "patched-bf16"
+
+
 def worker(a) -> dict:
     os.environ.setdefault("GLOG_v", "3")
     import mindnlp  # noqa: F401
@@ -68,6 +74,10 @@ def worker(a) -> dict:
     whisper_generation_config(model)
     if a.arm == "stock":
         model = models.float32_copy(model)
+    elif a.arm == BF16:
+        from whisper_accel.config import Config
+
+        whisper_accel.patch(config=Config().with_(matmul_precision="bfloat16"))
     else:
         whisper_accel.patch()
     mels = model.config.num_mel_bins
@@ -98,7 +108,7 @@ def worker(a) -> dict:
         t0 = time.perf_counter()
         seq = model.generate(feats, **kw)
         out["generate_first_s"] = time.perf_counter() - t0
-        if a.arm == "patched":
+        if a.arm != "stock":
             windows[0] = 0
             encoder_fast = calls.snapshot().get(ENCODER, {}).get("fast", 0)
             t0 = time.perf_counter()
@@ -108,7 +118,7 @@ def worker(a) -> dict:
     # counted, not ceil(frames / 3000): a window whose last timestamp ends early moves the seek by
     # less than 30 s (random weights with forced tokens do), and each window runs the encoder once
     out["windows"] = windows[0]
-    if a.arm == "patched":  # the same count, as the patched encoder's fast calls (a cross-check)
+    if a.arm != "stock":  # the same count, as the patched encoder's fast calls (a cross-check)
         out["encoder_calls"] = calls.snapshot().get(ENCODER, {}).get("fast", 0) - encoder_fast
     gen = out.get("generate_s", out["generate_first_s"])
     out["decode_per_window_s"] = (gen - out["windows"] * out["encoder_window_s"]) / out["windows"]
@@ -122,8 +132,11 @@ def main() -> int:
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--seconds", type=float, default=90.0)
     p.add_argument("--tokens", type=int, default=16)
+    p.add_argument("--bf16", action="store_true",
+                   help="add an arm patched with matmul_precision=bfloat16 (its tokens are reported, not required "
+                        "to equal stock's)")
     p.add_argument("--json")
-    p.add_argument("--arm", choices=["stock", "patched"], help=argparse.SUPPRESS)
+    p.add_argument("--arm", choices=["stock", "patched", BF16], help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.arm:
         print(json.dumps(worker(a)))
@@ -132,7 +145,7 @@ def main() -> int:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WHISPER_ACCEL")}
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
     arms = {}
-    for arm in ("patched", "stock"):
+    for arm in ("patched", "stock") + ((BF16,) if a.bf16 else ()):
         cmd = [sys.executable, os.path.abspath(__file__), "--arm", arm, "--config", a.config, "--dtype", a.dtype,
                "--seconds", str(a.seconds), "--tokens", str(a.tokens)]
         print(f"running the {arm} arm ...", file=sys.stderr, flush=True)
@@ -145,20 +158,26 @@ def main() -> int:
     print(f"{a.config}, {a.seconds:.0f} s ({q['windows']} windows of up to 30 s, stock {s['windows']}), {a.tokens} "
           "tokens per window; "
           f"patched {q['dtype']}, stock {s['dtype']} on the same weights")
-    print(f"{'':<34}{'stock':>10}{'patched':>10}{'speedup':>9}")
-    rows = [("encoder, one window (warm) s", s["encoder_window_s"], q["encoder_window_s"]),
-            ("decode per window s", s["decode_per_window_s"], q["decode_per_window_s"]),
-            ("generate, whole clip s", s["generate_first_s"], q["generate_s"]),
-            ("first call (compile included) s", s["generate_first_s"], q["generate_first_s"])]
-    for name, x, y in rows:
-        print(f"{name:<34}{x:>10.2f}{y:>10.2f}{x / y:>8.1f}x")
-    print(f"{'peak RSS (VmHWM) MB':<34}{s['vmhwm_mb']:>10.0f}{q['vmhwm_mb']:>10.0f}")
-    print("tokens " + ("equal" if equal else "DIFFER"))
+    b = arms.get(BF16)
+    print(f"{'':<34}{'stock':>10}{'patched':>10}{'speedup':>9}" + (f"{'bfloat16':>10}{'speedup':>9}" if b else ""))
+    rows = [("encoder, one window (warm) s", "encoder_window_s", "encoder_window_s"),
+            ("decode per window s", "decode_per_window_s", "decode_per_window_s"),
+            ("generate, whole clip s", "generate_first_s", "generate_s"),
+            ("first call (compile included) s", "generate_first_s", "generate_first_s")]
+    for name, sk, qk in rows:
+        x, y = s[sk], q[qk]
+        print(f"{name:<34}{x:>10.2f}{y:>10.2f}{x / y:>8.1f}x" + (f"{b[qk]:>10.2f}{x / b[qk]:>8.1f}x" if b else ""))
+    print(f"{'peak RSS (VmHWM) MB':<34}{s['vmhwm_mb']:>10.0f}{q['vmhwm_mb']:>10.0f}"
+          + (f"{'':>9}{b['vmhwm_mb']:>10.0f}" if b else ""))
+    print("tokens " + ("equal" if equal else "DIFFER")
+          + (f"; bfloat16 arm's tokens {'equal' if b['tokens_out'] == s['tokens_out'] else 'differ from'} stock's"
+             if b else ""))
     if a.json:
+        bf16_equal = b["tokens_out"] == s["tokens_out"] if b else None
         for arm in arms.values():
             arm.pop("tokens_out")
         with open(a.json, "w") as f:
-            json.dump({"arms": arms, "tokens_equal": equal}, f, indent=2)
+            json.dump({"arms": arms, "tokens_equal": equal, "bf16_tokens_equal": bf16_equal}, f, indent=2)
     return 0 if equal else 1
 
 

@@ -186,3 +186,17 @@ def test_anchor_rounds_alternate_and_ratios_are_per_round(monkeypatch, capsys):
     # Rounds: ours 0.9 / faster 2 = 0.45, faster 3 then ours 3.6 = 1.2, ours 4.5 / faster 6 = 0.75.
     # Their median is 0.75x; the ratio of the medians (3.6 / 3) would say 1.2x.
     assert "| 3.60 s (2.00 s) |" in out and "0.75x (0.45-1.20)" in out
+
+
+def test_precision_benchmark_counts_word_errors_and_token_agreement(monkeypatch):
+    """``precision.py``'s measures of what bfloat16 changes: word edits (substitution, insertion,
+    deletion; case and punctuation ignored) and the share of equal token positions."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import precision
+
+    assert precision.word_errors(" The quick brown fox.", "the quick brown fox") == (0, 4)
+    assert precision.word_errors("the quick round fox jumps", "the quick brown fox") == (2, 4)  # 1 sub, 1 ins
+    assert precision.word_errors("quick brown", "the quick brown fox") == (2, 4)  # 2 deletions
+    assert precision.token_agreement([1, 2, 3, 4], [1, 2, 9, 4]) == 0.75
+    assert precision.token_agreement([1, 2, 3], [1, 2, 3, 5, 6]) == 0.6
+    assert precision.token_agreement([], []) == 1.0

@@ -159,11 +159,12 @@ def test_from_env_reads_every_variable():
     env = {"WHISPER_ACCEL_ENCODER": " HOST ", "WHISPER_ACCEL_DECODER": "fused", "WHISPER_ACCEL_NATIVE": "off",
            "WHISPER_ACCEL_ISA": "AVX2", "WHISPER_ACCEL_MEASURE": "0", "WHISPER_ACCEL_GROUP_BYTES": "1024",
            "WHISPER_ACCEL_WHOLE_ENCODER_GRAPH": "yes", "WHISPER_ACCEL_PROBE_CACHE": "false",
-           "WHISPER_ACCEL_CACHE_DIR": "~/verdicts"}
+           "WHISPER_ACCEL_CACHE_DIR": "~/verdicts", "WHISPER_ACCEL_MATMUL_PRECISION": "BFloat16"}
     assert set(env) == set(config.ENV.values())
     got = Config.from_env(env)
     assert got == Config(encoder="host", decoder="fused", native=False, isa="avx2", measure=False, group_bytes=1024,
-                         whole_encoder_graph=True, probe_cache=False, cache_dir=os.path.expanduser("~/verdicts"))
+                         whole_encoder_graph=True, probe_cache=False, cache_dir=os.path.expanduser("~/verdicts"),
+                         matmul_precision="bfloat16")
     assert Config.from_env({}) == Config.defaults()
     assert Config.from_env({"WHISPER_ACCEL_ENCODER": "", "WHISPER_ACCEL_NATIVE": "  "}) == Config.defaults()
     for raw, value in (("1", True), ("true", True), ("On", True), ("yes", True), ("0", False), ("no", False)):
@@ -174,7 +175,7 @@ def test_from_env_reads_every_variable():
     ("WHISPER_ACCEL_ENCODER", "gpu"), ("WHISPER_ACCEL_DECODER", "mindspore"), ("WHISPER_ACCEL_ISA", "sse2"),
     ("WHISPER_ACCEL_NATIVE", "maybe"), ("WHISPER_ACCEL_MEASURE", "2"), ("WHISPER_ACCEL_GROUP_BYTES", "lots"),
     ("WHISPER_ACCEL_GROUP_BYTES", "-1"), ("WHISPER_ACCEL_WHOLE_ENCODER_GRAPH", "whole"),
-    ("WHISPER_ACCEL_PROBE_CACHE", "disabled")])
+    ("WHISPER_ACCEL_PROBE_CACHE", "disabled"), ("WHISPER_ACCEL_MATMUL_PRECISION", "int8")])
 def test_a_bad_value_raises_naming_the_variable(variable, value):
     with pytest.raises(ValueError) as info:
         Config.from_env({variable: value})

@@ -176,3 +176,79 @@ def test_attention_bias_passes_its_check_and_a_wrong_one_is_reported(fused_libra
 
     monkeypatch.setattr(kernel_checks.ctypes, "CDLL", lambda path: Library())
     assert kernel_checks.check_host(fused_library) == "kernel AttentionBias differs from Attention on the biased inputs"
+
+
+def _bf16_or_skip(fused_library):
+    """Skip, naming why, on a CPU without AVX512_BF16 (the kernels then have no bfloat16
+    products: :func:`test_bfloat16_asked_where_it_cannot_run_stays_float32` covers that); FAIL
+    where the CPU has it but the library was built without them."""
+    from whisper_accel.kernels import isa
+
+    if not isa.optional_flags(isa.choose(isa.cpu(), native.state()["isa"]), isa.cpu()):
+        pytest.skip("this CPU has no AVX512_BF16: no bfloat16 products to test")
+    assert native.has_bf16_gemm(fused_library), "an AVX512_BF16 CPU's kernels were built without GemmBF16"
+
+
+def test_bf16_gemm_passes_its_check_and_a_wrong_one_is_reported(fused_library, monkeypatch):
+    """``kernel_checks.check_bf16``: GemmBF16 on PackBF16's copy equals float64 products of the
+    bfloat16-rounded inputs (within 1e-5) on shapes with every tail; a kernel that truncates x
+    instead of rounding it is reported."""
+    import ctypes
+
+    _bf16_or_skip(fused_library)
+    assert kernel_checks.check_bf16(fused_library) is None
+    real = ctypes.CDLL(fused_library)
+
+    def truncating(n, params, ndims, shapes, *rest):
+        m, k = shapes[0][0], shapes[0][1]
+        x = np.ctypeslib.as_array(ctypes.cast(params[0], ctypes.POINTER(ctypes.c_float)), (m, k))
+        cut = (x.view(np.uint32) & 0xFFFF0000).view(np.float32)  # truncated to bfloat16, a copy
+        args = (ctypes.c_void_p * 3)(cut.ctypes.data, params[1], params[2])
+        return real.GemmBF16(n, args, ndims, shapes, *rest)
+
+    class Library:
+        HasGemmBF16, PackBF16 = real.HasGemmBF16, real.PackBF16
+        GemmBF16 = staticmethod(truncating)
+
+    monkeypatch.setattr(kernel_checks.ctypes, "CDLL", lambda path: Library())
+    assert kernel_checks.check_bf16(fused_library).startswith("kernel GemmBF16 differs from its reference")
+
+
+def test_bfloat16_products_are_named_and_stay_close_to_float32(model, fused_library):
+    """``matmul_precision="bfloat16"``: the host encoder runs every product in GemmBF16 (its
+    weights packed once), reports it, and its output is within bfloat16's precision of the
+    float32 encoder's without being equal to it (so the bfloat16 path ran); float32 stays the
+    default."""
+    _bf16_or_skip(fused_library)
+    feats = features(2, seed=31)
+    assert Config.defaults().matmul_precision == "float32"
+    with whisper_accel.patched(config=HOST):
+        f32, eng = _encode(model, feats)
+        assert _host(eng).precision == "float32" and _host(eng).packed is None
+    with whisper_accel.patched(config=HOST.with_(matmul_precision="bfloat16")):
+        bf16, eng = _encode(model, feats)
+        impl = _host(eng)
+        assert eng.executor == "host" and impl.precision == "bfloat16" and impl.precision_note is None
+        assert len(impl.packed) == len(model.model.encoder.layers) and impl.packed[0].fc1.dtype == np.uint16
+        assert eng.report()["matmul_precision"] == {"asked": "bfloat16", "host": "bfloat16", "why": None}
+        engines = whisper_accel.status()["engines"]
+        assert any((e.get("matmul_precision") or {}).get("host") == "bfloat16" for e in engines), engines
+    err = rel_diff(bf16, f32)
+    assert 1e-5 < err < 3e-2, err
+
+
+def test_bfloat16_asked_where_it_cannot_run_stays_float32(model, fused_library, monkeypatch):
+    """Where the kernels have no bfloat16 products (a CPU without AVX512_BF16, or a failed
+    check), asking for them runs float32 and says why; the output is the float32 encoder's."""
+    feats = features(1, seed=32)
+    with whisper_accel.patched(config=HOST):
+        f32, _ = _encode(model, feats)
+    monkeypatch.setattr(host_encoder, "bf16_check", lambda path: "not built (needs a CPU with AVX512_BF16)")
+    with whisper_accel.patched(config=HOST.with_(matmul_precision="bfloat16")):
+        out, eng = _encode(model, feats)
+        impl = _host(eng)
+        assert impl.precision == "float32" and impl.packed is None
+        assert impl.precision_note == "bfloat16 products: not built (needs a CPU with AVX512_BF16)"
+        assert eng.report()["matmul_precision"]["why"] == impl.precision_note
+    assert np.array_equal(out, f32)
+

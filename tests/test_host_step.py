@@ -364,3 +364,50 @@ def test_the_half_precision_kernels_pass_their_check(fused_library, monkeypatch)
     monkeypatch.setattr(host_calls, "upcast", lambda a: exact(a) * np.float32(1 + 2 ** -10))
     assert kernel_checks.check_half(fused_library) == \
         "kernel DecoderLayerF16 differs from DecoderLayer on the same weights"
+
+
+def _logits_of(step, dec, kx, vx):
+    """A three-token prompt's and two further steps' logits of ``step``, and its caches."""
+    prompt = np.array([[50258, 50359, 50363]], np.int64)
+    k, v = (host_step.on_host(c) for c in dec.new_cache(1, 64))
+    out = [step.logits(prompt, 0, k, v, kx, vx, None, None)]
+    for pos, token in ((3, 220), (4, 50257)):
+        out.append(step.logits(np.array([[token]]), pos, k, v, kx, vx, None, None))
+    return out, k, v
+
+
+def test_bfloat16_steps_read_rounded_weights_and_compute_what_float32_does_on_them(fused_library):
+    """``matmul_precision="bfloat16"`` gives a float32 model's host steps its weight matrices
+    rounded to bfloat16 (the ``*BF16`` kernels, half the bytes). On a model whose matrices hold
+    bfloat16 values already, that is the float32 steps' arithmetic bit for bit; on any other
+    model the logits move by bfloat16's rounding, not more."""
+    model = build_model(seed=7, decoder_layers=2)
+    feats = features(1, seed=26)
+    dec, (kx, vx) = _bound(model, feats)
+    f32, b16 = (host_step.for_weights(dec.weights, fused_library, p) for p in ("float32", "bfloat16"))
+    assert (f32.weights, b16.weights) == ("float32", "bfloat16") and b16.proj.dtype == np.uint16
+    (a, *_), (b, *_) = _logits_of(f32, dec, kx, vx), _logits_of(b16, dec, kx, vx)
+    assert not any(np.array_equal(x, y) for x, y in zip(a, b))
+    assert max(rel_diff(x, y) for x, y in zip(a, b)) < 2e-2
+    with torch.no_grad():  # now every decoder matrix (and the tied projection) is bfloat16-exact
+        for p in model.model.decoder.parameters():
+            if p.ndim == 2:
+                p.copy_(torch.tensor(host_calls.upcast(host_calls.bf16_bits(p.asnumpy()))))
+    dec, (kx, vx) = _bound(model, feats)
+    f32, b16 = (host_step.for_weights(dec.weights, fused_library, p) for p in ("float32", "bfloat16"))
+    (a, ka, va), (b, kb, vb) = _logits_of(f32, dec, kx, vx), _logits_of(b16, dec, kx, vx)
+    assert b16.weights == "bfloat16"
+    assert all(np.array_equal(x, y) for x, y in zip(a + list(ka + va), b + list(kb + vb)))
+
+
+def test_bfloat16_reaches_the_steps_through_the_config(model):
+    """``patch(config=Config(matmul_precision="bfloat16"))``: ``generate``'s host steps read
+    bfloat16 weights; the default config keeps float32."""
+    feats = features(1, seed=27)
+    for precision in ("float32", "bfloat16"):
+        model.__dict__.pop(ATTR, None)
+        with whisper_accel.patched(config=_config(matmul_precision=precision)):
+            _generate(model, feats, 3)
+            dec = model.__dict__[ATTR]
+            assert dec.executor("decode_next") == "host" and _host(dec).weights == precision
+    model.__dict__.pop(ATTR, None)

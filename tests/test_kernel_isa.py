@@ -157,6 +157,17 @@ def test_cache_key():
     assert [p.name for p in build.SOURCES] == ["fused.cc", "simd.h"] and all(p.is_file() for p in build.SOURCES)
 
 
+def test_the_bf16_gemm_is_built_into_every_x86_variant_where_the_cpu_has_it():
+    """``isa.optional_flags``: on an x86 CPU with AVX512_BF16 every x86 variant (the measured
+    choice may keep avx2) gets ``-DWHISPER_ACCEL_BF16``; without it, or on AArch64, none do."""
+    avx2, avx512, neon = (next(v for v in isa.VARIANTS if v.name == n) for n in ("avx2", "avx512", "neon"))
+    bf16 = replace(X86_512, flags=X86_512.flags | {"avx512_bf16"})
+    assert isa.optional_flags(avx2, bf16) == isa.optional_flags(avx512, bf16) == ("-DWHISPER_ACCEL_BF16",)
+    assert build.flags(avx2, (), bf16)[-1] == "-DWHISPER_ACCEL_BF16"
+    assert isa.optional_flags(avx512, X86_512) == isa.optional_flags(avx2, X86) == ()
+    assert isa.optional_flags(neon, isa.Cpu("arm", "aarch64", frozenset({"asimd", "avx512_bf16"}))) == ()
+
+
 @pytest.mark.skipif(CXX is None or not RUNNABLE, reason="no C++ compiler, or no variant for this CPU")
 def test_build_failure_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError) as e:

@@ -19,6 +19,7 @@ field                          environment variable                       defaul
 ``whole_encoder_graph``        ``WHISPER_ACCEL_WHOLE_ENCODER_GRAPH``      off
 ``probe_cache``                ``WHISPER_ACCEL_PROBE_CACHE``              on
 ``cache_dir``                  ``WHISPER_ACCEL_CACHE_DIR``                see below
+``matmul_precision``           ``WHISPER_ACCEL_MATMUL_PRECISION``         ``float32``
 =============================  =========================================  ================
 
 * ``encoder`` / ``decoder``: the executor of the encoder / of the decoder's one-token steps:
@@ -42,6 +43,12 @@ field                          environment variable                       defaul
   disk, in ``cache_dir`` (default ``$XDG_CACHE_HOME/whisper_accel``, else
   ``~/.cache/whisper_accel``). With ``probe_cache`` off nothing is written there; kernels are
   then built in a temporary directory removed at exit.
+* ``matmul_precision``: ``float32`` (the default: every product in float32), or ``bfloat16``,
+  named to trade precision for speed: the host encoder's matrix products (its linear layers and
+  convolutions) round their inputs to bfloat16 and sum in float32, on CPUs with AVX512_BF16
+  (``kernels/fused.cc``'s ``GemmBF16``; a bfloat16 copy of the encoder's weights is kept beside
+  them). Where the CPU or the kernels lack it, or the encoder runs on another executor, the
+  products stay float32 and ``status()`` / ``doctor`` say so. The decoder is float32 either way.
 
 Imports nothing but the standard library (the ``WHISPER_ACCEL`` start-up hook may read it).
 """
@@ -59,6 +66,8 @@ EXECUTORS = ("host", "fused", "plain")
 EXECUTOR_CHOICES = ("auto",) + EXECUTORS
 #: Accepted values of ``isa``.
 ISA_CHOICES = ("auto", "avx512", "avx2", "neon")
+#: Accepted values of ``matmul_precision``.
+PRECISION_CHOICES = ("float32", "bfloat16")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -74,6 +83,7 @@ ENV = {
     "whole_encoder_graph": "WHISPER_ACCEL_WHOLE_ENCODER_GRAPH",
     "probe_cache": "WHISPER_ACCEL_PROBE_CACHE",
     "cache_dir": "WHISPER_ACCEL_CACHE_DIR",
+    "matmul_precision": "WHISPER_ACCEL_MATMUL_PRECISION",
 }
 
 
@@ -81,6 +91,7 @@ ENV = {
 DEFAULTS: Dict[str, object] = {
     "encoder": "auto", "decoder": "auto", "native": True, "isa": "auto", "measure": True,
     "group_bytes": 256 << 20, "whole_encoder_graph": False, "probe_cache": True, "cache_dir": None,
+    "matmul_precision": "float32",
 }
 
 
@@ -110,6 +121,7 @@ class Config:
     whole_encoder_graph: bool = _env_default("whole_encoder_graph")
     probe_cache: bool = _env_default("probe_cache")
     cache_dir: Optional[str] = _env_default("cache_dir")
+    matmul_precision: str = _env_default("matmul_precision")
 
     def __post_init__(self):
         def bad(name, want):
@@ -121,6 +133,8 @@ class Config:
                 raise bad(name, f"one of {', '.join(EXECUTOR_CHOICES)}")
         if self.isa not in ISA_CHOICES:
             raise bad("isa", f"one of {', '.join(ISA_CHOICES)}")
+        if self.matmul_precision not in PRECISION_CHOICES:
+            raise bad("matmul_precision", f"one of {', '.join(PRECISION_CHOICES)}")
         if not isinstance(self.group_bytes, int) or isinstance(self.group_bytes, bool) or self.group_bytes < 0:
             raise bad("group_bytes", "a non-negative number of bytes")
         for name in ("native", "measure", "whole_encoder_graph", "probe_cache"):

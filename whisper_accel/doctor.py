@@ -124,6 +124,10 @@ def doctor(json_out: bool = False) -> int:
             timed = fused.get("seconds") or {}
             print(f"  kernel ISA    {fused['isa']}: {fused['chosen_by']}"
                   + ("".join(f"; {n} {s * 1e3:.2f} ms" for n, s in timed.items()) if timed else ""))
+        if fused["library"]:
+            print("  bf16 GEMM     " + ("in the kernels: matmul_precision=bfloat16 runs the host encoder's products "
+                                      "there (off unless named)" if fused.get("bf16_gemm") else
+                                      "not built (needs a CPU with AVX512_BF16): products stay float32"))
     print(f"  host GEMM     {d.get('gemm')}")
     print(f"  graph GEMM    {d.get('graph_gemm')}")
     if d.get("compile_cache") is True:

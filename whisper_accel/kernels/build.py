@@ -15,9 +15,9 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
-from .isa import Cpu, Variant
+from .isa import Cpu, Variant, optional_flags
 
 KERNELS = Path(__file__).resolve().parent
 #: the files a build reads (fused.cc includes simd.h); the first is the one compiled
@@ -26,9 +26,11 @@ COMMON_FLAGS: Tuple[str, ...] = ("-O3", "-shared", "-fPIC", "-std=c++14", "-pthr
 TIMEOUT_S = 180
 
 
-def flags(variant: Variant, extra_flags: Sequence[str] = ()) -> Tuple[str, ...]:
-    """The compiler flags of a build: the common ones, the variant's, then ``extra_flags``."""
-    return COMMON_FLAGS + tuple(variant.flags) + tuple(extra_flags)
+def flags(variant: Variant, extra_flags: Sequence[str] = (), cpu: Optional[Cpu] = None) -> Tuple[str, ...]:
+    """The compiler flags of a build: the common ones, the variant's, the optional extensions
+    ``cpu`` has (:func:`~.isa.optional_flags`), then ``extra_flags``."""
+    optional = optional_flags(variant, cpu) if cpu is not None else ()
+    return COMMON_FLAGS + tuple(variant.flags) + optional + tuple(extra_flags)
 
 
 def compiler_version(cxx: str) -> str:
@@ -50,7 +52,7 @@ def digest(variant: Variant, cpu: Cpu, version: str, extra_flags: Sequence[str] 
     for src in SOURCES:
         part(src.name.encode())
         part(src.read_bytes())
-    part("\0".join(flags(variant, extra_flags)).encode())
+    part("\0".join(flags(variant, extra_flags, cpu)).encode())
     part(version.encode())
     part(variant.name.encode())
     part(cpu.model.encode())
@@ -77,7 +79,7 @@ def build(directory: Path, cxx: str, variant: Variant, cpu: Cpu, extra_flags: Se
     fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=str(directory))
     os.close(fd)
     try:
-        cmd = [cxx, *flags(variant, extra_flags), str(SOURCES[0]), "-o", tmp]
+        cmd = [cxx, *flags(variant, extra_flags, cpu), str(SOURCES[0]), "-o", tmp]
         try:
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                   timeout=TIMEOUT_S)

@@ -713,3 +713,123 @@ extern "C" int CrossKV(int nparam, void **params, int *ndims, int64_t **shapes, 
   });
   return 0;
 }
+// bfloat16 matrix products, for the host encoder's linear layers and convolutions when the
+// configuration names matmul_precision="bfloat16" (never by default). Built into every x86 variant
+// where the CPU has AVX512_BF16 (isa.OPTIONAL defines WHISPER_ACCEL_BF16 there), each function
+// compiled for AVX-512 F/BW + BF16 by its own target attribute (BF16_TARGET), whatever the
+// variant's flags; HasGemmBF16 says whether this library has them.
+//   PackBF16(w (N, K) float32)  -> wp (ceil(N / 32), ceil(K / 2), 64) uint16: w rounded to
+//        bfloat16 (nearest even), panels of 32 output columns; per pair of inputs (2p, 2p + 1), the
+//        panel's columns 0-15 then 16-31, each as the pair (w[c][2p], w[c][2p + 1]): what one
+//        VDPBF16PS multiplies; zeros past N and K.
+//   GemmBF16(x (M, K) float32, wp) -> y (M, N) = x w^T with x rounded to bfloat16 (nearest even)
+//        as it is read, products summed in float32 (N a multiple of 16).
+// So y is the float32 product of the bfloat16-rounded inputs, up to float32 summation order: the
+// inputs' rounding (relative 2^-9) is the precision given up. Threads split the rows; a thread
+// converts blocks of MC rows x KC inputs of x once and runs 8-row x 32-column register tiles
+// (16 accumulators) over every panel.
+#if defined(WHISPER_ACCEL_BF16) && defined(__x86_64__)
+#include <immintrin.h>
+#define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+extern "C" int HasGemmBF16() { return 1; }
+static inline uint16_t bf16_round(float f) {
+  uint32_t u; std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // NaN stays NaN (quiet)
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+extern "C" int PackBF16(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                        void *extra) {
+  const int64_t N = shapes[0][0], K = shapes[0][1], P = (N + 31) / 32, KP = (K + 1) / 2;
+  if (nparam != 2 || ndims[1] != 3 || shapes[1][0] != P || shapes[1][1] != KP || shapes[1][2] != 64) return 1;
+  const float *w = (const float *)params[0];
+  uint16_t *out = (uint16_t *)params[1];
+  parallel(P, [&](int64_t lo, int64_t hi) {
+    for (int64_t p = lo; p < hi; p++)
+      for (int64_t kp = 0; kp < KP; kp++) {
+        uint16_t *o = out + (p * KP + kp) * 64;
+        for (int j = 0; j < 32; j++)
+          for (int t = 0; t < 2; t++) {
+            const int64_t c = p * 32 + j, k = 2 * kp + t;
+            o[(j / 16) * 32 + (j % 16) * 2 + t] = c < N && k < K ? bf16_round(w[c * K + k]) : 0;
+          }
+      }
+  });
+  return 0;
+}
+// c (MR_ rows x NV_ vectors of 16 columns, row stride ldc) = (first ? 0 : c) + a b over kpn input
+// pairs; a: MR_ rows of bf16 (row stride lda values), b: the panel at the block's first pair.
+template <int MR_, int NV_> BF16_TARGET static inline void bf16_tile(const uint16_t *__restrict a, int64_t lda, const uint16_t *__restrict b,
+                                                         int64_t kpn, float *__restrict c, int64_t ldc, bool first) {
+  __m512 acc[MR_][NV_];
+  for (int i = 0; i < MR_; i++)
+    for (int v = 0; v < NV_; v++) acc[i][v] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + i * ldc + v * 16);
+  const int32_t *ai = (const int32_t *)a;
+  const int64_t lda2 = lda / 2;
+  for (int64_t kp = 0; kp < kpn; kp++) {
+    __m512i bv[NV_];
+    for (int v = 0; v < NV_; v++) bv[v] = _mm512_loadu_si512((const void *)(b + kp * 64 + v * 32));
+    for (int i = 0; i < MR_; i++) {
+      const __m512i av = _mm512_set1_epi32(ai[i * lda2 + kp]);
+      for (int v = 0; v < NV_; v++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], (__m512bh)av, (__m512bh)bv[v]);
+    }
+  }
+  for (int i = 0; i < MR_; i++)
+    for (int v = 0; v < NV_; v++) _mm512_storeu_ps(c + i * ldc + v * 16, acc[i][v]);
+}
+typedef void (*bf16_tile_fn)(const uint16_t *, int64_t, const uint16_t *, int64_t, float *, int64_t, bool);
+template <int NV_> struct Bf16Tiles {
+  static bf16_tile_fn get(int rows) {
+    static const bf16_tile_fn t[9] = {nullptr, bf16_tile<1, NV_>, bf16_tile<2, NV_>, bf16_tile<3, NV_>, bf16_tile<4, NV_>,
+                                      bf16_tile<5, NV_>, bf16_tile<6, NV_>, bf16_tile<7, NV_>, bf16_tile<8, NV_>};
+    return t[rows];
+  }
+};
+BF16_TARGET static void bf16_rows(const float *x, const uint16_t *wp, float *y, int64_t r0, int64_t r1, int64_t K, int64_t N) {
+  enum { MC = 192, KC = 1280 };  // x's block: 192 rows x 1280 inputs in bf16 = 480 KB (L2)
+  const int64_t KP = (K + 1) / 2, P = (N + 31) / 32, lda_max = (std::min<int64_t>(KC, K) + 31) / 32 * 32;
+  std::vector<uint16_t> block(MC * lda_max + 32);
+  uint16_t *abuf = block.data();
+  for (int64_t pc = 0; pc < K; pc += KC) {
+    const int64_t kc = std::min<int64_t>(KC, K - pc), kpn = (kc + 1) / 2, lda = (kc + 31) / 32 * 32;
+    for (int64_t ic = r0; ic < r1; ic += MC) {
+      const int64_t mc = std::min<int64_t>(MC, r1 - ic);
+      for (int64_t r = 0; r < mc; r++) {  // rows of x in bf16, zeros past kc (the pad of an odd K)
+        const float *src = x + (ic + r) * K + pc;
+        uint16_t *dst = abuf + r * lda;
+        for (int64_t k = 0; k < lda; k += 32) {
+          const int64_t rem = kc - k;
+          const int r0m = (int)std::max<int64_t>(0, std::min<int64_t>(16, rem)), r1m = (int)std::max<int64_t>(0, std::min<int64_t>(16, rem - 16));
+          const __m512 lo = _mm512_maskz_loadu_ps((__mmask16)((1u << r0m) - 1), src + k);
+          const __m512 hi = _mm512_maskz_loadu_ps((__mmask16)((1u << r1m) - 1), src + k + 16);
+          _mm512_storeu_si512((void *)(dst + k), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+      }
+      for (int64_t p = 0; p < P; p++) {
+        const uint16_t *bp = wp + (p * KP + pc / 2) * 64;
+        const bool full = N - p * 32 >= 32;
+        for (int64_t ir = 0; ir < mc; ir += 8) {
+          const int rows = (int)std::min<int64_t>(8, mc - ir);
+          float *c = y + (ic + ir) * N + p * 32;
+          (full ? Bf16Tiles<2>::get(rows) : Bf16Tiles<1>::get(rows))(abuf + ir * lda, lda, bp, kpn, c, N, pc == 0);
+        }
+      }
+    }
+  }
+}
+extern "C" int GemmBF16(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                        void *extra) {
+  if (nparam != 3 || ndims[0] != 2 || ndims[1] != 3 || ndims[2] != 2) return 1;
+  const int64_t M = shapes[0][0], K = shapes[0][1], N = shapes[2][1];
+  if (shapes[2][0] != M || N % 16 != 0 || shapes[1][0] != (N + 31) / 32 || shapes[1][1] != (K + 1) / 2 ||
+      shapes[1][2] != 64)
+    return 1;
+  const float *x = (const float *)params[0];
+  const uint16_t *wp = (const uint16_t *)params[1];
+  float *y = (float *)params[2];
+  parallel((M + 7) / 8, [&](int64_t lo, int64_t hi) { bf16_rows(x, wp, y, lo * 8, std::min(M, hi * 8), K, N); });
+  return 0;
+}
+#else
+extern "C" int HasGemmBF16() { return 0; }
+#endif

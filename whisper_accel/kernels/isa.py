@@ -41,6 +41,19 @@ VARIANTS: Tuple[Variant, ...] = (
 
 NAMES: Tuple[str, ...] = tuple(v.name for v in VARIANTS)
 
+#: Kernels beyond a variant's own, built into every variant of ``arch`` where the CPU has the
+#: ``features``: (arch, features, compiler flag). The flag only switches on ``fused.cc``'s block,
+#: whose functions carry their own target attribute; the rest of the build keeps its variant's
+#: instructions, so the choice of variant (:mod:`whisper_accel.runtime.native`) never takes them
+#: away. The bfloat16 GEMM (``GemmBF16``) needs AVX512_BF16 (and AVX-512 F/BW).
+OPTIONAL: Tuple[Tuple[str, FrozenSet[str], str], ...] = (
+    ("x86_64", frozenset({"avx512f", "avx512bw", "avx512_bf16"}), "-DWHISPER_ACCEL_BF16"),)
+
+
+def optional_flags(v: "Variant", c: "Cpu") -> Tuple[str, ...]:
+    """The :data:`OPTIONAL` compiler flags a build of ``v`` gets on ``c``."""
+    return tuple(flag for arch, features, flag in OPTIONAL if v.arch == arch == c.arch and features <= c.flags)
+
 _MACHINES = {"amd64": "x86_64", "x64": "x86_64", "x86-64": "x86_64", "arm64": "aarch64", "armv8l": "aarch64"}
 
 

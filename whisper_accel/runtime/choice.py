@@ -51,7 +51,8 @@ def machine_key(config: _config.Config, kernels: Optional[str]) -> Dict:
     return {"format": FORMAT, "cpu": cpu.model, "arch": cpu.arch, "flags": sorted(cpu.flags),
             "versions": {p: _environment.installed_version(p) for p in _environment.SUPPORTED},
             "whisper_accel": __version__, "kernels": kernels,
-            "settings": {"group_bytes": config.group_bytes, "whole_encoder_graph": config.whole_encoder_graph}}
+            "settings": {"group_bytes": config.group_bytes, "whole_encoder_graph": config.whole_encoder_graph,
+                         "matmul_precision": config.matmul_precision}}
 
 
 def cached(config: _config.Config, library: Optional[str]) -> Dict[str, Dict]:

@@ -35,7 +35,8 @@ class EncoderEngine(NotCopied):
         self.weights = w = EncoderWeights(encoder)
         self._fused = FusedEncoder(w, self.config)
         self._plain = PlainEncoder(w, self.config)
-        self.engine = Engine([HostEncoderExecutor(w, self.config), self._fused, self._plain],
+        self._host = HostEncoderExecutor(w, self.config)
+        self.engine = Engine([self._host, self._fused, self._plain],
                              order_for(self.config.encoder))
         self.choice: Optional[Choice] = None
         candidates = [n for n in ("host", "fused") if n in self.engine.usable()]
@@ -90,7 +91,7 @@ class EncoderEngine(NotCopied):
         return {"fused": self._fused.last_group, "plain": self._plain.last_group}.get(ran)
 
     def report(self) -> Dict:
-        out = {"config": self.config.encoder, **self.engine.report()}
+        out = {"config": self.config.encoder, **self.engine.report(), "matmul_precision": self._host.precision()}
         if self.choice is not None:
             out["choice"] = self.choice.report()
         return out

@@ -28,6 +28,13 @@ def upcast(a: np.ndarray) -> np.ndarray:
     return a.astype(np.float32, copy=False)
 
 
+def bf16_bits(a: np.ndarray) -> np.ndarray:
+    """float32 ``a`` rounded to bfloat16 (to nearest, ties to even), as its raw bits (uint16,
+    what :func:`upcast` reads back; finite values: NaN and infinity are not expected here)."""
+    u = np.ascontiguousarray(a, np.float32).view(np.uint32)
+    return ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+
+
 #: On a tensor made by :func:`shared`: the numpy array it shares.
 _SHARED = "_whisper_accel_shared"
 

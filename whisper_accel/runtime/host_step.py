@@ -332,12 +332,22 @@ def _layer_views(lw: W.DecoderLayer, dtype) -> Optional[W.DecoderLayer]:
     return W.mapped(lw, lambda path, _: got[path])
 
 
-def for_weights(w, library: str) -> Optional[HostStep]:
+def _bf16_copy(lw: W.DecoderLayer) -> W.DecoderLayer:
+    """``lw`` (host views) with its weight matrices rounded to bfloat16 (new uint16 arrays)."""
+    matrices = set(W.matrix_paths(W.DecoderLayer))
+    return W.mapped(lw, lambda path, a: host_calls.bf16_bits(a) if path in matrices else a)
+
+
+def for_weights(w, library: str, precision: str = "float32") -> Optional[HostStep]:
     """A :class:`HostStep` for ``w`` (:class:`~.arranged.DecoderWeights`) on the kernel
     ``library``, or None when a weight is not a host buffer whose view reads the tensor's
     values. A half-precision model's weight matrices are read as stored (``w.stored``,
     ``w.proj_stored``) when they all give such views, else from the float32 copy
-    (``w.layers``, built then)."""
+    (``w.layers``, built then). ``precision="bfloat16"`` (``Config.matmul_precision``, named by
+    the user) gives a float32 model's steps a copy of the matrices rounded to bfloat16, which the
+    ``*BF16`` kernels read as a bfloat16 model's (half the bytes a step reads); the cross
+    attention's K/V weights, embeddings and norms stay float32, and a half-precision model's
+    weights are read as stored either way."""
     views = host_calls.views
     dtype = host_calls.VIEW_DTYPES.get(w.proj_stored.dtype) if w.proj_stored is not None else None
     layers = proj = None
@@ -353,5 +363,7 @@ def for_weights(w, library: str) -> Optional[HostStep]:
     if rest is None:
         return None
     embed, pos, g, b = rest
+    if precision == "bfloat16" and proj[0].dtype == np.float32:
+        layers, proj = [_bf16_copy(lw) for lw in layers], [host_calls.bf16_bits(proj[0])]
     return HostStep(library, layers, embed, pos, (g, b), proj[0], w.heads, w.head_dim, w.scaling,
                     cross=views(tuple(w.cross_flat)))

@@ -20,7 +20,7 @@ from ..kernels.reference import (attention, check_inputs, cross_kv, decoder_laye
 from . import host_calls
 
 __all__ = ["attention", "cross_kv", "decoder_layer", "gelu", "layer_inputs", "layer_norm", "softmax", "check",
-           "check_half", "check_host", "check_signature", "MATRICES", "ARG", "HALVES"]
+           "check_half", "check_host", "check_signature", "check_bf16", "BF16_SHAPES", "MATRICES", "ARG", "HALVES"]
 
 
 #: Positions of the DecoderLayer kernel's weight matrices among its inputs (from the schema)
@@ -73,6 +73,41 @@ def check_host(library: str) -> Optional[str]:
     host_calls.Call(lib.Attention, [(q + heads(bq)) * scale[0], k, v + heads(bv), want])()
     host_calls.Call(lib.AttentionBias, [q, k, v, bq, bv, scale, got])()
     return None if np.array_equal(want, got) else "kernel AttentionBias differs from Attention on the biased inputs"
+
+
+#: (M, K, N) of the bfloat16 GEMM's check: 8-row tiles and a tail, an odd K (a zero-padded pair),
+#: a 16-column last panel, K over one 1280-input block, one row, and a convolution-like K of 240.
+BF16_SHAPES = ((37, 333, 48), (13, 1000, 16), (21, 2565, 96), (1, 64, 80), (200, 240, 384))
+
+
+def bf16_round(a: np.ndarray) -> np.ndarray:
+    """``a`` rounded to bfloat16, as float64 values."""
+    return host_calls.upcast(host_calls.bf16_bits(a)).astype(np.float64)
+
+
+def check_bf16(library: str) -> Optional[str]:
+    """``PackBF16`` + ``GemmBF16`` (through ctypes) against float64 products of the same inputs
+    rounded to bfloat16 in numpy (:func:`~.host_calls.bf16_bits`), on :data:`BF16_SHAPES`: within 1e-5
+    relative (what is left is float32 summation order). Checked before the host encoder first
+    uses them, not with :func:`check` (they are used only when named). None, else what differs;
+    "not built" where the library lacks them."""
+    lib = ctypes.CDLL(library)
+    has = getattr(lib, "HasGemmBF16", None)
+    if has is None or not has():
+        return "not built (needs a CPU with AVX512_BF16)"
+    rng = np.random.default_rng(3)
+    for m, k, n in BF16_SHAPES:
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+        packed = np.zeros(((n + 31) // 32, (k + 1) // 2, 64), np.uint16)
+        host_calls.Call(lib.PackBF16, [w, packed])()
+        got = np.full((m, n), np.nan, np.float32)
+        host_calls.Call(lib.GemmBF16, [x, packed, got])()
+        ref = bf16_round(x) @ bf16_round(w).T
+        err = float(np.abs(got - ref).max() / np.abs(ref).max())
+        if not err < 1e-5:
+            return f"kernel GemmBF16 differs from its reference by {err:.1e} on ({m}, {k}) x ({k}, {n})"
+    return None
 
 
 def check(library: str) -> Optional[str]:

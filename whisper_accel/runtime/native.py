@@ -232,11 +232,25 @@ def library(config: Optional[_config.Config] = None) -> Optional[Library]:
 def state(config: Optional[_config.Config] = None) -> Dict[str, Optional[str]]:
     """``{"library": path or None, "reason": why not or None, "isa": variant or None, "cpu":
     model or None, "chosen_by": how the variant was picked, "seconds": {variant: seconds of the
-    timed workload} or None}`` for ``config`` (decides on first use)."""
+    timed workload} or None, "bf16_gemm": whether the library has the bfloat16 products
+    (``Config.matmul_precision="bfloat16"``)}`` for ``config`` (decides on first use)."""
     d = decision(config)
     lib = d.library
     return {"library": lib.path if lib else None, "reason": d.reason, "isa": lib.variant if lib else None,
-            "cpu": lib.cpu if lib else None, "chosen_by": d.chosen_by, "seconds": d.seconds}
+            "cpu": lib.cpu if lib else None, "chosen_by": d.chosen_by, "seconds": d.seconds,
+            "bf16_gemm": bool(lib) and has_bf16_gemm(lib.path)}
+
+
+def has_bf16_gemm(path: str) -> bool:
+    """Whether the kernel library at ``path`` was built with ``GemmBF16`` (AVX512_BF16); False
+    when it cannot be loaded."""
+    import ctypes
+
+    try:
+        fn = getattr(ctypes.CDLL(path), "HasGemmBF16", None)
+    except OSError:
+        return False
+    return bool(fn and fn())
 
 
 def fused_graphs(config: Optional[_config.Config] = None):

@@ -25,10 +25,18 @@ class HostEncoderExecutor(KernelExecutor):
     name = "host"
 
     def encode(self, feats):
-        impl = self.host_impl(host_encoder.for_weights, "the encoder's weights are not float32 host buffers")
+        impl = self.host_impl(lambda w, lib: host_encoder.for_weights(w, lib, self.config.matmul_precision),
+                              "the encoder's weights are not float32 host buffers")
         if not impl.fits(tuple(feats.shape)):
             raise Decline
         return ms.Tensor(impl(feats.asnumpy()))
+
+    def precision(self) -> dict:
+        """The matrix products' precision: asked (``Config.matmul_precision``), what the host
+        encoder runs (None before it is built) and why not what was asked."""
+        impl = self.impl
+        return {"asked": self.config.matmul_precision, "host": impl and impl.precision,
+                "why": impl and impl.precision_note}
 
 
 class HostDecoder(KernelExecutor):
@@ -49,7 +57,8 @@ class HostDecoder(KernelExecutor):
         return self._impl()
 
     def _impl(self) -> host_step.HostStep:
-        return self.host_impl(host_step.for_weights, "the decoder's weights are not host buffers it can read")
+        return self.host_impl(lambda w, lib: host_step.for_weights(w, lib, self.config.matmul_precision),
+                              "the decoder's weights are not host buffers it can read")
 
     @staticmethod
     def _caches(k_cache, v_cache, order=None):
