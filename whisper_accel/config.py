@@ -47,8 +47,10 @@ field                          environment variable                       defaul
   named to trade precision for speed: the host encoder's matrix products (its linear layers and
   convolutions) round their inputs to bfloat16 and sum in float32, on CPUs with AVX512_BF16
   (``kernels/fused.cc``'s ``GemmBF16``; a bfloat16 copy of the encoder's weights is kept beside
-  them). Where the CPU or the kernels lack it, or the encoder runs on another executor, the
-  products stay float32 and ``status()`` / ``doctor`` say so. The decoder is float32 either way.
+  them), and a float32 model's host decoder steps read a bfloat16-rounded copy of their weight
+  matrices (activations and sums stay float32; any CPU with the kernels). Where the CPU or the
+  kernels lack ``GemmBF16``, or the encoder runs on another executor, its products stay float32
+  and ``status()`` / ``doctor`` say so. Step graphs (``decoder="fused"``/``"plain"``) stay float32.
 
 Imports nothing but the standard library (the ``WHISPER_ACCEL`` start-up hook may read it).
 """
