@@ -186,7 +186,7 @@ def _bf16_or_skip(fused_library):
 
     if not isa.optional_flags(isa.choose(isa.cpu(), native.state()["isa"]), isa.cpu()):
         pytest.skip("this CPU has no AVX512_BF16: no bfloat16 products to test")
-    assert native.has_bf16_gemm(fused_library), "an AVX512_BF16 CPU's kernels were built without GemmBF16"
+    assert native.state()["bf16_gemm"] and kernel_checks.has_bf16_gemm(fused_library), "an AVX512_BF16 CPU's kernels were built without GemmBF16"
 
 
 def test_bf16_gemm_passes_its_check_and_a_wrong_one_is_reported(fused_library, monkeypatch):

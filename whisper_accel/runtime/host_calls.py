@@ -98,3 +98,12 @@ class Call:
     def __call__(self) -> None:
         if self.fn(self.n, self.params, self.ndims, self.shapes, None, None, None) != 0:
             raise RuntimeError("a fused kernel refused its arguments")
+
+
+def pack_bf16(lib, w: np.ndarray) -> np.ndarray:
+    """``w`` (N, K) float32 rounded to bfloat16 in ``GemmBF16``'s packed layout (the kernel
+    library ``lib``'s ``PackBF16``): (ceil(N / 32), ceil(K / 2), 64) uint16."""
+    n, k = w.shape
+    out = np.empty(((n + 31) // 32, (k + 1) // 2, 64), np.uint16)
+    Call(lib.PackBF16, [np.ascontiguousarray(w, np.float32), out])()
+    return out

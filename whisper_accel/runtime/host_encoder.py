@@ -68,14 +68,6 @@ def bf16_check(library: str) -> Optional[str]:
     return kernel_checks.check_bf16(library)
 
 
-def pack_bf16(lib, w: np.ndarray) -> np.ndarray:
-    """``w`` (N, K) float32 rounded to bfloat16 in ``GemmBF16``'s layout (``PackBF16``)."""
-    n, k = w.shape
-    out = np.empty(((n + 31) // 32, (k + 1) // 2, 64), np.uint16)
-    Call(lib.PackBF16, [np.ascontiguousarray(w, _F32), out])()
-    return out
-
-
 def _product(enc: "HostEncoder", x: np.ndarray, w: np.ndarray, packed: Optional[np.ndarray],
              out: np.ndarray) -> Callable[[], None]:
     """``out = x w^T``: ``GemmBF16`` on ``packed`` when given, else numpy's float32 matmul."""
@@ -151,8 +143,8 @@ class HostEncoder:
         self.packed_conv: Optional[Tuple[np.ndarray, np.ndarray]] = None
         self.packed: Optional[list] = None
         if precision == BFLOAT16 and self.precision_note is None:
-            self.packed_conv = tuple(pack_bf16(self.lib, w) for w in self.conv_w)
-            self.packed = [PackedLayer(*(pack_bf16(self.lib, w) for w in (
+            self.packed_conv = tuple(host_calls.pack_bf16(self.lib, w) for w in self.conv_w)
+            self.packed = [PackedLayer(*(host_calls.pack_bf16(self.lib, w) for w in (
                 lw.attn.q_w, lw.attn.k_w, lw.attn.v_w, lw.attn.o_w, lw.fc1_w, lw.fc2_w))) for lw in layers]
             self.precision = BFLOAT16
         self._buffers: Optional[_Buffers] = None

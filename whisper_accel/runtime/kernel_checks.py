@@ -20,7 +20,7 @@ from ..kernels.reference import (attention, check_inputs, cross_kv, decoder_laye
 from . import host_calls
 
 __all__ = ["attention", "cross_kv", "decoder_layer", "gelu", "layer_inputs", "layer_norm", "softmax", "check",
-           "check_half", "check_host", "check_signature", "check_bf16", "BF16_SHAPES", "MATRICES", "ARG", "HALVES"]
+           "check_half", "check_host", "check_signature", "check_bf16", "has_bf16_gemm", "BF16_SHAPES", "MATRICES", "ARG", "HALVES"]
 
 
 #: Positions of the DecoderLayer kernel's weight matrices among its inputs (from the schema)
@@ -85,22 +85,30 @@ def bf16_round(a: np.ndarray) -> np.ndarray:
     return host_calls.upcast(host_calls.bf16_bits(a)).astype(np.float64)
 
 
+def has_bf16_gemm(library: str) -> bool:
+    """Whether the kernel library at ``library`` was built with ``GemmBF16`` (AVX512_BF16);
+    False when it cannot be loaded."""
+    try:
+        fn = getattr(ctypes.CDLL(library), "HasGemmBF16", None)
+    except OSError:
+        return False
+    return bool(fn and fn())
+
+
 def check_bf16(library: str) -> Optional[str]:
     """``PackBF16`` + ``GemmBF16`` (through ctypes) against float64 products of the same inputs
     rounded to bfloat16 in numpy (:func:`~.host_calls.bf16_bits`), on :data:`BF16_SHAPES`: within 1e-5
     relative (what is left is float32 summation order). Checked before the host encoder first
     uses them, not with :func:`check` (they are used only when named). None, else what differs;
     "not built" where the library lacks them."""
-    lib = ctypes.CDLL(library)
-    has = getattr(lib, "HasGemmBF16", None)
-    if has is None or not has():
+    if not has_bf16_gemm(library):
         return "not built (needs a CPU with AVX512_BF16)"
+    lib = ctypes.CDLL(library)
     rng = np.random.default_rng(3)
     for m, k, n in BF16_SHAPES:
         x = rng.standard_normal((m, k)).astype(np.float32)
         w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
-        packed = np.zeros(((n + 31) // 32, (k + 1) // 2, 64), np.uint16)
-        host_calls.Call(lib.PackBF16, [w, packed])()
+        packed = host_calls.pack_bf16(lib, w)
         got = np.full((m, n), np.nan, np.float32)
         host_calls.Call(lib.GemmBF16, [x, packed, got])()
         ref = bf16_round(x) @ bf16_round(w).T

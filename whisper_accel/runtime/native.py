@@ -63,6 +63,7 @@ class Library:
     path: str
     variant: str  # "avx512", "avx2", "neon"
     cpu: str  # the CPU's model name
+    bf16_gemm: bool = False  # built with GemmBF16 (Config.matmul_precision="bfloat16")
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,8 @@ def _decide(config: _config.Config) -> Decision:
                else "the widest that passes its checks (not timed: measure or probe_cache off)")
     if failures:
         how += f"; not used: {'; '.join(failures)}"
-    return Decision(Library(built[name], name, cpu.model), None, how, seconds)
+    path = built[name]
+    return Decision(Library(path, name, cpu.model, kernel_checks.has_bf16_gemm(path)), None, how, seconds)
 
 
 def decision(config: Optional[_config.Config] = None) -> Decision:
@@ -238,19 +240,7 @@ def state(config: Optional[_config.Config] = None) -> Dict[str, Optional[str]]:
     lib = d.library
     return {"library": lib.path if lib else None, "reason": d.reason, "isa": lib.variant if lib else None,
             "cpu": lib.cpu if lib else None, "chosen_by": d.chosen_by, "seconds": d.seconds,
-            "bf16_gemm": bool(lib) and has_bf16_gemm(lib.path)}
-
-
-def has_bf16_gemm(path: str) -> bool:
-    """Whether the kernel library at ``path`` was built with ``GemmBF16`` (AVX512_BF16); False
-    when it cannot be loaded."""
-    import ctypes
-
-    try:
-        fn = getattr(ctypes.CDLL(path), "HasGemmBF16", None)
-    except OSError:
-        return False
-    return bool(fn and fn())
+            "bf16_gemm": bool(lib) and lib.bf16_gemm}
 
 
 def fused_graphs(config: Optional[_config.Config] = None):
