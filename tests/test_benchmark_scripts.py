@@ -200,3 +200,33 @@ def test_precision_benchmark_counts_word_errors_and_token_agreement(monkeypatch)
     assert precision.token_agreement([1, 2, 3, 4], [1, 2, 9, 4]) == 0.75
     assert precision.token_agreement([1, 2, 3], [1, 2, 3, 5, 6]) == 0.6
     assert precision.token_agreement([], []) == 1.0
+
+
+def test_first_call_benchmark_alternates_fresh_processes_and_takes_medians(monkeypatch, capsys, tmp_path):
+    """``first_call.py``: one untimed child per arm first (warm caches), then rounds whose arm
+    order reverses every round; each step's figure is the median over the rounds."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import first_call
+    import vs_pytorch
+
+    calls = []
+
+    def child(arm, model, audio):
+        calls.append(arm)
+        n = calls.count(arm)  # 1: the untimed warm-up
+        base = {"patched": 1.0, "pytorch": 2.0}[arm]
+        return {"import_s": base, "load_s": base, "first_s": base * n, "second_s": base / 2,
+                "text": " hello", "same_again": True}
+
+    monkeypatch.setattr(first_call, "child", child)
+    monkeypatch.setattr(vs_pytorch, "cpu_name", lambda: "test cpu")
+    out_json = tmp_path / "first.json"
+    monkeypatch.setattr(sys, "argv", ["first_call.py", "--model", "m", "--audio", "a.wav", "--arms", "patched,pytorch",
+                                      "--rounds", "3", "--json", str(out_json)])
+    assert first_call.main() == 0
+    assert calls == ["patched", "pytorch", "patched", "pytorch", "pytorch", "patched", "patched", "pytorch"]
+    data = json.loads(out_json.read_text())
+    # timed first calls: patched 2, 3, 4 -> median 3; pytorch 4, 6, 8 -> 6
+    assert data["arms"]["patched"]["first_s"] == 3.0 and data["arms"]["pytorch"]["first_s"] == 6.0
+    assert data["arms"]["patched"]["first_s_range"] == [2.0, 4.0] and data["arms"]["patched"]["runs"] == 3
+    assert "patched / pytorch: first call 0.50x" in capsys.readouterr().out

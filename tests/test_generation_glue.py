@@ -445,3 +445,256 @@ def test_prepare_special_tokens_equals_stock(env, has_mask):
     assert ours == ref
     assert len(calls) == 1  # only the tensor-valued eos ran the stock checks
     assert any(logged for _, logged in ref) and any(r[0] == "error" for r, _ in ref)
+
+
+# ------------------------------------------------------------------- a window's bookkeeping
+
+def _stock_and_ours(name):
+    """(stock function, the group's replacement) of a WhisperGenerationMixin member or of the
+    module function ``_pad_to_max_length``, called the way generate calls them."""
+    from transformers.models.whisper import generation_whisper as gw
+
+    if name == "_pad_to_max_length":
+        return gw._pad_to_max_length, GEN.make_pad_to_max_length(gw._pad_to_max_length)
+    original = vars(gw.WhisperGenerationMixin)[name]
+    maker = {"_retrieve_max_frames_and_seek": GEN.make_max_frames_and_seek,
+             "_maybe_reduce_batch": GEN.make_maybe_reduce_batch,
+             "_get_input_segment": GEN.make_get_input_segment,
+             "_prepare_decoder_input_ids": GEN.make_prepare_decoder_input_ids,
+             "_postprocess_outputs": GEN.make_postprocess_outputs}[name]
+    ours = maker(original)
+    if isinstance(original, staticmethod):
+        return original.__func__, ours.__func__
+    return original, ours
+
+
+def _same_tree(a, b, path="out"):
+    """Equal results: tensors bit for bit with the same dtype, shape and device; containers item
+    by item; anything else by ==."""
+    if is_tensor_like(a):
+        _same_value(a, b, path)
+        assert str(a.device) == str(b.device), (path, a.device, b.device)
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), (path, a, b)
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same_tree(x, y, f"{path}[{i}]")
+    elif isinstance(a, dict):
+        assert list(a) == list(b), (path, list(a), list(b))
+        for k in a:
+            _same_tree(a[k], b[k], f"{path}[{k!r}]")
+    else:
+        assert type(a) is type(b) and a == b, (path, a, b)
+
+
+def _declines(fn, *args):
+    """Whether the runtime function left this call to stock (returned None)."""
+    return fn(*args) is None
+
+
+def _int_tensor(*rows, dtype=np.int64):
+    return torch.tensor(np.array(rows, dtype=dtype))
+
+
+def test_max_frames_and_seek_equal_stock():
+    stock, ours = _stock_and_ours("_retrieve_max_frames_and_seek")
+    for batch, short in ((1, True), (3, True), (1, False)):
+        _same_tree(stock(batch, None, 4321, short), ours(batch, None, 4321, short))
+        assert not _declines(GEN.windows.max_frames_and_seek, batch, 4321, short)
+    mask = torch.tensor(np.array([[1] * 5000, [1] * 4000 + [0] * 1000], dtype=np.int64))
+    _same_tree(stock(2, mask, 5000, False), ours(2, mask, 5000, False))  # batched long-form: stock reads the mask
+    assert _declines(GEN.windows.max_frames_and_seek, 2, 5000, False)
+    with pytest.raises(ValueError, match="attention_mask"):
+        ours(2, None, 5000, False)
+
+
+def test_maybe_reduce_batch_equals_stock():
+    stock, ours = _stock_and_ours("_maybe_reduce_batch")
+    feats = torch.tensor(np.random.default_rng(0).standard_normal((3, 4, 9)).astype(np.float32))
+    cases = [
+        (_int_tensor(0, 0, 0), _int_tensor(3000, 5000, 9000), 3, [0, 1, 2]),  # all running: ours
+        (_int_tensor(0, 6000, 0), _int_tensor(3000, 5000, 9000), 3, [0, 1, 2]),  # the second finished: stock cuts it
+        (_int_tensor(3000, 6000, 0), _int_tensor(3000, 5000, 9000), 1, [2]),  # a reduced map: ours
+    ]
+    for seek, frames, bsz, rows in cases:
+        x = feats[:bsz]
+        _same_tree(stock(x, seek, frames, bsz, list(rows)), ours(x, seek, frames, bsz, list(rows)))
+    assert not _declines(GEN.windows.reduce_batch, feats, *cases[0][:3], [0, 1, 2])
+    assert _declines(GEN.windows.reduce_batch, feats, *cases[1][:3], [0, 1, 2])
+    with pytest.raises(IndexError):  # a map shorter than the batch: stock's error
+        ours(feats, cases[0][0], cases[0][1], 3, [0, 1])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_get_input_segment_equals_stock(dtype):
+    stock, ours = _stock_and_ours("_get_input_segment")
+    feats = torch.tensor(np.random.default_rng(1).standard_normal((2, 3, 70)).astype(dtype))
+    cases = [  # (seek, seek_num_frames, num_segment_frames, cur_bsz, map)
+        (_int_tensor(0, 0), _int_tensor(30, 30), 30, 2, [0, 1]),  # whole windows
+        (_int_tensor(0, 50), _int_tensor(30, 20), 30, 2, [0, 1]),  # the second padded to 30 frames
+        (_int_tensor(40, 65), _int_tensor(30, 5), 30, 1, [1]),  # a reduced batch: row 0 is audio 1
+        (_int_tensor(0, 0), _int_tensor(70, 70), 80, 2, [0, 1]),  # short-form: the whole input padded
+    ]
+    for seek, n, segment, bsz, rows in cases:
+        x = feats[:bsz]
+        _same_tree(stock(x, seek, n, segment, bsz, rows), ours(x, seek, n, segment, bsz, rows))
+        assert not _declines(GEN.windows.input_segment, x, seek, n, segment, bsz, rows)
+    assert ours(None, *cases[0][:2], 30, 2, [0, 1]) is None
+
+
+def test_prepare_decoder_input_ids_equals_stock():
+    from transformers import GenerationConfig, WhisperConfig
+
+    stock, ours = _stock_and_ours("_prepare_decoder_input_ids")
+    config = WhisperConfig(max_target_positions=16)
+    init = _int_tensor([50258, 50259, 50359]).expand(3, -1)
+    prompt = torch.tensor(np.array([50361, 400, 401], dtype=np.int64))
+    seg = lambda *ids: {"tokens": _int_tensor(*ids), "start": 0.0, "end": 1.0}  # noqa: E731
+    cases = [  # (map, prompt ids, condition, segments, extra kwargs, ours computes it)
+        ([0, 1, 2], None, [False] * 3, [[], [], []], {}, True),
+        ([2, 0], None, [False] * 3, [[], [], []], {"decoder_attention_mask": "x", "other": 1}, True),
+        ([0, 1, 2], prompt, [False] * 3, [[], [], []], {}, True),
+        ([0, 1, 2], None, [True] * 3, [[seg(400, 401, 50400, 50400)], [seg(402)], []], {}, False),
+        ([0], None, [False] * 3, [[], [], []], {"decoder_input_ids": _int_tensor([7, 8])}, False),
+    ]
+    gc = GenerationConfig(prev_sot_token_id=50361, pad_token_id=50257)
+    for rows, p, cond, segs, extra, computes in cases:
+        args = lambda: (len(rows), init, segs, rows, cond, p, gc, config, init.device, None, 50364,  # noqa: E731
+                        dict(extra))
+        _same_tree(stock(*args()), ours(*args()))
+        if computes:
+            assert not _declines(GEN.windows.decoder_input_ids, init, rows, p)
+    assert _declines(GEN.windows.decoder_input_ids, init, [0], prompt.to(torch.int32))  # cat would promote
+
+
+def test_postprocess_outputs_equals_stock(env):
+    from transformers import GenerationConfig
+
+    stock, ours = _stock_and_ours("_postprocess_outputs")
+    out = _int_tensor([50258, 50259, 50359, 11, 12, 50256], [50258, 50259, 50359, 13, 50256, 50256])
+    prompt = _int_tensor([50258, 50259, 50359], [50258, 50259, 50359])
+    args = (out, prompt, False, GenerationConfig(), True, _int_tensor(0, 0), [0, 1])
+    _same_tree(stock(None, *args), ours(None, *args))
+    assert ours(None, *args)[1] is out
+
+
+def _segments(*audios):
+    return [[{"tokens": _int_tensor(*t), "result": {"sequences": _int_tensor(*t)}} for t in audio] if audio is not None else None
+            for audio in audios]
+
+
+def test_pad_to_max_length_equals_stock():
+    stock, ours = _stock_and_ours("_pad_to_max_length")
+    T = BEGIN
+    two = _segments([[T, 10, 11, T + 50, T + 50], [T + 60, 12, T + 90]], [[T, 13, T + 5, T + 5, T + 7]])
+    bos = _int_tensor(50361)
+    cases = [
+        (two, {}),  # the end of generate: right-padded
+        (two, dict(padding_side="left", bos_token_tensor=bos, cut_off_length=4, skip_ending_double_timestamps=True,
+                   timestamp_begin=T)),  # a window's previous tokens
+        (two, dict(padding_side="left", padding="max_length", bos_token_tensor=bos, cut_off_length=8,
+                   skip_ending_double_timestamps=True, timestamp_begin=T)),  # static cache
+        (_segments([[T, 10]], []), dict(padding_side="left", bos_token_tensor=bos, cut_off_length=4)),  # no segment yet
+        (_segments([[5, 6, 7]], [[8, 9, 1]]), dict(force_unique_generate_call=True)),
+    ]
+    for segs, kw in cases:
+        _same_tree(stock(segs, 50257, "cpu", **kw), ours(segs, 50257, "cpu", **kw))
+        kw2 = {k: v for k, v in kw.items()}
+        assert not _declines(lambda: GEN.windows.pad_to_max_length(segs, 50257, **kw2))
+    # left to stock: an audio without segments and no bos (stock gives it a float row), crops
+    for segs, kw in [(_segments([[T, 10]], []), {}),
+                     (two, dict(padding="max_length", cut_off_length=2, bos_token_tensor=_int_tensor(1, 2, 3),
+                                padding_side="left"))]:
+        assert GEN.windows.pad_to_max_length(segs, 50257, **kw) is None
+        ref, out = (_outcome(lambda f=f: f(segs, 50257, "cpu", **kw)) for f in (stock, ours))
+        if isinstance(ref, type):
+            assert out is ref  # the same error (mindtorch refuses to stack a float row with int ones)
+        else:
+            _same_tree(ref, out)
+    assert GEN.windows.pad_to_max_length(two, 50257, return_token_timestamps=True) is None
+    uneven = _segments([[T, 10, 11]], [[T, 12]])  # one generate call's rows of two lengths: stock's error
+    assert GEN.windows.pad_to_max_length(uneven, 50257, force_unique_generate_call=True) is None
+    with pytest.raises(ValueError):
+        ours(uneven, 50257, "cpu", force_unique_generate_call=True)
+    with pytest.raises(ValueError, match="padding_side"):
+        ours(two, 50257, "cpu", padding_side="middle")
+
+
+def test_window_bookkeeping_falls_back_on_faults():
+    """A runtime function that raises: the stock function answers, with stock's value."""
+    stock, ours = _stock_and_ours("_get_input_segment")
+    feats = torch.tensor(np.ones((1, 2, 5), np.float32))
+    real = GEN.windows.input_segment
+    GEN.windows.input_segment = lambda *a: 1 / 0
+    try:
+        out = ours(feats, _int_tensor(0), _int_tensor(5), 5, 1, [0])
+    finally:
+        GEN.windows.input_segment = real
+    _same_tree(stock(feats, _int_tensor(0), _int_tensor(5), 5, 1, [0]), out)
+
+
+_WINDOW_FUNCTIONS = ("_retrieve_max_frames_and_seek", "_maybe_reduce_batch", "_get_input_segment",
+                     "_prepare_decoder_input_ids", "_postprocess_outputs", "_retrieve_segment")
+
+
+def _operators_in_window_functions(model, feats, **kw):
+    """(ids, mindtorch operators dispatched inside the window functions) of one ``generate``."""
+    from mindtorch import dispatcher as D
+    from transformers.models.whisper import generation_whisper as gw
+
+    W = gw.WhisperGenerationMixin
+    depth, count = [0], [0]
+    real_dispatch = D.Dispatcher.dispatch
+
+    def dispatch(self, *a, **k):
+        count[0] += depth[0] > 0
+        return real_dispatch(self, *a, **k)
+
+    def counted(fn):
+        def inner(*a, **k):
+            depth[0] += 1
+            try:
+                return fn(*a, **k)
+            finally:
+                depth[0] -= 1
+        return inner
+
+    saved = {n: vars(W)[n] for n in _WINDOW_FUNCTIONS}
+    saved_pad = gw._pad_to_max_length
+    D.Dispatcher.dispatch = dispatch
+    try:
+        for n, f in saved.items():
+            setattr(W, n, staticmethod(counted(f.__func__)) if isinstance(f, staticmethod) else counted(f))
+        gw._pad_to_max_length = counted(saved_pad)
+        with torch.no_grad():
+            ids = model.generate(feats, **kw).asnumpy()
+    finally:
+        D.Dispatcher.dispatch = real_dispatch
+        for n, f in saved.items():
+            setattr(W, n, f)
+        gw._pad_to_max_length = saved_pad
+    return ids, count[0]
+
+
+@pytest.mark.slow  # ~30 s: CI runs it, the quick tier does not
+def test_window_bookkeeping_runs_few_operators(env):
+    """The window functions of short-form, sequential long-form and batched long-form
+    ``generate``: the same ids as stock with a handful of mindtorch operators where stock
+    dispatches dozens (each one a trip through MindSpore's pipeline, PROFILE_NOTES section 44)."""
+    torch.manual_seed(0)
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+    from conftest import MINI
+
+    model = WhisperForConditionalGeneration(WhisperConfig(**MINI, init_std=0.3)).eval()
+    model.generation_config.no_timestamps_token_id = 200  # timestamps: ids 201..299
+    feats = torch.tensor(np.random.default_rng(2).standard_normal((2, 16, 300)).astype(np.float32))
+    cases = [(feats[:1, :, :2 * SRC_POS], dict(max_new_tokens=6)),
+             (feats[:1], dict(max_new_tokens=12, return_timestamps=True)),
+             (feats, dict(attention_mask=torch.ones((2, 300), dtype=torch.int64), max_new_tokens=12,
+                          return_timestamps=True))]
+    for x, kw in cases:
+        ref, stock_ops = _operators_in_window_functions(model, x, **kw)
+        with _Ctx(env):
+            _operators_in_window_functions(model, x, **kw)  # the kept scalar expressions, once
+            ids, ops = _operators_in_window_functions(model, x, **kw)
+        np.testing.assert_array_equal(ids, ref)
+        assert stock_ops >= 10 and ops <= stock_ops // 3, (kw, stock_ops, ops)

@@ -43,7 +43,7 @@ from .._environment import Gates
 from .._patcher import Patch
 from ..runtime.interop import as_tensor, ids_np, import_whisper, is_tensor
 from ..runtime.masks import FAIL, apply_processors, rules
-from ..runtime import segments
+from ..runtime import segments, windows
 
 GATES = Gates(backends=("CPU",))
 SUMMARY = ("masking logits processors and max-length/EOS criteria as one cached mask / numpy check; "
@@ -256,6 +256,110 @@ def make_prepare_special_tokens(original):
     return _prepare_special_tokens
 
 
+# ------------------------------------------------------------------- a window's bookkeeping
+
+def _or_stock(compute, stock):
+    """``compute()``'s result, or ``stock()`` when it declines (``None``) or fails."""
+    try:
+        out = compute()
+    except Exception:  # noqa: BLE001  anything unexpected: stock answers
+        out = None
+    return stock() if out is None else out
+
+
+def make_max_frames_and_seek(original):
+    """Replacement for the staticmethod ``_retrieve_max_frames_and_seek``."""
+    inner = original.__func__
+
+    def _retrieve_max_frames_and_seek(batch_size, attention_mask, total_input_frames, is_shortform):
+        return _or_stock(lambda: windows.max_frames_and_seek(batch_size, total_input_frames, is_shortform),
+                         lambda: inner(batch_size, attention_mask, total_input_frames, is_shortform))
+
+    return staticmethod(_retrieve_max_frames_and_seek)
+
+
+def make_maybe_reduce_batch(original):
+    """Replacement for the staticmethod ``_maybe_reduce_batch``."""
+    inner = original.__func__
+
+    def _maybe_reduce_batch(input_features, seek, max_frames, cur_bsz, batch_idx_map):
+        return _or_stock(lambda: windows.reduce_batch(input_features, seek, max_frames, cur_bsz, batch_idx_map),
+                         lambda: inner(input_features, seek, max_frames, cur_bsz, batch_idx_map))
+
+    return staticmethod(_maybe_reduce_batch)
+
+
+def make_get_input_segment(original):
+    """Replacement for the staticmethod ``_get_input_segment``."""
+    inner = original.__func__
+
+    def _get_input_segment(input_features, seek, seek_num_frames, num_segment_frames, cur_bsz, batch_idx_map):
+        args = (input_features, seek, seek_num_frames, num_segment_frames, cur_bsz, batch_idx_map)
+        if input_features is None:
+            return inner(*args)
+        return _or_stock(lambda: windows.input_segment(*args), lambda: inner(*args))
+
+    return staticmethod(_get_input_segment)
+
+
+def make_prepare_decoder_input_ids(original):
+    """Replacement for the staticmethod ``_prepare_decoder_input_ids``: a window that is not
+    conditioned on earlier windows' text (the default) gets its ids from numpy; one that is, or
+    ids passed in, run stock."""
+    inner = original.__func__
+
+    def _prepare_decoder_input_ids(cur_bsz, init_tokens, current_segments, batch_idx_map,
+                                   do_condition_on_prev_tokens, prompt_ids, generation_config, config, device,
+                                   suppress_tokens, timestamp_begin, kwargs):
+        def stock():
+            return inner(cur_bsz, init_tokens, current_segments, batch_idx_map, do_condition_on_prev_tokens,
+                         prompt_ids, generation_config, config, device, suppress_tokens, timestamp_begin, kwargs)
+
+        if "decoder_input_ids" in kwargs or (any(do_condition_on_prev_tokens) and len(current_segments[0]) > 0):
+            return stock()
+        ids = _or_stock(lambda: windows.decoder_input_ids(init_tokens, batch_idx_map, prompt_ids), lambda: None)
+        if ids is None:
+            return stock()
+        kwargs.pop("decoder_attention_mask", None)  # as stock: not passed to forward
+        return ids, kwargs
+
+    return staticmethod(_prepare_decoder_input_ids)
+
+
+def make_postprocess_outputs(original):
+    """Replacement ``_postprocess_outputs``: a window's ids without its prompt from numpy when
+    ``generate`` returned a tensor; any other output runs stock."""
+    def _postprocess_outputs(self, seek_outputs, decoder_input_ids, return_token_timestamps, generation_config,
+                             is_shortform, seek, batch_idx_map):
+        def stock():
+            return original(self, seek_outputs, decoder_input_ids, return_token_timestamps, generation_config,
+                            is_shortform, seek, batch_idx_map)
+
+        if not is_tensor(seek_outputs):
+            return stock()
+        ids = _or_stock(lambda: windows.new_tokens(seek_outputs, decoder_input_ids.shape[-1]), lambda: None)
+        return stock() if ids is None else (ids, seek_outputs)
+
+    return _postprocess_outputs
+
+
+def make_pad_to_max_length(original):
+    """Replacement for the module function ``_pad_to_max_length`` (the same signature)."""
+    def _pad_to_max_length(current_segments, pad_token_id, device, padding_side="right", padding="longest",
+                           bos_token_tensor=None, cut_off_length=None, return_token_timestamps=False,
+                           force_unique_generate_call=False, skip_ending_double_timestamps=False,
+                           timestamp_begin=None):
+        return _or_stock(
+            lambda: windows.pad_to_max_length(current_segments, pad_token_id, padding_side, padding, bos_token_tensor,
+                                              cut_off_length, return_token_timestamps, force_unique_generate_call,
+                                              skip_ending_double_timestamps, timestamp_begin),
+            lambda: original(current_segments, pad_token_id, device, padding_side, padding, bos_token_tensor,
+                             cut_off_length, return_token_timestamps, force_unique_generate_call,
+                             skip_ending_double_timestamps, timestamp_begin))
+
+    return _pad_to_max_length
+
+
 # ------------------------------------------------------------------- the group
 
 def _register(cls, make):
@@ -272,6 +376,7 @@ def patches(env) -> List[Patch]:
     from transformers.generation import logits_process as lp
     from transformers.generation import stopping_criteria as sc
     from transformers.generation.utils import GenerationMixin
+    from transformers.models.whisper import generation_whisper as gw
     from transformers.models.whisper.generation_whisper import WhisperGenerationMixin
 
     out = []
@@ -292,4 +397,19 @@ def patches(env) -> List[Patch]:
                      "a window's timestamp segments from one numpy copy of its ids"))
     out.append(Patch("generation", sc.StoppingCriteriaList, "__call__", make_criteria_list_call,
                      "known criteria OR-ed in numpy, one tensor out"))
+    W = WhisperGenerationMixin
+    out += [
+        Patch("generation", W, "_retrieve_max_frames_and_seek", make_max_frames_and_seek,
+              "a batch's frame counts and start positions made from numpy"),
+        Patch("generation", W, "_maybe_reduce_batch", make_maybe_reduce_batch,
+              "which audios still run, read once on the host"),
+        Patch("generation", W, "_get_input_segment", make_get_input_segment,
+              "a window's bounds read once on the host, then stock's slice/pad/cat"),
+        Patch("generation", W, "_prepare_decoder_input_ids", make_prepare_decoder_input_ids,
+              "a window's initial (and prompt) ids indexed in numpy"),
+        Patch("generation", W, "_postprocess_outputs", make_postprocess_outputs,
+              "a window's new ids cut in numpy"),
+        Patch("generation", gw, "_pad_to_max_length", make_pad_to_max_length,
+              "segments' tokens joined and padded in numpy"),
+    ]
     return out

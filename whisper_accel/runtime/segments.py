@@ -22,6 +22,10 @@ Where stock adds Python floats to tensors (the window's end when it holds no usa
 ``offset + int(frames * time_precision_features / time_precision) * time_precision``), the
 result depends on the same promotion; :func:`split` runs that expression as stock code.
 
+Those operators are the same for every window of the same length and position, so their results
+are kept (:func:`_stock`): each product, frame position and end is computed by mindtorch once per
+process and distinct inputs, then read from a dict. A window then runs no operator here.
+
 :func:`handles` says which calls :func:`split` takes: MindSpore tensors (the ``generation`` group
 runs on CPU only), 1-D integer ids, float64 offsets, and no token timestamps (those slice
 another tensor per segment; stock runs).
@@ -34,6 +38,38 @@ from typing import Any, List, Tuple
 import numpy as np
 
 from .interop import as_tensor, dtype_name, is_tensor
+
+
+#: stock's scalar expressions already computed: key (what they read, exactly) -> value
+_KEPT: dict = {}
+_KEPT_MAX = 1 << 16
+
+
+def _stock(key: tuple, compute):
+    """``compute()`` (stock's tensor expression) once per distinct ``key``, then the kept value.
+    Keys hold Python numbers only; anything else computes each time."""
+    if not all(isinstance(k, (str, int, float)) for k in key):
+        return compute()
+    hit = _KEPT.get(key)
+    if hit is None:
+        if len(_KEPT) >= _KEPT_MAX:
+            _KEPT.clear()
+        hit = _KEPT[key] = compute()
+    return hit
+
+
+def _products(positions, time_precision, like) -> List[float]:
+    """``position * time_precision`` for each position, as mindtorch multiplies a float64 tensor
+    by a Python float; one operator for the positions not seen before with this precision."""
+    if not isinstance(time_precision, (int, float)):
+        return (as_tensor(np.array(positions, dtype=np.float64), like) * time_precision).asnumpy().tolist()
+    known = {p: _KEPT.get(("x", p, time_precision)) for p in positions}
+    new = sorted(p for p, v in known.items() if v is None)
+    if new:
+        values = (as_tensor(np.array(new, dtype=np.float64), like) * time_precision).asnumpy().tolist()
+        for p, v in zip(new, values):
+            known[p] = _stock(("x", p, time_precision), lambda v=v: v)
+    return [known[p] for p in positions]
 
 
 def handles(seek_sequence, time_offset, seek_num_frames, return_token_timestamps) -> bool:
@@ -62,7 +98,7 @@ def split(seek_sequence, seek_outputs, time_offset, timestamp_begin, seek_num_fr
 
     def seconds(positions):
         """``offset + position * time_precision`` for each position, as stock computes it."""
-        scaled = (as_tensor(np.array(positions, dtype=np.float64), time_offset) * time_precision).asnumpy()
+        scaled = _products(positions, time_precision, time_offset)
         return [as_tensor(offset + x, time_offset) for x in scaled]
 
     if cuts:
@@ -93,9 +129,15 @@ def split(seek_sequence, seek_outputs, time_offset, timestamp_begin, seek_num_fr
     if stamps.size > 0 and int(stamps[-1]) != timestamp_begin:
         end = seconds([int(stamps[-1]) - timestamp_begin])[0]
     else:
-        # stock's expression (tensors and Python floats: mindtorch's promotion), as stock runs it
-        last_pos = int(seek_num_frames[prev_idx] * time_precision_features / time_precision)
-        end = time_offset[prev_idx] + last_pos * time_precision
+        # stock's expressions (tensors and Python floats: mindtorch's promotion), as stock runs them
+        def last_pos():
+            return int(as_tensor(np.asarray(frames), seek_num_frames) * time_precision_features / time_precision)
+
+        pos = _stock(("pos", dtype_name(seek_num_frames), int(frames), time_precision_features, time_precision),
+                     last_pos)
+        end = as_tensor(np.float64(_stock(("end", float(offset), pos, time_precision),
+                                          lambda: (as_tensor(offset, time_offset) + pos * time_precision).item())),
+                        time_offset)
     segments = [{
         "start": as_tensor(offset, time_offset),
         "end": end,
