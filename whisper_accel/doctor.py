@@ -138,6 +138,9 @@ def doctor(json_out: bool = False) -> int:
         print(f"  executors     verdicts unreadable: {verdicts['error']}")
     for case, v in verdicts.items() if "error" not in verdicts else ():
         times = ", ".join(f"{k} {t * 1000:.0f} ms" for k, t in sorted(v.get("seconds", {}).items()))
+        first = v.get("first_seconds") or {}
+        if first:
+            times += "; first calls " + ", ".join(f"{k} {t * 1000:.0f} ms" for k, t in sorted(first.items()))
         print(f"  executor      {case}: {v.get('executor')} ({times}; measured here, cached)")
     if not verdicts:
         print("  executors     no measured verdicts cached for this machine yet (the first calls of each case measure)")

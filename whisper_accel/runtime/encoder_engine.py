@@ -8,9 +8,10 @@ against ``fused`` per input shape on this machine (:mod:`.choice`; with ``Config
 or a single candidate: the rule below). A failing executor falls back to the next one for this
 model only (:mod:`.engine`).
 
-The rule without a measurement (and the first call of a measured case): ``host`` where the fused
-graphs would split the layers over several launches (large models), else ``fused`` (one graph
-for the whole encoder).
+The rule without a measurement: ``host`` where the fused graphs would split the layers over
+several launches (large models), else ``fused`` (one graph for the whole encoder). A measured
+case runs ``host`` first (no graph to compile), then ``fused``. With a verdict, a process's first calls may run a stand-in while the
+verdict's graph is not compiled yet (:func:`.choice.stand_in`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class EncoderEngine(NotCopied):
         self.engine = Engine([self._host, self._fused, self._plain],
                              order_for(self.config.encoder))
         self.choice: Optional[Choice] = None
+        # host first: its first call compiles nothing (a graph executor's compiles its graph)
         candidates = [n for n in ("host", "fused") if n in self.engine.usable()]
         if self.config.encoder == "auto" and self.config.measure and len(candidates) > 1:
             lib = native.library(self.config)
@@ -66,17 +68,17 @@ class EncoderEngine(NotCopied):
         shape = tuple(int(s) for s in feats.shape)
         if shape not in self.compiled_shapes:
             self.compiled_shapes.append(shape)
-        timed, first = False, None
+        timing, first = None, None
         if self.config.encoder == "auto":
             if self.choice is not None:
-                first, timed = self.choice.next(shape, self.engine.usable())
+                first, timing = self.choice.next(shape, self.engine.usable())
             else:
                 first = self._rule(shape)
         start = time.perf_counter()
         out = self.engine.run("encode", feats, first=first)
-        if timed and self.engine.ran.get("encode") == first:
+        if timing and self.engine.ran.get("encode") == first:
             out.asnumpy()  # launches are asynchronous: time to completion
-            self.choice.record(shape, first, time.perf_counter() - start)
+            self.choice.record(shape, first, time.perf_counter() - start, first=timing == "first")
         return out
 
     @property
