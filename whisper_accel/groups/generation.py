@@ -398,18 +398,15 @@ def patches(env) -> List[Patch]:
     out.append(Patch("generation", sc.StoppingCriteriaList, "__call__", make_criteria_list_call,
                      "known criteria OR-ed in numpy, one tensor out"))
     W = WhisperGenerationMixin
-    out += [
-        Patch("generation", W, "_retrieve_max_frames_and_seek", make_max_frames_and_seek,
-              "a batch's frame counts and start positions made from numpy"),
-        Patch("generation", W, "_maybe_reduce_batch", make_maybe_reduce_batch,
-              "which audios still run, read once on the host"),
-        Patch("generation", W, "_get_input_segment", make_get_input_segment,
-              "a window's bounds read once on the host, then stock's slice/pad/cat"),
-        Patch("generation", W, "_prepare_decoder_input_ids", make_prepare_decoder_input_ids,
-              "a window's initial (and prompt) ids indexed in numpy"),
-        Patch("generation", W, "_postprocess_outputs", make_postprocess_outputs,
-              "a window's new ids cut in numpy"),
-        Patch("generation", gw, "_pad_to_max_length", make_pad_to_max_length,
-              "segments' tokens joined and padded in numpy"),
-    ]
+    for owner, name, make, what in (
+            (W, "_retrieve_max_frames_and_seek", make_max_frames_and_seek,
+             "a batch's frame counts and start positions made from numpy"),
+            (W, "_maybe_reduce_batch", make_maybe_reduce_batch, "which audios still run, read once on the host"),
+            (W, "_get_input_segment", make_get_input_segment,
+             "a window's bounds read once on the host, then stock's slice/pad/cat"),
+            (W, "_prepare_decoder_input_ids", make_prepare_decoder_input_ids,
+             "a window's initial (and prompt) ids indexed in numpy"),
+            (W, "_postprocess_outputs", make_postprocess_outputs, "a window's new ids cut in numpy"),
+            (gw, "_pad_to_max_length", make_pad_to_max_length, "segments' tokens joined and padded in numpy")):
+        out.append(Patch("generation", owner, name, make, what))
     return out
