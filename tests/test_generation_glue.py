@@ -499,10 +499,10 @@ def test_max_frames_and_seek_equal_stock():
     stock, ours = _stock_and_ours("_retrieve_max_frames_and_seek")
     for batch, short in ((1, True), (3, True), (1, False)):
         _same_tree(stock(batch, None, 4321, short), ours(batch, None, 4321, short))
-        assert not _declines(GEN.windows.max_frames_and_seek, batch, 4321, short)
+        assert not _declines(GEN.windows.max_frames_and_seek, batch, None, 4321, short)
     mask = torch.tensor(np.array([[1] * 5000, [1] * 4000 + [0] * 1000], dtype=np.int64))
     _same_tree(stock(2, mask, 5000, False), ours(2, mask, 5000, False))  # batched long-form: stock reads the mask
-    assert _declines(GEN.windows.max_frames_and_seek, 2, 5000, False)
+    assert _declines(GEN.windows.max_frames_and_seek, 2, None, 5000, False)
     with pytest.raises(ValueError, match="attention_mask"):
         ours(2, None, 5000, False)
 
@@ -599,20 +599,20 @@ def test_pad_to_max_length_equals_stock():
     for segs, kw in cases:
         _same_tree(stock(segs, 50257, "cpu", **kw), ours(segs, 50257, "cpu", **kw))
         kw2 = {k: v for k, v in kw.items()}
-        assert not _declines(lambda: GEN.windows.pad_to_max_length(segs, 50257, **kw2))
+        assert not _declines(lambda: GEN.windows.pad_to_max_length(segs, 50257, "cpu", **kw2))
     # left to stock: an audio without segments and no bos (stock gives it a float row), crops
     for segs, kw in [(_segments([[T, 10]], []), {}),
                      (two, dict(padding="max_length", cut_off_length=2, bos_token_tensor=_int_tensor(1, 2, 3),
                                 padding_side="left"))]:
-        assert GEN.windows.pad_to_max_length(segs, 50257, **kw) is None
+        assert GEN.windows.pad_to_max_length(segs, 50257, "cpu", **kw) is None
         ref, out = (_outcome(lambda f=f: f(segs, 50257, "cpu", **kw)) for f in (stock, ours))
         if isinstance(ref, type):
             assert out is ref  # the same error (mindtorch refuses to stack a float row with int ones)
         else:
             _same_tree(ref, out)
-    assert GEN.windows.pad_to_max_length(two, 50257, return_token_timestamps=True) is None
+    assert GEN.windows.pad_to_max_length(two, 50257, "cpu", return_token_timestamps=True) is None
     uneven = _segments([[T, 10, 11]], [[T, 12]])  # one generate call's rows of two lengths: stock's error
-    assert GEN.windows.pad_to_max_length(uneven, 50257, force_unique_generate_call=True) is None
+    assert GEN.windows.pad_to_max_length(uneven, 50257, "cpu", force_unique_generate_call=True) is None
     with pytest.raises(ValueError):
         ours(uneven, 50257, "cpu", force_unique_generate_call=True)
     with pytest.raises(ValueError, match="padding_side"):

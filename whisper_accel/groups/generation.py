@@ -267,97 +267,28 @@ def _or_stock(compute, stock):
     return stock() if out is None else out
 
 
-def make_max_frames_and_seek(original):
-    """Replacement for the staticmethod ``_retrieve_max_frames_and_seek``."""
-    inner = original.__func__
+def _host_first(name: str):
+    """A factory for a replacement of a stock function, staticmethod or method whose arguments
+    :mod:`..runtime.windows`'s function ``name`` takes alike: that function's result, or the
+    stock one's when it declines or fails (looked up per call)."""
+    def make(original):
+        static = isinstance(original, staticmethod)
+        inner = original.__func__ if static else original
 
-    def _retrieve_max_frames_and_seek(batch_size, attention_mask, total_input_frames, is_shortform):
-        return _or_stock(lambda: windows.max_frames_and_seek(batch_size, total_input_frames, is_shortform),
-                         lambda: inner(batch_size, attention_mask, total_input_frames, is_shortform))
+        def replacement(*args, **kwargs):
+            return _or_stock(lambda: getattr(windows, name)(*args, **kwargs), lambda: inner(*args, **kwargs))
 
-    return staticmethod(_retrieve_max_frames_and_seek)
+        return staticmethod(replacement) if static else replacement
 
-
-def make_maybe_reduce_batch(original):
-    """Replacement for the staticmethod ``_maybe_reduce_batch``."""
-    inner = original.__func__
-
-    def _maybe_reduce_batch(input_features, seek, max_frames, cur_bsz, batch_idx_map):
-        return _or_stock(lambda: windows.reduce_batch(input_features, seek, max_frames, cur_bsz, batch_idx_map),
-                         lambda: inner(input_features, seek, max_frames, cur_bsz, batch_idx_map))
-
-    return staticmethod(_maybe_reduce_batch)
+    return make
 
 
-def make_get_input_segment(original):
-    """Replacement for the staticmethod ``_get_input_segment``."""
-    inner = original.__func__
-
-    def _get_input_segment(input_features, seek, seek_num_frames, num_segment_frames, cur_bsz, batch_idx_map):
-        args = (input_features, seek, seek_num_frames, num_segment_frames, cur_bsz, batch_idx_map)
-        if input_features is None:
-            return inner(*args)
-        return _or_stock(lambda: windows.input_segment(*args), lambda: inner(*args))
-
-    return staticmethod(_get_input_segment)
-
-
-def make_prepare_decoder_input_ids(original):
-    """Replacement for the staticmethod ``_prepare_decoder_input_ids``: a window that is not
-    conditioned on earlier windows' text (the default) gets its ids from numpy; one that is, or
-    ids passed in, run stock."""
-    inner = original.__func__
-
-    def _prepare_decoder_input_ids(cur_bsz, init_tokens, current_segments, batch_idx_map,
-                                   do_condition_on_prev_tokens, prompt_ids, generation_config, config, device,
-                                   suppress_tokens, timestamp_begin, kwargs):
-        def stock():
-            return inner(cur_bsz, init_tokens, current_segments, batch_idx_map, do_condition_on_prev_tokens,
-                         prompt_ids, generation_config, config, device, suppress_tokens, timestamp_begin, kwargs)
-
-        if "decoder_input_ids" in kwargs or (any(do_condition_on_prev_tokens) and len(current_segments[0]) > 0):
-            return stock()
-        ids = _or_stock(lambda: windows.decoder_input_ids(init_tokens, batch_idx_map, prompt_ids), lambda: None)
-        if ids is None:
-            return stock()
-        kwargs.pop("decoder_attention_mask", None)  # as stock: not passed to forward
-        return ids, kwargs
-
-    return staticmethod(_prepare_decoder_input_ids)
-
-
-def make_postprocess_outputs(original):
-    """Replacement ``_postprocess_outputs``: a window's ids without its prompt from numpy when
-    ``generate`` returned a tensor; any other output runs stock."""
-    def _postprocess_outputs(self, seek_outputs, decoder_input_ids, return_token_timestamps, generation_config,
-                             is_shortform, seek, batch_idx_map):
-        def stock():
-            return original(self, seek_outputs, decoder_input_ids, return_token_timestamps, generation_config,
-                            is_shortform, seek, batch_idx_map)
-
-        if not is_tensor(seek_outputs):
-            return stock()
-        ids = _or_stock(lambda: windows.new_tokens(seek_outputs, decoder_input_ids.shape[-1]), lambda: None)
-        return stock() if ids is None else (ids, seek_outputs)
-
-    return _postprocess_outputs
-
-
-def make_pad_to_max_length(original):
-    """Replacement for the module function ``_pad_to_max_length`` (the same signature)."""
-    def _pad_to_max_length(current_segments, pad_token_id, device, padding_side="right", padding="longest",
-                           bos_token_tensor=None, cut_off_length=None, return_token_timestamps=False,
-                           force_unique_generate_call=False, skip_ending_double_timestamps=False,
-                           timestamp_begin=None):
-        return _or_stock(
-            lambda: windows.pad_to_max_length(current_segments, pad_token_id, padding_side, padding, bos_token_tensor,
-                                              cut_off_length, return_token_timestamps, force_unique_generate_call,
-                                              skip_ending_double_timestamps, timestamp_begin),
-            lambda: original(current_segments, pad_token_id, device, padding_side, padding, bos_token_tensor,
-                             cut_off_length, return_token_timestamps, force_unique_generate_call,
-                             skip_ending_double_timestamps, timestamp_begin))
-
-    return _pad_to_max_length
+make_max_frames_and_seek = _host_first("max_frames_and_seek")
+make_maybe_reduce_batch = _host_first("reduce_batch")
+make_get_input_segment = _host_first("input_segment")
+make_prepare_decoder_input_ids = _host_first("prepare_decoder_input_ids")
+make_postprocess_outputs = _host_first("postprocess_outputs")
+make_pad_to_max_length = _host_first("pad_to_max_length")
 
 
 # ------------------------------------------------------------------- the group

@@ -17,8 +17,7 @@ executors on the calls it has to run anyway, and keeps the winner:
 * the verdict is kept on disk (:mod:`whisper_accel._probe_cache`, kind ``verdicts``; atomic,
   merged) under a key of the CPU's model and flags, the stack's versions, whisper_accel's, the
   kernel build and the settings that change what an executor does. A verdict from another CPU,
-  stack or kernel build is never read; a corrupt file reads as none.
-
+  stack or kernel build is never read; a corrupt file reads as none;
 * the verdict also keeps each candidate's *first* call (its warm-up, compilation included).
   A process whose first calls find the verdict's executor cold (a graph not compiled yet) may
   run another candidate instead while that is cheaper overall (:func:`stand_in`, the

@@ -10,8 +10,9 @@ model only (:mod:`.engine`).
 
 The rule without a measurement: ``host`` where the fused graphs would split the layers over
 several launches (large models), else ``fused`` (one graph for the whole encoder). A measured
-case runs ``host`` first (no graph to compile), then ``fused``. With a verdict, a process's first calls may run a stand-in while the
-verdict's graph is not compiled yet (:func:`.choice.stand_in`).
+case runs ``host`` first (no graph to compile), then ``fused``. With a verdict, a process's
+first calls may run a stand-in while the verdict's graph is not compiled yet
+(:func:`.choice.stand_in`).
 """
 
 from __future__ import annotations

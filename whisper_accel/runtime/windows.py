@@ -12,9 +12,10 @@ The functions here read those small tensors once into numpy and compute the same
 and id arrays there. Integer indexing, concatenation and padding are exact, so the results hold
 stock's values, in tensors of stock's dtypes and devices; the one large operation, cutting a
 window out of the input features, runs as stock's own operators with the bounds read on the
-host. Each returns ``None`` for an input it does not handle (not MindSpore tensors, other
-dtypes or shapes, a batch that shrinks, token timestamps): the ``generation`` group then runs
-the stock function.
+host. The public functions take the stock functions' own arguments (names included: stock
+passes them by keyword) and return ``None`` for an input they do not handle (not MindSpore
+tensors, other dtypes or shapes, a batch that shrinks, token timestamps): the ``generation``
+group then runs the stock function.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def _rows(batch_idx_map, cur_bsz) -> list:
     return [batch_idx_map[i] for i in range(cur_bsz)]
 
 
-def max_frames_and_seek(batch_size, total_input_frames, is_shortform):
+def max_frames_and_seek(batch_size, attention_mask, total_input_frames, is_shortform):
     """``(max_frames, seek)`` int64 tensors of a batch without an attention mask (every audio
     ``total_input_frames`` long, starting at 0), made from numpy instead of ``ones * n`` and
     ``zeros``; ``None`` for batched long-form (stock reads the attention mask)."""
@@ -66,8 +67,10 @@ def reduce_batch(input_features, seek, max_frames, cur_bsz, batch_idx_map):
 def input_segment(input_features, seek, seek_num_frames, num_segment_frames, cur_bsz, batch_idx_map):
     """Each row's window of the features, zero-padded to ``num_segment_frames`` and concatenated:
     stock's slice, pad and concatenation, with the window's bounds read on the host."""
+    if not is_tensor(input_features) or type(num_segment_frames) is not int:
+        return None
     s, n = host_ints(seek), host_ints(seek_num_frames)
-    if s is None or n is None or not is_tensor(input_features) or type(num_segment_frames) is not int:
+    if s is None or n is None:
         return None
     import torch
     from torch.nn import functional as F
@@ -80,6 +83,21 @@ def input_segment(input_features, seek, seek_num_frames, num_segment_frames, cur
             piece = F.pad(piece, pad=(0, num_segment_frames - piece.shape[-1]))
         parts.append(piece)
     return torch.cat(parts, dim=0)
+
+
+def prepare_decoder_input_ids(cur_bsz, init_tokens, current_segments, batch_idx_map, do_condition_on_prev_tokens,
+                              prompt_ids, generation_config, config, device, suppress_tokens, timestamp_begin,
+                              kwargs):
+    """Stock ``_prepare_decoder_input_ids`` for a window that is not conditioned on earlier
+    windows' text (the default): ``(ids, kwargs)`` with ``decoder_attention_mask`` dropped from
+    ``kwargs``, as stock does. ``None`` when ids are passed in or the window is conditioned."""
+    if "decoder_input_ids" in kwargs or (any(do_condition_on_prev_tokens) and len(current_segments[0]) > 0):
+        return None
+    ids = decoder_input_ids(init_tokens, batch_idx_map, prompt_ids)
+    if ids is None:
+        return None
+    kwargs.pop("decoder_attention_mask", None)  # as stock: not passed to forward
+    return ids, kwargs
 
 
 def decoder_input_ids(init_tokens, batch_idx_map, prompt_ids):
@@ -96,6 +114,16 @@ def decoder_input_ids(init_tokens, batch_idx_map, prompt_ids):
             return None
         ids = np.concatenate([np.repeat(prompt_ids.asnumpy()[None], ids.shape[0], axis=0), ids], axis=-1)
     return as_tensor(ids, init_tokens)
+
+
+def postprocess_outputs(model, seek_outputs, decoder_input_ids, return_token_timestamps, generation_config,
+                        is_shortform, seek, batch_idx_map):
+    """Stock ``_postprocess_outputs`` (a method: ``model`` is its ``self``) when ``generate``
+    returned a tensor: ``(seek_outputs[:, prompt length:] as a fresh tensor, seek_outputs)``."""
+    if not is_tensor(seek_outputs):
+        return None
+    ids = new_tokens(seek_outputs, decoder_input_ids.shape[-1])
+    return None if ids is None else (ids, seek_outputs)
 
 
 def new_tokens(seek_outputs, start: int):
@@ -135,7 +163,7 @@ def _padded(rows: Sequence[np.ndarray], pad_token_id: int, side: str, length: in
     return out
 
 
-def pad_to_max_length(current_segments, pad_token_id, padding_side="right", padding="longest",
+def pad_to_max_length(current_segments, pad_token_id, device, padding_side="right", padding="longest",
                       bos_token_tensor=None, cut_off_length=None, return_token_timestamps=False,
                       force_unique_generate_call=False, skip_ending_double_timestamps=False,
                       timestamp_begin=None):
