@@ -43,7 +43,7 @@ from .._environment import Gates
 from .._patcher import Patch
 from ..runtime.interop import as_tensor, ids_np, import_whisper, is_tensor
 from ..runtime.masks import FAIL, apply_processors, rules
-from ..runtime import segments, windows
+from ..runtime import host_tensors, segments, windows
 
 GATES = Gates(backends=("CPU",))
 SUMMARY = ("masking logits processors and max-length/EOS criteria as one cached mask / numpy check; "
@@ -181,8 +181,9 @@ def make_retrieve_segment(original):
                                       decoder_input_ids)
             except Exception:  # noqa: BLE001  anything unexpected: stock answers
                 pass
-        return inner(seek_sequence, seek_outputs, time_offset, timestamp_begin, seek_num_frames, time_precision,
-                     time_precision_features, input_stride, prev_idx, idx, return_token_timestamps,
+        # stock may put the window's ids in the segments it returns: a plain tensor there
+        return inner(host_tensors.plain(seek_sequence), seek_outputs, time_offset, timestamp_begin, seek_num_frames,
+                     time_precision, time_precision_features, input_stride, prev_idx, idx, return_token_timestamps,
                      decoder_input_ids)
 
     return staticmethod(_retrieve_segment)

@@ -37,12 +37,13 @@ from typing import Any, List, Tuple
 
 import numpy as np
 
+from .host_tensors import plain
 from .interop import as_tensor, dtype_name, is_tensor
+from .kept import Kept
 
 
 #: stock's scalar expressions already computed: key (what they read, exactly) -> value
-_KEPT: dict = {}
-_KEPT_MAX = 1 << 16
+_KEPT = Kept(1 << 16)
 
 
 def _stock(key: tuple, compute):
@@ -50,12 +51,7 @@ def _stock(key: tuple, compute):
     Keys hold Python numbers only; anything else computes each time."""
     if not all(isinstance(k, (str, int, float)) for k in key):
         return compute()
-    hit = _KEPT.get(key)
-    if hit is None:
-        if len(_KEPT) >= _KEPT_MAX:
-            _KEPT.clear()
-        hit = _KEPT[key] = compute()
-    return hit
+    return _KEPT.get(key, compute)
 
 
 def _products(positions, time_precision, like) -> List[float]:
@@ -63,7 +59,7 @@ def _products(positions, time_precision, like) -> List[float]:
     by a Python float; one operator for the positions not seen before with this precision."""
     if not isinstance(time_precision, (int, float)):
         return (as_tensor(np.array(positions, dtype=np.float64), like) * time_precision).asnumpy().tolist()
-    known = {p: _KEPT.get(("x", p, time_precision)) for p in positions}
+    known = {p: _KEPT.peek(("x", p, time_precision)) for p in positions}
     new = sorted(p for p, v in known.items() if v is None)
     if new:
         values = (as_tensor(np.array(new, dtype=np.float64), like) * time_precision).asnumpy().tolist()
@@ -141,7 +137,7 @@ def split(seek_sequence, seek_outputs, time_offset, timestamp_begin, seek_num_fr
     segments = [{
         "start": as_tensor(offset, time_offset),
         "end": end,
-        "tokens": seek_sequence,
+        "tokens": plain(seek_sequence),  # stock's own ids; a host tensor's plain copy
         "idxs": (idx_offset, idx_offset + len(seq)),
         "result": seek_outputs[idx],
     }]

@@ -15,7 +15,9 @@ window out of the input features, runs as stock's own operators with the bounds 
 host. The public functions take the stock functions' own arguments (names included: stock
 passes them by keyword) and return ``None`` for an input they do not handle (not MindSpore
 tensors, other dtypes or shapes, a batch that shrinks, token timestamps): the ``generation``
-group then runs the stock function.
+group then runs the stock function. ``seek``, ``max_frames`` and a window's new ids are
+:mod:`host tensors <.host_tensors>`, so that what ``generate`` does with them inline, in its own
+loop, runs in numpy as well.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .host_tensors import host_tensor
 from .interop import as_tensor, is_tensor
 
 
@@ -41,15 +44,25 @@ def _rows(batch_idx_map, cur_bsz) -> list:
 
 
 def max_frames_and_seek(batch_size, attention_mask, total_input_frames, is_shortform):
-    """``(max_frames, seek)`` int64 tensors of a batch without an attention mask (every audio
-    ``total_input_frames`` long, starting at 0), made from numpy instead of ``ones * n`` and
-    ``zeros``; ``None`` for batched long-form (stock reads the attention mask)."""
-    if type(batch_size) is not int or type(total_input_frames) is not int or (batch_size > 1 and not is_shortform):
+    """``(max_frames, seek)`` int64 :mod:`host tensors <.host_tensors>` holding stock's values:
+    every audio ``total_input_frames`` long (batched long-form: its attention mask's sum, an
+    integer or boolean mask read once), starting at 0. ``generate``'s loop then compares,
+    subtracts and advances them in numpy. ``None`` for a float mask, no mask where stock asks
+    for one, and a batch size or frame count that is not an int."""
+    if type(batch_size) is not int:
         return None
-    import torch
-
-    return (torch.tensor(np.full((batch_size,), total_input_frames, np.int64)),
-            torch.tensor(np.zeros((batch_size,), np.int64)))
+    if batch_size > 1 and not is_shortform:
+        if not is_tensor(attention_mask) or attention_mask.ndim != 2:
+            return None  # stock raises its error for a missing mask
+        mask = attention_mask.asnumpy()
+        if mask.dtype.kind not in "biu":
+            return None
+        frames = mask.sum(-1, dtype=np.int64)
+    elif type(total_input_frames) is int:
+        frames = np.full((batch_size,), total_input_frames, np.int64)
+    else:
+        return None
+    return host_tensor(frames), host_tensor(np.zeros((batch_size,), np.int64))
 
 
 def reduce_batch(input_features, seek, max_frames, cur_bsz, batch_idx_map):
@@ -82,7 +95,8 @@ def input_segment(input_features, seek, seek_num_frames, num_segment_frames, cur
         if piece.shape[-1] < num_segment_frames:
             piece = F.pad(piece, pad=(0, num_segment_frames - piece.shape[-1]))
         parts.append(piece)
-    return torch.cat(parts, dim=0)
+    # one row: its (padded) slice, the values stock's concatenation of one tensor copies
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
 
 def prepare_decoder_input_ids(cur_bsz, init_tokens, current_segments, batch_idx_map, do_condition_on_prev_tokens,
@@ -130,7 +144,7 @@ def new_tokens(seek_outputs, start: int):
     """A window's generated ids, ``seek_outputs[:, start:]``, as a fresh tensor."""
     if not is_tensor(seek_outputs) or seek_outputs.ndim != 2 or type(start) is not int:
         return None
-    return as_tensor(np.ascontiguousarray(seek_outputs.asnumpy()[:, start:]), seek_outputs)
+    return host_tensor(seek_outputs.asnumpy()[:, start:], seek_outputs)
 
 
 def _joined(tokens: Sequence[np.ndarray], skip_ending_double_timestamps: bool, timestamp_begin,
