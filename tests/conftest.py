@@ -7,6 +7,7 @@ leaves whisper_accel unpatched, whatever it did.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -164,6 +165,35 @@ def in_threads(fn, n: int, timeout: float = 120.0):
     if errors:
         raise errors[0]
     return results
+
+
+class _Operators:
+    n = 0
+
+
+@contextlib.contextmanager
+def counting_operators(counts=lambda caller: True):
+    """Counts the mindtorch operators dispatched inside the block (``.n`` of what it yields) for
+    which ``counts(caller)`` holds; ``caller``: the frame that called mindtorch (the first one
+    outside it)."""
+    import sys
+
+    from mindtorch import dispatcher as D
+
+    counter, real = _Operators(), D.Dispatcher.dispatch
+
+    def dispatch(self, *a, **k):
+        f = sys._getframe(1)
+        while f is not None and "/mindtorch/" in f.f_code.co_filename:
+            f = f.f_back
+        counter.n += bool(counts(f))
+        return real(self, *a, **k)
+
+    D.Dispatcher.dispatch = dispatch
+    try:
+        yield counter
+    finally:
+        D.Dispatcher.dispatch = real
 
 
 def build_model(seed: int = 0, **overrides):

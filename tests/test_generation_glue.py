@@ -644,16 +644,11 @@ _WINDOW_FUNCTIONS = ("_retrieve_max_frames_and_seek", "_maybe_reduce_batch", "_g
 
 def _operators_in_window_functions(model, feats, **kw):
     """(ids, mindtorch operators dispatched inside the window functions) of one ``generate``."""
-    from mindtorch import dispatcher as D
+    from conftest import counting_operators
     from transformers.models.whisper import generation_whisper as gw
 
     W = gw.WhisperGenerationMixin
-    depth, count = [0], [0]
-    real_dispatch = D.Dispatcher.dispatch
-
-    def dispatch(self, *a, **k):
-        count[0] += depth[0] > 0
-        return real_dispatch(self, *a, **k)
+    depth = [0]
 
     def counted(fn):
         def inner(*a, **k):
@@ -666,19 +661,17 @@ def _operators_in_window_functions(model, feats, **kw):
 
     saved = {n: vars(W)[n] for n in _WINDOW_FUNCTIONS}
     saved_pad = gw._pad_to_max_length
-    D.Dispatcher.dispatch = dispatch
     try:
         for n, f in saved.items():
             setattr(W, n, staticmethod(counted(f.__func__)) if isinstance(f, staticmethod) else counted(f))
         gw._pad_to_max_length = counted(saved_pad)
-        with torch.no_grad():
+        with torch.no_grad(), counting_operators(lambda caller: depth[0] > 0) as ops:
             ids = model.generate(feats, **kw).asnumpy()
     finally:
-        D.Dispatcher.dispatch = real_dispatch
         for n, f in saved.items():
             setattr(W, n, f)
         gw._pad_to_max_length = saved_pad
-    return ids, count[0]
+    return ids, ops.n
 
 
 def _bookkeeping_cases():
@@ -723,29 +716,15 @@ def test_window_bookkeeping_runs_few_operators(env):
 def _operators_in_generate_loop(model, feats, **kw):
     """(ids, mindtorch operators dispatched by the lines of ``generate`` and
     ``generate_with_fallback`` themselves: the window loop's inline bookkeeping) of one call."""
-    import sys
+    from conftest import counting_operators
 
-    from mindtorch import dispatcher as D
+    def in_the_loop(caller):
+        return caller is not None and caller.f_code.co_filename.endswith("generation_whisper.py") \
+            and caller.f_code.co_name in ("generate", "generate_with_fallback")
 
-    count = [0]
-    real_dispatch = D.Dispatcher.dispatch
-
-    def dispatch(self, *a, **k):
-        f = sys._getframe(1)
-        while f is not None and "/mindtorch/" in f.f_code.co_filename:
-            f = f.f_back  # the caller of mindtorch's operator
-        if f is not None and f.f_code.co_filename.endswith("generation_whisper.py") \
-                and f.f_code.co_name in ("generate", "generate_with_fallback"):
-            count[0] += 1
-        return real_dispatch(self, *a, **k)
-
-    D.Dispatcher.dispatch = dispatch
-    try:
-        with torch.no_grad():
-            ids = model.generate(feats, **kw).asnumpy()
-    finally:
-        D.Dispatcher.dispatch = real_dispatch
-    return ids, count[0]
+    with torch.no_grad(), counting_operators(in_the_loop) as ops:
+        ids = model.generate(feats, **kw).asnumpy()
+    return ids, ops.n
 
 
 @pytest.mark.slow  # ~30 s: CI runs it, the quick tier does not

@@ -8,6 +8,7 @@ import pytest
 import mindnlp  # noqa: F401  (torch -> mindtorch)
 import torch
 
+from conftest import counting_operators
 from whisper_accel.runtime import host_tensors as HT
 from whisper_accel.runtime.host_tensors import HostTensor, host_tensor, plain
 
@@ -29,26 +30,6 @@ def _same(ours, stock, host=None):
             assert isinstance(ours, HostTensor) is host, type(ours)
     else:
         assert type(ours) is type(stock) and ours == stock, (ours, stock)
-
-
-class _Counted:
-    """Counts mindtorch operators dispatched inside the block."""
-
-    def __enter__(self):
-        from mindtorch import dispatcher as D
-
-        self._d, self._real, self.n = D.Dispatcher, D.Dispatcher.dispatch, 0
-        real = self._real
-
-        def dispatch(this, *a, **k):
-            self.n += 1
-            return real(this, *a, **k)
-
-        D.Dispatcher.dispatch = dispatch
-        return self
-
-    def __exit__(self, *exc):
-        self._d.dispatch = self._real
 
 
 @pytest.mark.parametrize("dtype", [np.int64, np.int32])
@@ -99,7 +80,7 @@ def test_float_copies_and_products_equal_mindtorch():
     offset, OFFSET = s.to(torch.float64) * 0.02 / 2, S.to(torch.float64) * 0.02 / 2
     _same(offset, OFFSET, host=True)
     np.testing.assert_array_equal(offset.asnumpy(), OFFSET.asnumpy())
-    with _Counted() as c:
+    with counting_operators() as c:
         again = s.to(torch.float64) * 0.02 / 2
     assert c.n == 0, c.n  # the kept result: no operator
     _same(again, OFFSET)
@@ -128,7 +109,7 @@ def test_loop_expressions_run_no_operator():
     stock = _window_loop(*(torch.tensor(np.array(v, np.int64)) for v in ([0, 0], [5000, 2000])), offset)
     for run in range(2):
         seek, frames = host_tensor(np.zeros(2, np.int64)), host_tensor(np.array([5000, 2000], np.int64))
-        with _Counted() as c:
+        with counting_operators() as c:
             ours = _window_loop(seek, frames, offset)
         assert len(ours) == len(stock) == 2
         for (t, n), (T, N) in zip(ours, stock):

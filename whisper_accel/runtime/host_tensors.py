@@ -46,11 +46,12 @@ ids; :func:`plain` turns one back into a plain tensor where stock code may hand 
 from __future__ import annotations
 
 import numbers
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import mindspore as ms
 import numpy as np
 
+from .interop import as_tensor
 from .kept import Kept
 
 #: a host tensor's most elements (bookkeeping: one value per audio; a window's ids: batch x tokens)
@@ -59,16 +60,20 @@ MAX_ELEMENTS = 1 << 16
 _KEPT = Kept(1 << 14)
 
 
+class _OnCpu(NamedTuple):
+    """What :func:`~.interop.as_tensor` reads of ``like``: its device."""
+
+    device: object
+
+
 def host_tensor(values, like=None) -> "HostTensor":
     """A host tensor holding ``values`` (a numpy array or scalar), on ``like``'s device (CPU
     when not given)."""
-    t = ms.Tensor(np.array(values, order="C"))  # a 0-d value stays 0-d
-    if like is not None and hasattr(like, "_device"):
-        t._device = like._device
-    else:
+    if like is None:
         import torch
 
-        t._device = torch.device("cpu")
+        like = _OnCpu(torch.device("cpu"))
+    t = as_tensor(values, like)
     t.__class__ = HostTensor
     return t
 
@@ -76,14 +81,7 @@ def host_tensor(values, like=None) -> "HostTensor":
 def plain(t):
     """``t`` as a plain mindtorch tensor when it is a host tensor (a copy); anything else as is.
     For stock code that may hand a tensor on to the user."""
-    return _plain(t.asnumpy(), t) if isinstance(t, HostTensor) else t
-
-
-def _plain(values, like):
-    """A plain mindtorch tensor of ``values`` on ``like``'s device."""
-    t = ms.Tensor(np.array(values, order="C"))
-    t._device = like._device
-    return t
+    return as_tensor(t.asnumpy(), t) if isinstance(t, HostTensor) else t
 
 
 #: what an override returns when mindtorch's operator should answer
@@ -262,7 +260,7 @@ class HostTensor(ms.Tensor):
         if arr is None or arr.dtype.kind != "f" or isinstance(other, bool) or not isinstance(other, (int, float)):
             return _DECLINE
         key = (op, arr.dtype.str, arr.shape, arr.tobytes(), type(other).__name__, other)
-        return host_tensor(_KEPT.get(key, lambda: getattr(_plain(arr, self), op)(other).asnumpy()), self)
+        return host_tensor(_KEPT.get(key, lambda: getattr(as_tensor(arr, self), op)(other).asnumpy()), self)
 
     @_or_mindtorch
     def __mul__(self, other):
@@ -279,7 +277,7 @@ class HostTensor(ms.Tensor):
         if arr is None or arr.dtype.kind in "iu" and arr.dtype != np.int64:
             return _DECLINE
         if _element(key, arr):  # a float element is what the user may get: a plain tensor
-            return _plain(arr[key], self) if arr.dtype.kind == "f" else host_tensor(arr[key], self)
+            return as_tensor(arr[key], self) if arr.dtype.kind == "f" else host_tensor(arr[key], self)
         if (type(key) is slice and arr.ndim >= 1 and arr.dtype.kind != "f"
                 and all(b is None or type(b) is int for b in (key.start, key.stop)) and key.step in (None, 1)):
             return host_tensor(arr[key], self)
